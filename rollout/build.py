@@ -1,0 +1,65 @@
+"""Builders: from what a generator produced to a rollout table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from rollout import schema as S
+from rollout.validate import validate
+
+
+@dataclass(frozen=True)
+class GeneratedSample:
+    """One sampled response, as a generator backend reports it.
+
+    ``rollout_logprobs[t]`` is the sampling policy's log-probability of ``response_token_ids[t]``;
+    both have the same length.
+    """
+
+    prompt_id: int
+    sample_index: int
+    prompt_token_ids: Sequence[int]
+    response_token_ids: Sequence[int]
+    rollout_logprobs: Sequence[float]
+    finish_reason: str
+
+
+def build_rollout_table(
+    samples: Sequence[GeneratedSample],
+    *,
+    weight_version: int,
+    metadata: Mapping[str, Sequence | pa.Array] | None = None,
+) -> pa.Table:
+    """Make a validated rollout table with the generator columns from ``samples``.
+
+    Args:
+        samples: one entry per row, in row order.
+        weight_version: the version of the weights that produced every sample.
+        metadata: passthrough columns (``label`` and other prompt metadata), one value per sample,
+            keyed by column name; names from the contract are refused.
+
+    Raises:
+        ValueError: a metadata column has the wrong length or a contract name.
+        RolloutValidationError: the samples break the contract (the message names the row).
+    """
+    n = len(samples)
+    arrays = [
+        pa.array([s.prompt_id for s in samples], pa.int64()),
+        pa.array([s.sample_index for s in samples], pa.int32()),
+        pa.array([list(s.prompt_token_ids) for s in samples], S.TOKEN_IDS_TYPE),
+        pa.array([list(s.response_token_ids) for s in samples], S.TOKEN_IDS_TYPE),
+        pa.array([list(s.rollout_logprobs) for s in samples], S.PER_TOKEN_TYPE),
+        pa.array([s.finish_reason for s in samples], pa.string()),
+        pa.array([weight_version] * n, pa.int64()),
+    ]
+    table = pa.Table.from_arrays(arrays, schema=S.GENERATOR_SCHEMA)
+    for name, values in (metadata or {}).items():
+        if S.expected_type(name) is not None:
+            raise ValueError(f"metadata column '{name}' is a rollout-contract column; rename it")
+        if len(values) != n:
+            raise ValueError(f"metadata column '{name}' has {len(values)} values for {n} samples")
+        table = table.append_column(name, values if isinstance(values, pa.Array) else pa.array(values))
+    return validate(table)

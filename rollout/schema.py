@@ -1,0 +1,103 @@
+"""The rollout table's columns and their Arrow types, in one place.
+
+One ``pyarrow.Table`` per batch, one row per sample, variable-length lists instead of padding
+(see ``shared/DESIGN.md``, "The rollout contract"). Each stage appends columns; none rewrites one.
+
+Who writes what:
+
+=========================  ====================  =========================================
+column                     type                  written by
+=========================  ====================  =========================================
+prompt_id                  int64                 generator (group key for GRPO / RLOO)
+sample_index               int32                 generator (0..n-1 within a prompt)
+prompt_token_ids           list<int32>           generator
+response_token_ids         list<int32>           generator
+rollout_logprobs           list<float32>         generator (vLLM's logprob per sampled token)
+finish_reason              string                generator: "stop", "length" or "abort"
+weight_version             int64                 generator (weights that produced the sample)
+score, per-reward columns  float32 (nullable)    reward service; null = unscorable
+ref_logprobs               list<float32>         reference model
+old_logprobs, values       list<float32>         learner
+advantages, returns        list<float32>         driver (learner.algorithms)
+=========================  ====================  =========================================
+
+Any other column (``label`` and prompt metadata) passes through untouched.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- column names -------------------------------------------------------------------------
+PROMPT_ID = "prompt_id"
+SAMPLE_INDEX = "sample_index"
+PROMPT_TOKEN_IDS = "prompt_token_ids"
+RESPONSE_TOKEN_IDS = "response_token_ids"
+ROLLOUT_LOGPROBS = "rollout_logprobs"
+FINISH_REASON = "finish_reason"
+WEIGHT_VERSION = "weight_version"
+SCORE = "score"
+REF_LOGPROBS = "ref_logprobs"
+OLD_LOGPROBS = "old_logprobs"
+VALUES = "values"
+ADVANTAGES = "advantages"
+RETURNS = "returns"
+
+FINISH_REASONS = ("stop", "length", "abort")
+"""Allowed ``finish_reason`` values; only ``abort`` may come with an empty response."""
+
+TOKEN_IDS_TYPE = pa.list_(pa.int32())
+PER_TOKEN_TYPE = pa.list_(pa.float32())
+
+GENERATOR_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(PROMPT_ID, pa.int64(), nullable=False),
+    pa.field(SAMPLE_INDEX, pa.int32(), nullable=False),
+    pa.field(PROMPT_TOKEN_IDS, TOKEN_IDS_TYPE, nullable=False),
+    pa.field(RESPONSE_TOKEN_IDS, TOKEN_IDS_TYPE, nullable=False),
+    pa.field(ROLLOUT_LOGPROBS, PER_TOKEN_TYPE, nullable=False),
+    pa.field(FINISH_REASON, pa.string(), nullable=False),
+    pa.field(WEIGHT_VERSION, pa.int64(), nullable=False),
+)
+"""Columns every rollout table has, as the generator writes them."""
+
+GENERATOR_SCHEMA = pa.schema(GENERATOR_FIELDS)
+
+PER_TOKEN_COLUMNS: tuple[str, ...] = (
+    ROLLOUT_LOGPROBS,
+    REF_LOGPROBS,
+    OLD_LOGPROBS,
+    VALUES,
+    ADVANTAGES,
+    RETURNS,
+)
+"""list<float32> columns with exactly one entry per response token."""
+
+STAGE_FIELDS: dict[str, pa.Field] = {
+    SCORE: pa.field(SCORE, pa.float32(), nullable=True),
+    REF_LOGPROBS: pa.field(REF_LOGPROBS, PER_TOKEN_TYPE, nullable=False),
+    OLD_LOGPROBS: pa.field(OLD_LOGPROBS, PER_TOKEN_TYPE, nullable=False),
+    VALUES: pa.field(VALUES, PER_TOKEN_TYPE, nullable=False),
+    ADVANTAGES: pa.field(ADVANTAGES, PER_TOKEN_TYPE, nullable=False),
+    RETURNS: pa.field(RETURNS, PER_TOKEN_TYPE, nullable=False),
+}
+"""Columns that later stages append, with their types. Reward columns other than ``score``
+(one per reward function) are float32 and nullable too; see :func:`expected_type`."""
+
+KNOWN_FIELDS: dict[str, pa.Field] = {f.name: f for f in GENERATOR_FIELDS} | STAGE_FIELDS
+
+REWARD_COLUMN_PREFIX = "reward/"
+"""Per-reward-function score columns are named ``reward/<function name>`` (float32, nullable)."""
+
+
+def expected_type(name: str) -> pa.DataType | None:
+    """The Arrow type the contract fixes for column ``name``, or None for passthrough columns."""
+    if name in KNOWN_FIELDS:
+        return KNOWN_FIELDS[name].type
+    if name.startswith(REWARD_COLUMN_PREFIX):
+        return pa.float32()
+    return None
+
+
+def column_array(table: pa.Table, name: str) -> pa.Array:
+    """Column ``name`` of ``table`` as one contiguous array (chunks combined)."""
+    return table.column(name).combine_chunks()
