@@ -61,5 +61,7 @@ def build_rollout_table(
             raise ValueError(f"metadata column '{name}' is a rollout-contract column; rename it")
         if len(values) != n:
             raise ValueError(f"metadata column '{name}' has {len(values)} values for {n} samples")
-        table = table.append_column(name, values if isinstance(values, pa.Array) else pa.array(values))
+        table = table.append_column(
+            name, values if isinstance(values, pa.Array) else pa.array(values)
+        )
     return validate(table)

@@ -28,7 +28,9 @@ def append_columns(table: pa.Table, columns: Mapping[str, pa.Array | pa.ChunkedA
     """
     for name, values in columns.items():
         if name in table.column_names:
-            raise ValueError(f"column '{name}' already exists; stages append columns, never overwrite")
+            raise ValueError(
+                f"column '{name}' already exists; stages append columns, never overwrite"
+            )
         if len(values) != table.num_rows:
             raise ValueError(f"column '{name}' has {len(values)} rows, table has {table.num_rows}")
         want = S.expected_type(name)
@@ -65,10 +67,9 @@ def split_by_tokens(table: pa.Table, max_tokens: int) -> list[pa.Table]:
     """
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    tokens = (
-        np.asarray(pc.list_value_length(S.column_array(table, S.PROMPT_TOKEN_IDS)))
-        + np.asarray(pc.list_value_length(S.column_array(table, S.RESPONSE_TOKEN_IDS)))
-    )
+    tokens = np.asarray(
+        pc.list_value_length(S.column_array(table, S.PROMPT_TOKEN_IDS))
+    ) + np.asarray(pc.list_value_length(S.column_array(table, S.RESPONSE_TOKEN_IDS)))
     parts, start, used = [], 0, 0
     for i, n in enumerate(tokens):
         if i > start and used + n > max_tokens:

@@ -30,7 +30,8 @@ class PaddedBatch:
     """A rollout table as padded tensors (shapes use B rows, P prompt width, R response width).
 
     Attributes:
-        input_ids: (B, P+R) int64, prompt left-padded and response right-padded with ``pad_token_id``.
+        input_ids: (B, P+R) int64, prompt left-padded and response right-padded with
+            ``pad_token_id``.
         attention_mask: (B, P+R) int64, 1 on real tokens.
         position_ids: (B, P+R) int64, 0 at each row's first real token, counting real tokens.
         response_ids: (B, R) int64, the response tokens (``input_ids[:, P:]``).
@@ -54,7 +55,9 @@ class PaddedBatch:
         return self.response_mask.sum(dim=1)
 
 
-def _pad(arr: pa.ListArray, width: int, *, left: bool, pad_value, dtype) -> tuple[np.ndarray, np.ndarray]:
+def _pad(
+    arr: pa.ListArray, width: int, *, left: bool, pad_value, dtype
+) -> tuple[np.ndarray, np.ndarray]:
     """Scatter a list array into a (len(arr), width) matrix; returns (values, mask)."""
     lengths = np.asarray(pc.list_value_length(arr).fill_null(0), dtype=np.int64)
     rows = len(arr)
@@ -93,16 +96,24 @@ def to_padded(
     longest = int(pc.max(pc.list_value_length(responses)).as_py() or 0)
     r_width = longest if response_width is None else response_width
     if r_width < longest:
-        raise ValueError(f"response_width={r_width} is shorter than the longest response ({longest})")
+        raise ValueError(
+            f"response_width={r_width} is shorter than the longest response ({longest})"
+        )
 
-    prompt_ids, prompt_mask = _pad(prompts, p_width, left=True, pad_value=pad_token_id, dtype=np.int64)
-    response_ids, response_mask = _pad(responses, r_width, left=False, pad_value=pad_token_id, dtype=np.int64)
+    prompt_ids, prompt_mask = _pad(
+        prompts, p_width, left=True, pad_value=pad_token_id, dtype=np.int64
+    )
+    response_ids, response_mask = _pad(
+        responses, r_width, left=False, pad_value=pad_token_id, dtype=np.int64
+    )
     attention = np.concatenate([prompt_mask, response_mask], axis=1).astype(np.int64)
     position = np.clip(np.cumsum(attention, axis=1) - 1, 0, None)
 
     per_token = {}
     for name in per_token_columns:
-        values, _ = _pad(S.column_array(table, name), r_width, left=False, pad_value=0.0, dtype=np.float32)
+        values, _ = _pad(
+            S.column_array(table, name), r_width, left=False, pad_value=0.0, dtype=np.float32
+        )
         per_token[name] = torch.from_numpy(values)
 
     response_ids_t = torch.from_numpy(response_ids)
@@ -124,11 +135,15 @@ def to_list_column(values: torch.Tensor, response_mask: torch.Tensor) -> pa.List
     right-padded (True entries first in each row), as :func:`to_padded` makes it.
     """
     if values.shape != response_mask.shape:
-        raise ValueError(f"values {tuple(values.shape)} and response_mask {tuple(response_mask.shape)} differ")
+        raise ValueError(
+            f"values {tuple(values.shape)} and response_mask {tuple(response_mask.shape)} differ"
+        )
     mask = response_mask.detach().to("cpu", torch.bool).numpy()
     lengths = mask.sum(axis=1)
     if not (mask == (np.arange(mask.shape[1]) < lengths[:, None])).all():
-        raise ValueError("response_mask must be right-padded: each row's True entries must come first")
+        raise ValueError(
+            "response_mask must be right-padded: each row's True entries must come first"
+        )
     flat = values.detach().to("cpu", torch.float32).numpy()[mask]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()))

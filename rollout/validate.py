@@ -40,7 +40,9 @@ def _check_type(table: pa.Table, name: str) -> None:
 def _check_not_null(arr: pa.Array, name: str) -> None:
     if arr.null_count:
         row = _first(np.asarray(arr.is_null()))
-        raise RolloutValidationError("is null; this column may not hold nulls", column=name, row=row)
+        raise RolloutValidationError(
+            "is null; this column may not hold nulls", column=name, row=row
+        )
 
 
 def _check_list_values(arr: pa.ListArray, name: str, *, finite: bool) -> None:
@@ -98,7 +100,9 @@ def validate(table: pa.Table, require: Iterable[str] = ()) -> pa.Table:
     prompt_ids = S.column_array(table, S.PROMPT_TOKEN_IDS)
     _check_list_values(prompt_ids, S.PROMPT_TOKEN_IDS, finite=False)
     if (row := _first(np.asarray(pc.list_value_length(prompt_ids)) == 0)) is not None:
-        raise RolloutValidationError("is empty; every sample needs a prompt", column=S.PROMPT_TOKEN_IDS, row=row)
+        raise RolloutValidationError(
+            "is empty; every sample needs a prompt", column=S.PROMPT_TOKEN_IDS, row=row
+        )
 
     responses = S.column_array(table, S.RESPONSE_TOKEN_IDS)
     _check_list_values(responses, S.RESPONSE_TOKEN_IDS, finite=False)
@@ -106,7 +110,8 @@ def validate(table: pa.Table, require: Iterable[str] = ()) -> pa.Table:
     aborted = np.asarray(pc.equal(reasons, "abort"))
     if (row := _first((response_len == 0) & ~aborted)) is not None:
         raise RolloutValidationError(
-            f"is empty but finish_reason is {reasons[row].as_py()!r}; only 'abort' may have no tokens",
+            f"is empty but finish_reason is {reasons[row].as_py()!r}; "
+            "only 'abort' may have no tokens",
             column=S.RESPONSE_TOKEN_IDS,
             row=row,
         )
@@ -136,7 +141,10 @@ def validate(table: pa.Table, require: Iterable[str] = ()) -> pa.Table:
         )
 
     keys = np.stack(
-        [S.column_array(table, S.PROMPT_ID).to_numpy(), S.column_array(table, S.SAMPLE_INDEX).to_numpy().astype(np.int64)],
+        [
+            S.column_array(table, S.PROMPT_ID).to_numpy(),
+            S.column_array(table, S.SAMPLE_INDEX).to_numpy().astype(np.int64),
+        ],
         axis=1,
     )
     if len(keys):
@@ -145,7 +153,8 @@ def validate(table: pa.Table, require: Iterable[str] = ()) -> pa.Table:
             dup = np.sort(first_idx[counts > 1])[0]
             later = np.flatnonzero((keys == keys[dup]).all(axis=1))[1]
             raise RolloutValidationError(
-                f"repeats (prompt_id={keys[dup, 0]}, sample_index={keys[dup, 1]}) first seen at row {dup}",
+                f"repeats (prompt_id={keys[dup, 0]}, sample_index={keys[dup, 1]}) "
+                f"first seen at row {dup}",
                 column=S.SAMPLE_INDEX,
                 row=int(later),
             )

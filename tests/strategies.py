@@ -29,7 +29,9 @@ def samples(draw, max_rows: int = 12, max_len: int = 16) -> list[GeneratedSample
                 sample_index=idx,
                 prompt_token_ids=draw(st.lists(token, min_size=1, max_size=max_len)),
                 response_token_ids=response,
-                rollout_logprobs=draw(st.lists(logprob, min_size=len(response), max_size=len(response))),
+                rollout_logprobs=draw(
+                    st.lists(logprob, min_size=len(response), max_size=len(response))
+                ),
                 finish_reason=reason,
             )
         )
@@ -40,4 +42,6 @@ def samples(draw, max_rows: int = 12, max_len: int = 16) -> list[GeneratedSample
 def rollout_tables(draw, max_rows: int = 12, max_len: int = 16):
     rows = draw(samples(max_rows=max_rows, max_len=max_len))
     labels = [f"label-{i}" for i in range(len(rows))]
-    return build_rollout_table(rows, weight_version=draw(st.integers(0, 10)), metadata={"label": labels})
+    return build_rollout_table(
+        rows, weight_version=draw(st.integers(0, 10)), metadata={"label": labels}
+    )

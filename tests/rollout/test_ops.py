@@ -23,7 +23,7 @@ def rows(prompt_ids, lengths=None):
     lengths = lengths or [1] * len(prompt_ids)
     seen = {}
     out = []
-    for pid, n in zip(prompt_ids, lengths):
+    for pid, n in zip(prompt_ids, lengths, strict=True):
         seen[pid] = seen.get(pid, -1) + 1
         out.append(GeneratedSample(pid, seen[pid], [1, 2], [5] * n, [-0.5] * n, "stop"))
     return build_rollout_table(out, weight_version=0)
@@ -79,7 +79,9 @@ def test_split_by_tokens_respects_the_budget():
 @given(table=rollout_tables())
 def test_parquet_round_trip_keeps_schema_and_values(tmp_path_factory, table):
     path = tmp_path_factory.mktemp("pq") / "rollouts.parquet"
-    table = append_columns(table, {"score": pa.array([None] + [0.5] * (table.num_rows - 1), pa.float32())})
+    table = append_columns(
+        table, {"score": pa.array([None] + [0.5] * (table.num_rows - 1), pa.float32())}
+    )
     write_parquet(table, path)
     back = read_parquet(path)
     assert back.schema.equals(table.schema, check_metadata=False)
@@ -88,7 +90,9 @@ def test_parquet_round_trip_keeps_schema_and_values(tmp_path_factory, table):
 
 def test_write_parquet_refuses_an_invalid_table_and_leaves_no_file(tmp_path):
     t = rows([1, 1])
-    bad = t.set_column(t.column_names.index("sample_index"), "sample_index", pa.array([0, 0], pa.int32()))
+    bad = t.set_column(
+        t.column_names.index("sample_index"), "sample_index", pa.array([0, 0], pa.int32())
+    )
     with pytest.raises(ValueError, match="row 1"):
         write_parquet(bad, tmp_path / "x.parquet")
     assert list(tmp_path.iterdir()) == []

@@ -38,7 +38,11 @@ def test_padded_layout_matches_hand_written_tensors():
     assert b.response_mask.tolist() == [[True, True, False], [False] * 3, [True] * 3]
     assert b.response_lengths.tolist() == [2, 0, 3]
     assert torch.equal(b.response_ids, b.input_ids[:, 3:])
-    assert b.per_token["rollout_logprobs"].tolist() == [[-0.5, -0.25, 0.0], [0.0] * 3, [-1.0, -2.0, -3.0]]
+    assert b.per_token["rollout_logprobs"].tolist() == [
+        [-0.5, -0.25, 0.0],
+        [0.0] * 3,
+        [-1.0, -2.0, -3.0],
+    ]
 
 
 def test_response_width_pads_further_and_refuses_to_truncate():
@@ -61,7 +65,7 @@ def test_padding_round_trips_every_token_and_logprob(table):
     P = b.prompt_width
     prompts = table.column("prompt_token_ids").to_pylist()
     responses = table.column("response_token_ids").to_pylist()
-    for i, (p, r) in enumerate(zip(prompts, responses)):
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         row = b.input_ids[i].tolist()
         assert row[P - len(p) : P] == p and row[: P - len(p)] == [PAD] * (P - len(p))
         assert row[P : P + len(r)] == r
@@ -79,5 +83,7 @@ def test_per_token_tensor_appends_as_a_valid_column(table):
     ref = torch.randn(b.response_mask.shape) * b.response_mask
     out = append_columns(table, {"ref_logprobs": to_list_column(ref, b.response_mask)})
     again = to_padded(out, pad_token_id=0, per_token_columns=["ref_logprobs"])
-    np.testing.assert_array_equal(again.per_token["ref_logprobs"].numpy(), ref.numpy().astype(np.float32))
+    np.testing.assert_array_equal(
+        again.per_token["ref_logprobs"].numpy(), ref.numpy().astype(np.float32)
+    )
     assert out.schema.field("ref_logprobs").type == pa.list_(pa.float32())

@@ -3,7 +3,13 @@
 import pyarrow as pa
 import pytest
 
-from rollout import GeneratedSample, RolloutValidationError, append_columns, build_rollout_table, validate
+from rollout import (
+    GeneratedSample,
+    RolloutValidationError,
+    append_columns,
+    build_rollout_table,
+    validate,
+)
 from rollout import schema as S
 
 
@@ -21,7 +27,11 @@ def table():
 
 def replace(t: pa.Table, name: str, values) -> pa.Table:
     i = t.column_names.index(name)
-    return t.set_column(i, name, values if isinstance(values, pa.Array) else pa.array(values, t.schema.field(name).type))
+    return t.set_column(
+        i,
+        name,
+        values if isinstance(values, pa.Array) else pa.array(values, t.schema.field(name).type),
+    )
 
 
 def raises(t: pa.Table, column: str, row: int | None, match: str, **kw):
@@ -46,7 +56,9 @@ def test_missing_column_is_named():
 def test_wrong_type_is_named_with_both_types():
     t = replace(table(), "prompt_id", pa.array([3, 3, 4], pa.int32()))
     raises(t, "prompt_id", None, "has type int32, expected int64")
-    t = replace(table(), "rollout_logprobs", pa.array([[-0.5, -0.25], [-0.1], []], pa.list_(pa.float64())))
+    t = replace(
+        table(), "rollout_logprobs", pa.array([[-0.5, -0.25], [-0.1], []], pa.list_(pa.float64()))
+    )
     raises(t, "rollout_logprobs", None, "expected list<item: float>")
     t = table().append_column("score", pa.array([1.0, 0.0, None], pa.float64()))
     raises(t, "score", None, "expected float")
@@ -58,9 +70,13 @@ def test_ragged_logprobs_name_the_row():
 
 
 def test_per_token_column_from_a_later_stage_is_checked_too():
-    t = append_columns(table(), {"ref_logprobs": pa.array([[-1.0, -1.0], [-1.0], [-1.0]], S.PER_TOKEN_TYPE)})
+    t = append_columns(
+        table(), {"ref_logprobs": pa.array([[-1.0, -1.0], [-1.0], [-1.0]], S.PER_TOKEN_TYPE)}
+    )
     raises(t, "ref_logprobs", 2, "has 1 entries but the response has 0 tokens")
-    t = append_columns(table(), {"values": pa.array([[0.0, float("nan")], [0.0], []], S.PER_TOKEN_TYPE)})
+    t = append_columns(
+        table(), {"values": pa.array([[0.0, float("nan")], [0.0], []], S.PER_TOKEN_TYPE)}
+    )
     raises(t, "values", 0, "non-finite")
 
 
@@ -73,16 +89,37 @@ def test_unknown_finish_reason_and_nulls_and_empty_prompt():
     raises(replace(table(), "finish_reason", ["stop", "eos", "abort"]), "finish_reason", 1, "'eos'")
     raises(replace(table(), "weight_version", [1, None, 1]), "weight_version", 1, "is null")
     raises(replace(table(), "prompt_token_ids", [[1], [], [7]]), "prompt_token_ids", 1, "is empty")
-    raises(replace(table(), "response_token_ids", [[4, None], [6], []]), "response_token_ids", 0, "null entry")
+    raises(
+        replace(table(), "response_token_ids", [[4, None], [6], []]),
+        "response_token_ids",
+        0,
+        "null entry",
+    )
 
 
 def test_positive_logprob_and_duplicate_keys():
-    raises(replace(table(), "rollout_logprobs", [[-0.5, -0.25], [0.5], []]), "rollout_logprobs", 1, "cannot be positive")
-    raises(replace(table(), "sample_index", [0, 0, 0]), "sample_index", 1, "repeats .prompt_id=3, sample_index=0. first seen at row 0")
+    raises(
+        replace(table(), "rollout_logprobs", [[-0.5, -0.25], [0.5], []]),
+        "rollout_logprobs",
+        1,
+        "cannot be positive",
+    )
+    raises(
+        replace(table(), "sample_index", [0, 0, 0]),
+        "sample_index",
+        1,
+        "repeats .prompt_id=3, sample_index=0. first seen at row 0",
+    )
 
 
 def test_null_score_is_allowed_since_it_means_unscorable():
-    t = append_columns(table(), {"score": pa.array([1.0, None, 0.0], pa.float32()), "reward/format": pa.array([1.0, None, 0.0])})
+    t = append_columns(
+        table(),
+        {
+            "score": pa.array([1.0, None, 0.0], pa.float32()),
+            "reward/format": pa.array([1.0, None, 0.0]),
+        },
+    )
     assert validate(t, require=["score"]) is t
     assert t.schema.field("reward/format").type == pa.float32()
 

@@ -1,0 +1,28 @@
+"""The math and the data contract import no distributed stack and no Raylign role."""
+
+import json
+import subprocess
+import sys
+
+HEAVY = ["ray", "deepspeed", "vllm"]
+ROLES = ["actors", "orchestration", "reward_service", "learner"]
+
+
+def imported_after(statement: str) -> set[str]:
+    code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    return {m.split(".")[0] for m in json.loads(out.stdout)}
+
+
+def test_algorithms_imports_torch_but_not_ray_deepspeed_or_vllm():
+    mods = imported_after("import learner.algorithms")
+    assert "torch" in mods
+    assert mods.isdisjoint(HEAVY), mods & set(HEAVY)
+
+
+def test_rollout_imports_no_role_and_no_distributed_stack():
+    mods = imported_after("import rollout")
+    assert {"pyarrow", "torch"} <= mods
+    assert mods.isdisjoint(HEAVY + ROLES), mods & set(HEAVY + ROLES)
