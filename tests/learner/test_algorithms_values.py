@@ -271,3 +271,63 @@ def test_logprobs_from_logits_gradient_matches_log_softmax():
     b = logits.clone().requires_grad_()
     torch.log_softmax(b / 0.8, dim=-1).gather(-1, ids.unsqueeze(-1)).sum().backward()
     close(a.grad, b.grad, tol=1e-6)
+
+
+# ---- unscorable samples and non-finite padding ---------------------------------------------
+
+
+def test_equal_scores_give_exactly_zero_in_float64():
+    # (0.1 + 0.1 + 0.1) / 3 = 0.10000000000000002, so s - mean alone would be -1.4e-17
+    scores = torch.full((3,), 0.1, dtype=torch.float64)
+    groups = torch.zeros(3, dtype=torch.int64)
+    for adv in (
+        A.group_advantages(scores, groups),
+        A.group_advantages(scores, groups, scale_by_std=False),
+        A.rloo_advantages(scores, groups),
+    ):
+        assert (adv == 0).all(), adv
+
+
+def test_unscorable_row_gets_no_reward_and_no_advantage_under_ppo():
+    scores = T([1.0, float("nan")])
+    mask = T([[1, 1, 0], [1, 1, 1]])
+    kl = torch.full((2, 3), 0.1)
+    r = A.token_rewards(scores, kl, mask, kl_coef=0.5)
+    # row 0: -0.05, -0.05 + 1.0 ; row 1 is unscorable: no KL penalty and no NaN score anywhere
+    close(r, [[-0.05, 0.95, 0.0], [0.0, 0.0, 0.0]])
+    x = A.AdvantageInputs(
+        response_mask=mask, scores=scores, token_rewards=r, values=torch.ones(2, 3)
+    )
+    for est in ("gae", "reinforce_pp"):
+        adv, ret = A.compute_advantages(est, x)
+        assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+        assert (adv[1] == 0).all() and (ret[1] == 0).all(), est
+        assert adv[0, :2].abs().sum() > 0, est
+    assert A.scorable_mask(scores, mask).tolist() == [[True, True, False], [False] * 3]
+
+
+def test_all_unscorable_batch_gives_zero_advantages_instead_of_failing_to_whiten():
+    mask = T([[1, 1], [1, 0]])
+    scores = torch.full((2,), float("nan"))
+    r = A.token_rewards(scores, torch.zeros(2, 2), mask, kl_coef=0.1)
+    adv, _ = A.compute_advantages(
+        "reinforce_pp", A.AdvantageInputs(mask, scores=scores, token_rewards=r)
+    )
+    assert (adv == 0).all()
+
+
+def test_inf_on_padding_does_not_leak_into_results():
+    inf = float("inf")
+    values = T([[1.0, inf], [3.0, -inf]])
+    mask = T([[1, 0], [1, 0]])
+    close(A.masked_mean(values, mask), 2.0)
+    close(A.aggregate(values, mask, "seq-mean-token-mean"), 2.0)
+    adv, ret = A.gae(T([[1.0, inf]]), T([[0.5, inf]]), T([[1, 0]]), gamma=1.0, lam=1.0)
+    close(adv, [[0.5, 0.0]])  # 1 - 0.5 ; the padded inf is ignored
+    close(ret, [[1.0, 0.0]])
+
+
+def test_each_estimator_names_the_aggregation_it_is_defined_with():
+    agg = {e.value: spec.loss_agg for e, spec in A.ADVANTAGE_ESTIMATORS.items()}
+    assert agg["grpo"] == "seq-mean-token-mean"  # DeepSeekMath: mean over a sequence's tokens
+    assert agg["dr_grpo"] == "seq-mean-token-sum"  # Dr. GRPO: no per-sequence length division

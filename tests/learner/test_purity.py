@@ -20,6 +20,7 @@ def test_algorithms_imports_torch_but_not_ray_deepspeed_or_vllm():
     mods = imported_after("import learner.algorithms")
     assert "torch" in mods
     assert mods.isdisjoint(HEAVY), mods & set(HEAVY)
+    assert mods.isdisjoint(["pyarrow", "transformers"] + ROLES[:-1]), mods
 
 
 def test_rollout_imports_no_role_and_no_distributed_stack():
