@@ -7,7 +7,7 @@ and none rewrites an existing column.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,14 +19,20 @@ from rollout import schema as S
 from rollout.validate import validate
 
 
-def append_columns(table: pa.Table, columns: Mapping[str, pa.Array | pa.ChunkedArray]) -> pa.Table:
+def append_columns(
+    table: pa.Table, columns: Mapping[str, pa.Array | pa.ChunkedArray | Sequence]
+) -> pa.Table:
     """Return ``table`` with ``columns`` appended, cast to their contract types.
 
+    Values may be Arrow arrays or anything ``pyarrow.array`` takes (lists, numpy arrays).
+
     Raises:
-        ValueError: a column already exists (stages append, they never overwrite) or has the
-            wrong number of rows.
+        ValueError: a column already exists (stages append, they never overwrite), has the
+            wrong number of rows, or cannot be cast to its contract type.
     """
     for name, values in columns.items():
+        if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+            values = pa.array(values, type=S.expected_type(name))
         if name in table.column_names:
             raise ValueError(
                 f"column '{name}' already exists; stages append columns, never overwrite"
@@ -35,7 +41,12 @@ def append_columns(table: pa.Table, columns: Mapping[str, pa.Array | pa.ChunkedA
             raise ValueError(f"column '{name}' has {len(values)} rows, table has {table.num_rows}")
         want = S.expected_type(name)
         if want is not None and values.type != want:
-            values = values.cast(want)
+            try:
+                values = values.cast(want)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ValueError(
+                    f"column '{name}' ({values.type}) does not cast to {want}: {e}"
+                ) from e
         table = table.append_column(name, values)
     return table
 
@@ -50,7 +61,9 @@ def concat(tables: list[pa.Table]) -> pa.Table:
             raise ValueError(
                 f"table {i} has columns {sorted(t.column_names)}, table 0 has {sorted(first.names)}"
             )
-    return pa.concat_tables([t.select(first.names) for t in tables])
+    # Permissive promotion: a table built elsewhere may differ only in field nullability, or a
+    # passthrough column may be all-null in one table and typed in another.
+    return pa.concat_tables([t.select(first.names) for t in tables], promote_options="permissive")
 
 
 def split_rows(table: pa.Table, rows_per_part: int) -> list[pa.Table]:
@@ -107,8 +120,12 @@ def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     validate(table)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read_parquet(path: str | os.PathLike) -> pa.Table:

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from rollout import schema as S
+from rollout.validate import RolloutValidationError
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,19 @@ def to_padded(
     attention = np.concatenate([prompt_mask, response_mask], axis=1).astype(np.int64)
     position = np.clip(np.cumsum(attention, axis=1) - 1, 0, None)
 
+    response_len = np.asarray(pc.list_value_length(responses).fill_null(0))
     per_token = {}
     for name in per_token_columns:
-        values, _ = _pad(
-            S.column_array(table, name), r_width, left=False, pad_value=0.0, dtype=np.float32
-        )
+        column = S.column_array(table, name)
+        lengths = np.asarray(pc.list_value_length(column).fill_null(0))
+        if (bad := np.flatnonzero(lengths != response_len)).size:
+            row = int(bad[0])
+            raise RolloutValidationError(
+                f"has {lengths[row]} entries but the response has {response_len[row]} tokens",
+                column=name,
+                row=row,
+            )
+        values, _ = _pad(column, r_width, left=False, pad_value=0.0, dtype=np.float32)
         per_token[name] = torch.from_numpy(values)
 
     response_ids_t = torch.from_numpy(response_ids)

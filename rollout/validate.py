@@ -63,8 +63,10 @@ def validate(table: pa.Table, require: Iterable[str] = ()) -> pa.Table:
     """Check ``table`` against the rollout contract and return it unchanged.
 
     Checks: the generator columns and every name in ``require`` are present; every known column
-    has its contract type (no silent casts); generator and per-token columns hold no nulls and no
-    non-finite floats; ``finish_reason`` is one of :data:`rollout.schema.FINISH_REASONS`;
+    has exactly its contract type (no silent casts: no dictionary-encoded strings, no
+    ``not null`` list items; :func:`rollout.append_columns` casts on the way in); generator and
+    per-token columns hold no nulls and no non-finite floats; ``finish_reason`` is one of
+    :data:`rollout.schema.FINISH_REASONS`;
     ``prompt_token_ids`` is non-empty; ``response_token_ids`` is non-empty unless the sample was
     aborted; each per-token column has one entry per response token; ``rollout_logprobs`` are
     <= 0; ``(prompt_id, sample_index)`` pairs are unique.

@@ -1,8 +1,11 @@
 """Append / concat / split / group and the Parquet round trip."""
 
+import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rollout import (
     GeneratedSample,
@@ -14,6 +17,9 @@ from rollout import (
     read_parquet,
     split_by_tokens,
     split_rows,
+    to_list_column,
+    to_padded,
+    validate,
     write_parquet,
 )
 from tests.strategies import rollout_tables
@@ -96,3 +102,67 @@ def test_write_parquet_refuses_an_invalid_table_and_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="row 1"):
         write_parquet(bad, tmp_path / "x.parquet")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_concat_promotes_nullability_and_all_null_passthrough_columns():
+    built = build_rollout_table(
+        [GeneratedSample(0, 0, [1], [2], [-0.1], "stop")],
+        weight_version=0,
+        metadata={"label": ["a"]},
+    )
+    # Built elsewhere: from_pydict makes every field nullable, and this label is all null.
+    other = pa.Table.from_pydict(
+        {
+            name: pa.array(values, built.schema.field(name).type)
+            for name, values in {
+                "prompt_id": [1],
+                "sample_index": [0],
+                "prompt_token_ids": [[3]],
+                "response_token_ids": [[4]],
+                "rollout_logprobs": [[-0.2]],
+                "finish_reason": ["length"],
+                "weight_version": [0],
+            }.items()
+        }
+    ).append_column("label", pa.array([None]))
+    out = concat([built, other])
+    assert out.column("label").to_pylist() == ["a", None]
+    assert out.column("prompt_id").to_pylist() == [0, 1]
+
+
+def test_append_columns_takes_plain_sequences_and_names_a_bad_cast():
+    t = rows([1, 2])
+    out = append_columns(t, {"score": [1.0, None], "reward/format": np.array([0.5, 1.0])})
+    assert out.column("score").type == pa.float32() and out.column("score").to_pylist()[1] is None
+    assert out.column("reward/format").type == pa.float32()
+    with pytest.raises(ValueError, match="column 'score' .* does not cast to float"):
+        append_columns(t, {"score": pa.array(["high", "low"])})
+
+
+@settings(max_examples=40, deadline=None)
+@given(table=rollout_tables(), data=st.data())
+def test_sliced_and_multi_chunk_tables_behave_like_fresh_ones(table, data):
+    cut = data.draw(st.integers(0, table.num_rows))
+    chunked = concat(split_rows(table, max(cut, 1)))  # several chunks per column
+    assert chunked.column("prompt_id").num_chunks >= min(2, -(-table.num_rows // max(cut, 1)))
+    part = table.slice(cut)  # offset into shared buffers
+    for t, rows_of in ((chunked, table), (part, table.slice(cut).combine_chunks())):
+        validate(t)
+        a = to_padded(t, pad_token_id=0, per_token_columns=["rollout_logprobs"])
+        b = to_padded(rows_of, pad_token_id=0, per_token_columns=["rollout_logprobs"])
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(
+            a.response_mask, b.response_mask
+        )
+        assert torch.equal(a.per_token["rollout_logprobs"], b.per_token["rollout_logprobs"])
+        assert group_ids(t).tolist() == group_ids(rows_of).tolist()
+        back = to_list_column(a.per_token["rollout_logprobs"], a.response_mask)
+        assert back.equals(rows_of.column("rollout_logprobs").combine_chunks())
+
+
+def test_zero_row_table_validates_and_pads_to_empty_tensors():
+    empty = rows([1, 2]).slice(2)
+    assert validate(empty).num_rows == 0
+    b = to_padded(empty, pad_token_id=0, per_token_columns=["rollout_logprobs"])
+    assert b.input_ids.shape == (0, 0) and b.response_mask.shape == (0, 0)
+    assert group_ids(empty).tolist() == [] and list(iter_groups(empty)) == []
+    assert len(to_list_column(b.per_token["rollout_logprobs"], b.response_mask)) == 0

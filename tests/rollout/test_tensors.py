@@ -87,3 +87,12 @@ def test_per_token_tensor_appends_as_a_valid_column(table):
         again.per_token["ref_logprobs"].numpy(), ref.numpy().astype(np.float32)
     )
     assert out.schema.field("ref_logprobs").type == pa.list_(pa.float32())
+
+
+def test_to_padded_names_the_row_of_a_ragged_per_token_column_in_an_unvalidated_table():
+    from rollout import RolloutValidationError
+
+    t = small_table()
+    bad = t.append_column("values", pa.array([[0.1, 0.2], [], [0.3]], pa.list_(pa.float32())))
+    with pytest.raises(RolloutValidationError, match="column 'values', row 2: has 1 entries"):
+        to_padded(bad, pad_token_id=0, per_token_columns=["values"])
