@@ -25,7 +25,10 @@ Metrics = dict[str, torch.Tensor]
 def global_counts(response_mask: torch.Tensor) -> tuple[int, int]:
     """``(num_tokens, num_seqs)`` of a batch: the denominators to pass to :func:`aggregate` for
     every micro-batch of it. Sum these over data-parallel ranks (all-reduce) first.
-    A sequence counts only if it has at least one response token."""
+
+    Args:
+        response_mask: (B, T). A sequence counts only if it has at least one response token.
+    """
     lengths = response_mask.to(torch.int64).sum(dim=1)
     return int(lengths.sum()), int((lengths > 0).sum())
 
@@ -179,6 +182,9 @@ def kl_loss(
     """KL to the reference as a loss term (GRPO puts it here instead of in the reward):
     ``aggregate(kl_estimate(logprobs, ref_logprobs, kind))``. Multiply by the KL coefficient.
 
+    Args:
+        logprobs: (B, T) current policy, with grad. ref_logprobs: (B, T). response_mask: (B, T).
+        num_tokens, num_seqs: global counts, see :func:`aggregate`.
     Returns:
         ``(loss, metrics)`` with ``actor/kl_loss``.
     """
