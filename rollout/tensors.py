@@ -50,6 +50,19 @@ class PaddedBatch:
     prompt_width: int
     per_token: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def to(self, device: torch.device | str) -> PaddedBatch:
+        """The same batch with every tensor on ``device``."""
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in ("input_ids", "attention_mask", "position_ids", "response_ids")
+        }
+        return PaddedBatch(
+            **moved,
+            response_mask=self.response_mask.to(device),
+            prompt_width=self.prompt_width,
+            per_token={k: v.to(device) for k, v in self.per_token.items()},
+        )
+
     @property
     def response_lengths(self) -> torch.Tensor:
         """(B,) int64 number of response tokens per row."""

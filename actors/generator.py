@@ -1,0 +1,71 @@
+"""The policy generator: a vLLM engine that turns a prompt table into a rollout table.
+
+A plain class; the driver runs it as a Ray actor (``ray.remote(PolicyGenerator)``), one per
+replica. It serves one weight version at a time and stamps it on every row it generates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+
+import pyarrow as pa
+import torch
+
+from actors.vllm_engine import EngineSpec, Sampling, VLLMEngine
+from rollout import schema as S
+from rollout.build import build_rollout_table
+
+
+class PolicyGenerator:
+    """Generates with vLLM; ``update_weights`` swaps in a new policy version.
+
+    Args:
+        spec: how to start the engine. initial_version: the version of the weights at
+            ``spec.model_path`` (0 for a fresh run).
+    """
+
+    def __init__(self, spec: EngineSpec, *, initial_version: int = 0):
+        self.engine = VLLMEngine(spec)
+        self._version = initial_version
+
+    def generate(self, prompts: pa.Table, sampling: Sampling) -> pa.Table:
+        """``sampling.n`` samples for each row of ``prompts``.
+
+        Args:
+            prompts: ``prompt_id`` (int64) and ``prompt_token_ids`` (list<int32>) columns; any
+                other column (``label``, ...) is copied onto each of the prompt's samples.
+        Returns:
+            A validated rollout table, prompt-major, stamped with the served weight version.
+        """
+        for name in (S.PROMPT_ID, S.PROMPT_TOKEN_IDS):
+            if name not in prompts.column_names:
+                raise ValueError(f"prompt table has no '{name}' column")
+        ids = S.column_array(prompts, S.PROMPT_TOKEN_IDS).to_pylist()
+        samples = self.engine.generate(ids, range(len(ids)), sampling)
+        rows = pa.array([s.prompt_id for s in samples], pa.int64())  # row of prompts per sample
+        prompt_ids = S.column_array(prompts, S.PROMPT_ID).take(rows).to_pylist()
+        samples = [replace(s, prompt_id=pid) for s, pid in zip(samples, prompt_ids, strict=True)]
+        passthrough = [
+            c for c in prompts.column_names if c not in (S.PROMPT_ID, S.PROMPT_TOKEN_IDS)
+        ]
+        metadata = {c: S.column_array(prompts, c).take(rows) for c in passthrough}
+        return build_rollout_table(samples, weight_version=self._version, metadata=metadata)
+
+    def update_weights(
+        self, version: int, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+    ) -> int:
+        """Serve ``weights`` (full policy state, Hugging Face names) as ``version`` from now on.
+
+        Versions only move forward. Returns the version now served.
+        """
+        if version <= self._version:
+            raise ValueError(f"weight version {version} is not newer than {self._version}")
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        self.engine.load_weights(items)
+        self._version = version
+        return version
+
+    def weight_version(self) -> int:
+        """The version of the weights this generator serves."""
+        return self._version

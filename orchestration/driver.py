@@ -1,0 +1,221 @@
+"""The single-controller driver loop: one synchronous iteration, stage by stage.
+
+generate -> score -> reference -> old logprobs (+ values) -> advantages -> train -> sync weights.
+Each stage is one method with a timer. PPO and GRPO share the loop; what differs (critic or not,
+KL in the reward or in the loss, the estimator) is fixed at setup from the estimator's
+``EstimatorSpec``. Tables move between actors as ``ObjectRef``s; the driver pulls the batch only
+where it must (the advantage math). Overlapping generation with training later means running
+:meth:`Trainer.rollout` for iteration k+1 while :meth:`Trainer.update` runs for k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from actors.vllm_engine import Sampling
+from learner.algorithms import (
+    AdaptiveKLController,
+    AdvantageInputs,
+    FixedKLController,
+    compute_advantages,
+    kl_estimate,
+    masked_mean,
+    token_rewards,
+)
+from orchestration.config import RunConfig
+from orchestration.data import PromptSampler
+from orchestration.metrics import StageTimer
+from orchestration.placement import Actors, kl_kind
+from rollout import schema as S
+from rollout.ops import append_columns, concat, group_ids, split_rows
+from rollout.tensors import to_list_column, to_padded
+
+
+@ray.remote
+def _concat(*tables: pa.Table) -> pa.Table:
+    return concat(list(tables))
+
+
+@dataclass
+class Rollout:
+    """What the rollout half of an iteration hands to the update half."""
+
+    table: pa.Table  # scored, with ref_logprobs, old_logprobs (+ values)
+    metrics: dict[str, float]
+
+
+class Trainer:
+    """Runs synchronous iterations of the configured algorithm on started actors."""
+
+    def __init__(self, cfg: RunConfig, actors: Actors, prompts: PromptSampler, pad_token_id: int):
+        self.cfg, self.actors, self.prompts = cfg, actors, prompts
+        self.pad_token_id = pad_token_id
+        self.spec = cfg.algorithm.spec  # estimator -> critic?, KL placement, loss aggregation
+        self.kl_kind = kl_kind(cfg)
+        algo = cfg.algorithm
+        self.kl_ctl = (
+            AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+            if algo.kl_target is not None
+            else FixedKLController(algo.kl_coef)
+        )
+        self.sampling = Sampling(
+            n=cfg.generator.samples_per_prompt,
+            temperature=cfg.generator.temperature,
+            max_new_tokens=cfg.generator.max_new_tokens,
+        )
+        self.timeout = cfg.cluster.call_timeout_s
+        self.version = 0
+        self.sync_enabled = True  # tests turn it off to show what a missed sync looks like
+
+    # ------------------------------------------------------------------ one iteration
+
+    def iteration(self) -> dict[str, float]:
+        """One synchronous step; returns its metrics (including ``timing/*``)."""
+        timer = StageTimer()
+        with timer("iteration"):
+            rollout = self.rollout(timer)
+            metrics = rollout.metrics | self.update(rollout.table, timer)
+        return metrics | timer.timings
+
+    def rollout(self, timer: StageTimer) -> Rollout:
+        """Generate, score, and add reference and old log-probabilities."""
+        prompts = self.prompts.next_batch(self.cfg.data.prompts_per_iteration)
+        with timer("generate"):
+            generated = self.generate(prompts)
+        with timer("reward"):
+            scored, reward_metrics = self.score(generated)
+        with timer("reference"):
+            with_ref = self.reference(scored)
+        with timer("learner_forward"):
+            table = self.learner_forward(with_ref)
+        return Rollout(table=table, metrics=reward_metrics)
+
+    def update(self, table: pa.Table, timer: StageTimer) -> dict[str, float]:
+        """Advantages, training, and pushing the new weights to the generators."""
+        with timer("advantages"):
+            batch, metrics = self.advantages(table)
+        with timer("train"):
+            metrics |= self.train(batch)
+        with timer("sync"):
+            if self.sync_enabled:
+                self.sync_weights()
+        return metrics
+
+    # ------------------------------------------------------------------ stages
+
+    def _wait(self, refs):
+        return ray.get(refs, timeout=self.timeout)
+
+    def generate(self, prompts: pa.Table) -> ray.ObjectRef:
+        """Split the prompts over the generator replicas; one rollout table (ref) back."""
+        gens = self.actors.generators
+        parts = split_rows(prompts, -(-prompts.num_rows // len(gens)))
+        refs = [
+            g.generate.remote(part, self.sampling) for g, part in zip(gens, parts, strict=False)
+        ]
+        ref = refs[0] if len(refs) == 1 else _concat.remote(*refs)
+        ray.wait([ref], timeout=self.timeout, fetch_local=False)
+        return ref
+
+    def score(self, table: ray.ObjectRef) -> tuple[ray.ObjectRef, dict[str, float]]:
+        """Reward functions -> ``score`` and ``reward/<fn>`` columns (null = unscorable)."""
+        scored, metrics = self.actors.scorer.score.options(num_returns=2).remote(table)
+        return scored, self._wait(metrics)
+
+    def reference(self, table: ray.ObjectRef) -> ray.ObjectRef:
+        """Frozen reference policy -> ``ref_logprobs``."""
+        ref = self.actors.reference.logprobs.remote(table)
+        ray.wait([ref], timeout=self.timeout, fetch_local=False)
+        return ref
+
+    def learner_forward(self, table: ray.ObjectRef) -> pa.Table:
+        """The learner's own log-probabilities (and values) for the batch, rows split over ranks.
+        The batch is pulled here: the advantage math runs in the driver."""
+        learners = self.actors.learners
+        if len(learners) == 1:
+            return self._wait(learners[0].compute_old.remote(table))
+        whole = self._wait(table)
+        parts = split_rows(whole, -(-whole.num_rows // len(learners)))
+        return concat(
+            self._wait([r.compute_old.remote(p) for r, p in zip(learners, parts, strict=True)])
+        )
+
+    def advantages(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
+        """Pure math from ``learner.algorithms``: KL, token rewards, the estimator."""
+        versions = pc.unique(S.column_array(table, S.WEIGHT_VERSION)).to_pylist()
+        if versions != [self.version]:
+            raise RuntimeError(
+                f"rollout mixes or misses weight versions {versions}; expected only {self.version}"
+            )
+        columns = [S.ROLLOUT_LOGPROBS, S.OLD_LOGPROBS, S.REF_LOGPROBS]
+        if self.spec.needs_critic:
+            columns.append(S.VALUES)
+        batch = to_padded(table, pad_token_id=self.pad_token_id, per_token_columns=columns)
+        t, mask = batch.per_token, batch.response_mask
+        score_col = S.column_array(table, S.SCORE)
+        scores = torch.from_numpy(
+            np.array(score_col.fill_null(float("nan")).to_numpy(zero_copy_only=False), np.float32)
+        )
+        kl = kl_estimate(t[S.OLD_LOGPROBS], t[S.REF_LOGPROBS], self.kl_kind)
+        inputs = AdvantageInputs(
+            response_mask=mask,
+            scores=scores,
+            group_ids=group_ids(table),
+            token_rewards=token_rewards(scores, kl, mask, self.kl_ctl.value)
+            if self.spec.kl_in_reward
+            else None,
+            values=t.get(S.VALUES),
+            gamma=self.cfg.algorithm.gamma,
+            lam=self.cfg.algorithm.lam,
+            whiten_advantages=self.cfg.algorithm.whiten_advantages,
+        )
+        adv, returns = compute_advantages(self.cfg.algorithm.estimator, inputs)
+        kl_ref = float(masked_mean(t[S.OLD_LOGPROBS] - t[S.REF_LOGPROBS], mask))
+        self.kl_ctl.update(kl_ref, n_steps=table.num_rows)
+        scorable = torch.isfinite(scores)
+        mismatch = (t[S.ROLLOUT_LOGPROBS] - t[S.OLD_LOGPROBS]).abs()
+        finish = S.column_array(table, S.FINISH_REASON)
+        metrics = {
+            "reward/score_mean": float(scores[scorable].mean()) if scorable.any() else float("nan"),
+            "reward/score_max": float(scores[scorable].max()) if scorable.any() else float("nan"),
+            "actor/kl_ref": kl_ref,
+            "actor/kl_coef": self.kl_ctl.value,
+            "rollout/response_length": float(batch.response_lengths.float().mean()),
+            "rollout/stop_fraction": float(pc.mean(pc.equal(finish, "stop")).as_py()),
+            "rollout/logprob_mismatch": float(masked_mean(mismatch, mask)),
+            "rollout/logprob_mismatch_max": float(torch.where(mask, mismatch, 0).max()),
+            "rollout/weight_version": float(self.version),
+            "advantage/mean": float(masked_mean(adv, mask)),
+            "advantage/abs_mean": float(masked_mean(adv.abs(), mask)),
+        }
+        new = {
+            S.ADVANTAGES: to_list_column(adv, mask),
+            S.RETURNS: to_list_column(returns, mask),
+        }
+        return append_columns(table, new), metrics
+
+    def train(self, table: pa.Table) -> dict[str, float]:
+        """PPO epochs x mini-batches on every learner rank; metrics averaged over ranks."""
+        learners = self.actors.learners
+        parts = split_rows(table, table.num_rows // len(learners))
+        results = self._wait([r.train.remote(p) for r, p in zip(learners, parts, strict=True)])
+        return {k: float(np.mean([m[k] for m in results])) for k in results[0]}
+
+    def sync_weights(self) -> int:
+        """Learner rank 0's weights -> every generator, through the object store, as version+1."""
+        weights = [r.policy_weights.remote() for r in self.actors.learners]  # collective (ZeRO-3)
+        version = self.version + 1
+        served = self._wait(
+            [g.update_weights.remote(version, weights[0]) for g in self.actors.generators]
+        )
+        self._wait(weights[1:])
+        if set(served) != {version}:
+            raise RuntimeError(f"generators serve versions {served} after syncing {version}")
+        self.version = version
+        return version

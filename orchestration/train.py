@@ -1,0 +1,178 @@
+"""Raylign's main job: a PPO or GRPO run on Ray.
+
+    python -m orchestration.train --config demo [key=value ...]
+    ray job submit -- python -m orchestration.train --config demo logging.root=$PWD/runs
+
+With no cluster address (``cluster.address`` or ``RAY_ADDRESS``, which ``ray job submit`` sets)
+it starts an embedded local Ray; otherwise it joins that cluster. Everything is checked (config,
+model path, dataset rows) before any actor starts. Per-iteration metrics are printed and written
+to ``<run_dir>/metrics.jsonl``; the final policy is saved to ``<run_dir>/policy`` (safetensors)
+and a summary to ``<run_dir>/summary.json``.
+
+The run:
+
+1. load and validate the config, then the tokenizer and every prompt;
+2. start the actors: vLLM generators, the rule scorer, the frozen reference, the DeepSpeed
+   learner ranks (and critic for PPO);
+3. run ``iterations`` synchronous iterations (see ``orchestration.driver``);
+4. save the policy and the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from orchestration.config import BUILTIN_MODEL, ConfigError, RunConfig, load_config, presets
+from orchestration.data import DataError, PromptSampler, addition_corpus, load_prompts
+
+FIRST_LAST = 5  # iterations averaged for the "first" and "last" reward in the summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestration.train",
+        description="Run PPO or GRPO on Ray with vLLM generators and a DeepSpeed learner.",
+    )
+    parser.add_argument(
+        "--config", default="demo", help=f"a preset ({', '.join(presets())}) or a YAML file"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. learner.lr=1e-5"
+    )
+    return parser.parse_args(argv)
+
+
+def make_run_dir(cfg: RunConfig, source: str) -> Path:
+    name = cfg.logging.name or f"{Path(source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.logging.root).expanduser().resolve() / name
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def prepare_model(cfg: RunConfig, run_dir: Path) -> str:
+    """The policy's path; ``builtin:tiny`` is built now, into the run directory."""
+    if cfg.model.path != BUILTIN_MODEL:
+        return cfg.model.path
+    from orchestration.tiny_model import build_tiny_model
+
+    return build_tiny_model(
+        str(run_dir / "base_model"), addition_corpus(cfg.data.addition_max_operand)
+    )
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=True, log_to_driver=True)
+    print(f"ray: {ray.get_runtime_context().gcs_address} dashboard: {_dashboard_url()}", flush=True)
+
+
+def _dashboard_url() -> str:
+    import ray
+
+    url = ray.worker.get_dashboard_url() if hasattr(ray, "worker") else ""
+    return f"http://{url}" if url else "(not running)"
+
+
+def summarize(history: list[dict], run_dir: Path, wall_s: float) -> dict:
+    rewards = [h["reward/score_mean"] for h in history]
+    n = min(FIRST_LAST, len(rewards))
+    timings = sorted({k for h in history for k in h if k.startswith("timing/")})
+    return {
+        "run_dir": str(run_dir),
+        "iterations": len(history),
+        "wall_time_s": wall_s,
+        "reward_first": sum(rewards[:n]) / n,
+        "reward_last": sum(rewards[-n:]) / n,
+        "reward_curve": rewards,
+        "mean_timings_s": {k: sum(h[k] for h in history) / len(history) for k in timings},
+    }
+
+
+def run(cfg: RunConfig, source: str) -> dict:
+    """Everything after the config: checks, actors, the loop, the summary."""
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    run_dir = make_run_dir(cfg, source)
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    )
+    model_path = prepare_model(cfg, run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    prompts = load_prompts(
+        cfg.data.source,
+        tokenizer,
+        prompt_key=cfg.data.prompt_key,
+        label_key=cfg.data.label_key,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        addition_max_operand=cfg.data.addition_max_operand,
+    )
+    pad_token_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    print(f"run directory: {run_dir}\nprompts: {len(prompts)} from {cfg.data.source}", flush=True)
+
+    import ray
+
+    from orchestration.driver import Trainer
+    from orchestration.metrics import MetricsLog
+    from orchestration.placement import start_actors
+
+    init_ray(cfg)
+    try:
+        actors = start_actors(cfg, model_path, pad_token_id)
+        trainer = Trainer(cfg, actors, PromptSampler(prompts, cfg.data.seed), pad_token_id)
+        log = MetricsLog(run_dir, cfg.iterations, progress_bar=cfg.logging.progress_bar)
+        try:
+            for k in range(cfg.iterations):
+                log.log(k, trainer.iteration())
+        finally:
+            log.close()
+        policy_dir = str(
+            run_dir / "policy"
+        )  # every rank takes part (ZeRO-3 gathers); rank 0 writes
+        ray.get([a.save_policy.remote(policy_dir) for a in actors.learners], timeout=600)
+        summary = summarize(log.history, run_dir, time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(cfg, args.config)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"done: {summary['iterations']} iterations in {summary['wall_time_s']:.0f} s; reward "
+        f"{summary['reward_first']:.3f} (first {FIRST_LAST}) -> {summary['reward_last']:.3f} "
+        f"(last {FIRST_LAST})\nrun directory: {summary['run_dir']}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
