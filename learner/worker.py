@@ -222,17 +222,13 @@ class Learner:
             engine.zero_grad()
             engine.optimizer.zero_grad()
             self.skipped_steps[name] += 1
-            return {f"{name}/skipped_steps": float(self.skipped_steps[name])}
+            return {}
         engine.step()
         norm = engine.get_global_grad_norm()
         if norm is None:  # fp32 without ZeRO does not record it; the local norm is the global
             (sq,) = self._all_reduce([local_sq])  # one only at world size 1, the usual CPU case
             norm = math.sqrt(sq) if self.world_size == 1 else float("nan")
-        return {
-            f"{name}/grad_norm": float(norm),
-            f"{name}/lr": engine.get_lr()[0],
-            f"{name}/skipped_steps": float(self.skipped_steps[name]),
-        }
+        return {f"{name}/grad_norm": float(norm), f"{name}/lr": engine.get_lr()[0]}
 
     def _mini_batches(self, table: pa.Table) -> list[pa.Table]:
         order = self._rng.permutation(table.num_rows)
@@ -271,6 +267,8 @@ class Learner:
                     float(sum(int((k.sum(1) > 0).sum()) for k in masks)),
                 ]
                 n_tok, n_seq = self._all_reduce(local)
+                if n_tok == 0:  # nothing to learn from (say, all unscorable): no update at all
+                    continue
                 bad_actor = bad_critic = False
                 for batch, mask in zip(padded, masks, strict=True):
                     metrics, bad = self._actor_micro(batch, mask, n_tok, n_seq)
@@ -283,7 +281,10 @@ class Learner:
                 record(self._step("actor", self.policy, bad_actor))
                 if self.critic is not None:
                     record(self._step("critic", self.critic, bad_critic))
-        return {k: sums[k] / counts[k] for k in sums}
+        out = {k: sums[k] / counts[k] for k in sums}
+        for name in ("actor", "critic") if self.critic is not None else ("actor",):
+            out[f"{name}/skipped_steps"] = float(self.skipped_steps[name])  # a count, not a mean
+        return out
 
     def _actor_micro(self, batch: PaddedBatch, mask, n_tok, n_seq) -> tuple[dict, bool]:
         loss_spec, agg = self.spec.loss, self.spec.loss.agg
@@ -337,19 +338,6 @@ class Learner:
             return True
         engine.backward(loss)
         return False
-
-    def sft(self, table: pa.Table) -> dict[str, float]:
-        """One supervised step: next-token cross-entropy on the response tokens (warm start)."""
-        padded = [self._pad(m) for m in split_by_tokens(table, self.spec.micro_batch_tokens)]
-        local = float(sum(int(b.response_mask.sum()) for b in padded))
-        (n_tok,) = self._all_reduce([local])
-        total, bad = 0.0, False
-        for batch in padded:
-            out = policy_forward(self.policy.module, batch, temperature=1.0)
-            loss = -aggregate(out.logprobs, batch.response_mask, "token-mean", num_tokens=n_tok)
-            bad |= self._backward(self.policy, loss * self.world_size)
-            total += float(loss.detach())
-        return {"sft/loss": total} | self._step("actor", self.policy, bad)
 
     # ------------------------------------------------------------------ weights
 

@@ -117,9 +117,6 @@ class LearnerConfig(_Section):
     """Optimizer steps of linear learning-rate warm-up."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = Field(1.0, gt=0)
-    sft_warmup_steps: int = Field(0, ge=0)
-    """Supervised steps on the task's examples before RL (a warm start); 0 = none."""
-    sft_lr: float = Field(1e-3, gt=0)
 
 
 class RewardFunctionConfig(_Section):
@@ -142,7 +139,7 @@ class ClusterConfig(_Section):
     address: str | None = None
     """Ray cluster to join; None: ``RAY_ADDRESS`` if set (as under ``ray job submit``), else an
     embedded local Ray."""
-    actor_cpus: float = Field(0.5, gt=0)
+    actor_cpus: float = Field(0.25, gt=0)
     """CPUs each actor reserves in Ray's scheduler."""
     torch_threads: int = Field(2, ge=1)
     """Torch threads in each actor (stages run one at a time in synchronous mode)."""

@@ -37,7 +37,7 @@ from rollout.ops import append_columns, concat, group_ids, split_rows
 from rollout.tensors import to_list_column, to_padded
 
 
-@ray.remote
+@ray.remote(num_cpus=0)  # joins tables; must not wait for a CPU the actors hold
 def _concat(*tables: pa.Table) -> pa.Table:
     return concat(list(tables))
 
@@ -112,6 +112,13 @@ class Trainer:
     def _wait(self, refs):
         return ray.get(refs, timeout=self.timeout)
 
+    def _ready(self, ref: ray.ObjectRef) -> ray.ObjectRef:
+        """Wait until ``ref`` is computed, without pulling it here; the stage timer needs it."""
+        done, _ = ray.wait([ref], timeout=self.timeout, fetch_local=False)
+        if not done:
+            raise TimeoutError(f"a stage took longer than cluster.call_timeout_s={self.timeout}")
+        return ref
+
     def generate(self, prompts: pa.Table) -> ray.ObjectRef:
         """Split the prompts over the generator replicas; one rollout table (ref) back."""
         gens = self.actors.generators
@@ -119,9 +126,7 @@ class Trainer:
         refs = [
             g.generate.remote(part, self.sampling) for g, part in zip(gens, parts, strict=False)
         ]
-        ref = refs[0] if len(refs) == 1 else _concat.remote(*refs)
-        ray.wait([ref], timeout=self.timeout, fetch_local=False)
-        return ref
+        return self._ready(refs[0] if len(refs) == 1 else _concat.remote(*refs))
 
     def score(self, table: ray.ObjectRef) -> tuple[ray.ObjectRef, dict[str, float]]:
         """Reward functions -> ``score`` and ``reward/<fn>`` columns (null = unscorable)."""
@@ -130,9 +135,7 @@ class Trainer:
 
     def reference(self, table: ray.ObjectRef) -> ray.ObjectRef:
         """Frozen reference policy -> ``ref_logprobs``."""
-        ref = self.actors.reference.logprobs.remote(table)
-        ray.wait([ref], timeout=self.timeout, fetch_local=False)
-        return ref
+        return self._ready(self.actors.reference.logprobs.remote(table))
 
     def learner_forward(self, table: ray.ObjectRef) -> pa.Table:
         """The learner's own log-probabilities (and values) for the batch, rows split over ranks.

@@ -25,12 +25,19 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from orchestration.config import BUILTIN_MODEL, ConfigError, RunConfig, load_config, presets
-from orchestration.data import DataError, PromptSampler, addition_corpus, load_prompts
+from orchestration.data import (
+    DataError,
+    PromptSampler,
+    PromptSet,
+    addition_corpus,
+    load_prompts,
+)
 
 FIRST_LAST = 5  # iterations averaged for the "first" and "last" reward in the summary
 
@@ -68,21 +75,16 @@ def prepare_model(cfg: RunConfig, run_dir: Path) -> str:
 
 
 def init_ray(cfg: RunConfig) -> None:
+    """Join the configured cluster (or ``RAY_ADDRESS``), else start an embedded local Ray."""
     import ray
 
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address)
     else:
-        ray.init(address="local", include_dashboard=True, log_to_driver=True)
-    print(f"ray: {ray.get_runtime_context().gcs_address} dashboard: {_dashboard_url()}", flush=True)
-
-
-def _dashboard_url() -> str:
-    import ray
-
-    url = ray.worker.get_dashboard_url() if hasattr(ray, "worker") else ""
-    return f"http://{url}" if url else "(not running)"
+        context = ray.init(address="local", include_dashboard=True)
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "(not running)"
+    print(f"ray: {'joined ' + address if address else 'embedded'}; dashboard: {dashboard}")
 
 
 def summarize(history: list[dict], run_dir: Path, wall_s: float) -> dict:
@@ -100,15 +102,27 @@ def summarize(history: list[dict], run_dir: Path, wall_s: float) -> dict:
     }
 
 
-def run(cfg: RunConfig, source: str) -> dict:
-    """Everything after the config: checks, actors, the loop, the summary."""
+@dataclass(frozen=True)
+class Prepared:
+    """What a run has once its inputs are checked, before any actor starts."""
+
+    run_dir: Path
+    model_path: str
+    prompts: PromptSet
+    pad_token_id: int
+
+
+def prepare(cfg: RunConfig, source: str) -> Prepared:
+    """Make the run directory, build or find the model, load the tokenizer and every prompt.
+
+    Raises:
+        DataError: a dataset row cannot be used (the message names it).
+    """
     from transformers import AutoTokenizer
 
-    start = time.perf_counter()
     run_dir = make_run_dir(cfg, source)
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    )
+    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    (run_dir / "config.yaml").write_text(config_text)
     model_path = prepare_model(cfg, run_dir)
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, trust_remote_code=cfg.model.trust_remote_code
@@ -121,10 +135,15 @@ def run(cfg: RunConfig, source: str) -> dict:
         max_prompt_tokens=cfg.data.max_prompt_tokens,
         addition_max_operand=cfg.data.addition_max_operand,
     )
-    pad_token_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    print(f"run directory: {run_dir}\nprompts: {len(prompts)} from {cfg.data.source}", flush=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Prepared(run_dir=run_dir, model_path=model_path, prompts=prompts, pad_token_id=pad)
+
+
+def run(cfg: RunConfig, source: str) -> dict:
+    """Everything after the config: checks, actors, the loop, the policy and the summary."""
+    start = time.perf_counter()
+    prep = prepare(cfg, source)
+    print(f"run directory: {prep.run_dir}\nprompts: {len(prep.prompts)} from {cfg.data.source}")
 
     import ray
 
@@ -134,22 +153,21 @@ def run(cfg: RunConfig, source: str) -> dict:
 
     init_ray(cfg)
     try:
-        actors = start_actors(cfg, model_path, pad_token_id)
-        trainer = Trainer(cfg, actors, PromptSampler(prompts, cfg.data.seed), pad_token_id)
-        log = MetricsLog(run_dir, cfg.iterations, progress_bar=cfg.logging.progress_bar)
+        actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
+        sampler = PromptSampler(prep.prompts, cfg.data.seed)
+        trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
+        log = MetricsLog(prep.run_dir, cfg.iterations, progress_bar=cfg.logging.progress_bar)
         try:
             for k in range(cfg.iterations):
                 log.log(k, trainer.iteration())
         finally:
             log.close()
-        policy_dir = str(
-            run_dir / "policy"
-        )  # every rank takes part (ZeRO-3 gathers); rank 0 writes
+        policy_dir = str(prep.run_dir / "policy")  # all ranks take part (ZeRO-3); rank 0 writes
         ray.get([a.save_policy.remote(policy_dir) for a in actors.learners], timeout=600)
-        summary = summarize(log.history, run_dir, time.perf_counter() - start)
+        summary = summarize(log.history, prep.run_dir, time.perf_counter() - start)
     finally:
         ray.shutdown()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,0 +1,96 @@
+"""End to end on a local Ray: real vLLM (CPU), real DeepSpeed (gloo), the real entry point.
+
+Thresholds for the demo task (exact_integer with the EOS trick, operands 0..4): a random policy
+scores about 0.05 (it rarely stops with an integer); stopping with a random integer of 0..8 is
+worth 0.1 + 0.9/9 = 0.2; so a mean reward of 0.6 means most prompts are answered right
+((0.6 - 0.1) / 0.9 = 56% exact answers), which format alone cannot reach. Measured here with
+seeds 0, 1, 2 (200 iterations): GRPO ended at 0.948, 0.756, 0.993 and PPO at 0.904, 0.958, 0.926,
+each from a first-5 mean under 0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+THRESHOLD = 0.6  # mean reward of the last 5 iterations
+MARGIN = 0.4  # over the mean of the first 5
+
+
+def train(args: list[str], env: dict[str, str], timeout: float = 600):
+    return subprocess.run(
+        [sys.executable, "-m", "orchestration.train", *args, "logging.progress_bar=false"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def finished(out: subprocess.CompletedProcess, root: Path) -> tuple[dict, list[dict]]:
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert (run_dir / "policy" / "model.safetensors").is_file()
+    return summary, history
+
+
+def check_run_health(history: list[dict]) -> None:
+    # The generators served the version the learner produced on every iteration...
+    assert [h["rollout/weight_version"] for h in history] == list(range(len(history)))
+    # ... so vLLM's log-probabilities and the learner's agree (fp32).
+    assert max(h["rollout/logprob_mismatch"] for h in history) < 1e-3
+    for stage in ("generate", "reward", "reference", "learner_forward", "train", "sync"):
+        assert all(h[f"timing/{stage}"] > 0 for h in history)
+
+
+def test_grpo_demo_learns(private_env, tmp_path):
+    out = train(["--config", "demo", f"logging.root={tmp_path}"], private_env)
+    summary, history = finished(out, tmp_path)
+    assert summary["iterations"] == 200
+    assert summary["reward_first"] < 0.2
+    assert summary["reward_last"] >= THRESHOLD, summary["reward_curve"]
+    assert summary["reward_last"] - summary["reward_first"] >= MARGIN
+    assert summary["wall_time_s"] < 600
+    check_run_health(history)
+    assert "actor/kl_loss" in history[-1] and "critic/value_loss" not in history[-1]
+    assert "done: 200 iterations" in out.stdout
+
+
+def test_ppo_demo_learns(private_env, tmp_path):
+    out = train(["--config", "demo-ppo", f"logging.root={tmp_path}"], private_env)
+    summary, history = finished(out, tmp_path)
+    assert summary["reward_first"] < 0.2
+    assert summary["reward_last"] >= THRESHOLD, summary["reward_curve"]
+    assert summary["reward_last"] - summary["reward_first"] >= MARGIN
+    assert summary["wall_time_s"] < 600
+    check_run_health(history)
+    assert "critic/value_loss" in history[-1] and "actor/kl_loss" not in history[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["learner.lrr=1e-3"], "learner.lrr: unknown key; did you mean 'lr'?"),
+        (["generator.temperature=-1"], "generator.temperature: Input should be greater than 0"),
+        (["model.path=/no/such/model"], "model.path: model path '/no/such/model' does not exist"),
+        (["data.source={rows}"], "row 1: no 'prompt' (every row needs a prompt)"),
+    ],
+)
+def test_bad_input_fails_before_any_actor_starts(private_env, tmp_path, args, message):
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text('{"prompt": "1+2=", "label": 3}\n{"label": 4}\n')
+    args = [a.format(rows=rows) for a in args]
+    out = train(["--config", "demo", f"logging.root={tmp_path}/runs", *args], private_env, 120)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Started a local Ray" not in out.stdout + out.stderr
+    assert "ray:" not in out.stdout  # init_ray never ran

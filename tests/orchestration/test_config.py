@@ -1,0 +1,67 @@
+import pytest
+
+from learner.algorithms import AdvantageEstimator
+from orchestration.config import ConfigError, load_config, parse_overrides, presets
+from orchestration.placement import kl_kind, learner_spec
+
+
+def test_presets_load_and_pick_their_algorithm():
+    assert {"demo", "demo-ppo"} <= set(presets())
+    grpo, ppo = load_config("demo"), load_config("demo-ppo")
+    assert grpo.algorithm.estimator is AdvantageEstimator.GRPO
+    assert ppo.algorithm.estimator is AdvantageEstimator.GAE
+    # Decided once from the estimator: critic, where the KL goes, the aggregation.
+    g, p = learner_spec(grpo, "m", 0, 10), learner_spec(ppo, "m", 0, 10)
+    assert g.critic_optim is None and g.loss.kl_loss_coef == grpo.algorithm.kl_coef
+    assert g.loss.agg == "seq-mean-token-mean" and kl_kind(grpo) == "k3"
+    assert p.critic_optim is not None and p.loss.kl_loss_coef == 0.0
+    assert p.loss.agg == "token-mean" and kl_kind(ppo) == "k1"
+
+
+def test_overrides_parse_as_yaml_and_win():
+    cfg = load_config("demo", ["learner.lr=3e-4", "iterations=7", "algorithm.dual_clip=3"])
+    assert cfg.learner.lr == 3e-4 and cfg.iterations == 7 and cfg.algorithm.dual_clip == 3.0
+    assert parse_overrides(["a.b.c=[1, 2]", "x=null"]) == {"a": {"b": {"c": [1, 2]}}, "x": None}
+
+
+def test_config_is_frozen():
+    cfg = load_config("demo")
+    with pytest.raises(Exception, match="frozen"):
+        cfg.learner.lr = 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["learner.lrr=1e-3"], "learner.lrr: unknown key; did you mean 'lr'?"),
+        (["learnr.lr=1e-3"], "learnr: unknown key; did you mean 'learner'?"),
+        (["learner.lr=-1"], "learner.lr: Input should be greater than 0 (got -1)"),
+        (["algorithm.estimator=ppo"], "algorithm.estimator: Input should be 'gae', 'grpo'"),
+        (["generator.samples_per_prompt=1"], "set generator.samples_per_prompt to 2 or more"),
+        (["learner.num_mini_batches=3"], "do not split evenly into learner.num_ranks"),
+        (["generator.max_model_len=8"], "exceeds generator.max_model_len = 8; raise it"),
+        (["model.path=/no/such/model"], "model.path: model path '/no/such/model' does not exist"),
+        (["data.source=/no/such.jsonl"], "data.source: file '/no/such.jsonl' does not exist"),
+        (["learner.lr"], "override 'learner.lr' is not key=value"),
+        (["learner.lr=[1"], "learner.lr: value '[1' is not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_field_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", overrides)
+    assert message in str(err.value)
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["learner.lr=0", "generator.temperature=0"])
+    assert "learner.lr" in str(err.value) and "generator.temperature" in str(err.value)
+
+
+def test_unknown_config_source(tmp_path):
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config("no-such-preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(bad))
