@@ -19,7 +19,7 @@ export PATH="$venv/bin:$PATH"
 
 # Ray's Jobs API runs whatever code it is sent: keep token authentication on.
 export RAY_AUTH_MODE=token
-[ -s "$HOME/.ray/auth_token" ] || ray get-auth-token --generate >/dev/null
+[ -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ] || ray get-auth-token --generate >/dev/null
 if ! ray status >/dev/null 2>&1; then
   echo "[quickstart] starting a local Ray head (dashboard on 127.0.0.1:$port)"
   ray start --head --dashboard-host 127.0.0.1 --dashboard-port "$port" --disable-usage-stats >/dev/null

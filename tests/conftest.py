@@ -4,13 +4,28 @@ vLLM (its own HOME for Ray's auth token, its own short TMPDIR for sockets)."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 
-import pytest
 
-from orchestration.data import addition_corpus
-from orchestration.tiny_model import build_tiny_model
+def _ray_auth_for_this_session() -> None:
+    """Token auth on, with a token of our own. Set before anything imports ray: Ray's Python side
+    reads RAY_AUTH_MODE once, at import, while the processes it starts read it when they start."""
+    home = tempfile.mkdtemp(prefix="raylign-auth-")
+    token = os.path.join(home, "auth_token")
+    with open(token, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = token
+
+
+_ray_auth_for_this_session()
+
+import pytest  # noqa: E402
+
+from orchestration.data import addition_corpus  # noqa: E402
+from orchestration.tiny_model import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,12 +36,12 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture
 def private_env(monkeypatch, tmp_path) -> dict[str, str]:
-    """HOME, TMPDIR and Ray auth set for this test only; returns the environment for
-    subprocesses. TMPDIR is short: Ray's socket paths must fit in 107 bytes."""
+    """HOME and TMPDIR for this test only; returns the environment for subprocesses. TMPDIR is
+    short: Ray's socket paths must fit in 107 bytes."""
     tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")
     home = tmp_path / "home"
     home.mkdir()
-    for key, value in {"HOME": str(home), "TMPDIR": tmp, "RAY_AUTH_MODE": "token"}.items():
+    for key, value in {"HOME": str(home), "TMPDIR": tmp}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     yield dict(os.environ)

@@ -53,8 +53,8 @@ def check_run_health(history: list[dict]) -> None:
 
 
 def test_grpo_demo_learns(private_env, tmp_path):
-    out = train(["--config", "demo", f"logging.root={tmp_path}"], private_env)
-    summary, history = finished(out, tmp_path)
+    out = train(["--config", "demo", f"logging.root={tmp_path}/runs"], private_env)
+    summary, history = finished(out, tmp_path / "runs")
     assert summary["iterations"] == 200
     assert summary["reward_first"] < 0.2
     assert summary["reward_last"] >= THRESHOLD, summary["reward_curve"]
@@ -66,8 +66,8 @@ def test_grpo_demo_learns(private_env, tmp_path):
 
 
 def test_ppo_demo_learns(private_env, tmp_path):
-    out = train(["--config", "demo-ppo", f"logging.root={tmp_path}"], private_env)
-    summary, history = finished(out, tmp_path)
+    out = train(["--config", "demo-ppo", f"logging.root={tmp_path}/runs"], private_env)
+    summary, history = finished(out, tmp_path / "runs")
     assert summary["reward_first"] < 0.2
     assert summary["reward_last"] >= THRESHOLD, summary["reward_curve"]
     assert summary["reward_last"] - summary["reward_first"] >= MARGIN
