@@ -63,7 +63,9 @@ def alone(cfg, model_path: str, pad_token_id: int, prompts, repeats: int) -> dic
 
     gen = cfg.generator
     generator = PolicyGenerator(
-        EngineSpec(model_path, max_model_len=gen.max_model_len, kv_cache_bytes=gen.kv_cache_mib << 20)
+        EngineSpec(
+            model_path, max_model_len=gen.max_model_len, kv_cache_bytes=gen.kv_cache_mib << 20
+        )
     )
     scorer = RuleScorer(
         [WeightedReward(f.name, f.weight) for f in cfg.reward.functions],
@@ -138,8 +140,8 @@ def main() -> int:
 
     print(f"\n{'stage':<18}{'on Ray (s)':>12}{'alone (s)':>12}")
     for stage in STAGES:
-        a = alone_t.get(stage)
-        print(f"{stage:<18}{ray_t[f'timing/{stage}']:>12.4f}{a if a is None else f'{a:12.4f}':>12}")
+        cell = f"{alone_t[stage]:.4f}" if stage in alone_t else "-"  # advantages: driver-only
+        print(f"{stage:<18}{ray_t[f'timing/{stage}']:>12.4f}{cell:>12}")
     pieces = sum(alone_t.values())
     step = ray_t["timing/iteration"]
     print(f"{'iteration':<18}{step:>12.4f}{pieces:>12.4f}   ratio {step / pieces:.2f}")

@@ -1,5 +1,6 @@
 """The DeepSpeed learner on one gloo rank, without Ray (component tier)."""
 
+import math
 import socket
 
 import pyarrow as pa
@@ -93,3 +94,21 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
     assert _lr_lambda(OptimizerSpec(lr=1.0, schedule="constant"))(100) == 1.0
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_zero_stage_trains_and_hands_out_full_weights(tiny_model, learner, stage):
+    spec = LearnerSpec(
+        model_path=tiny_model,
+        policy_optim=OptimizerSpec(lr=1e-3),
+        loss=LossSpec(),
+        zero_stage=stage,
+    )
+    zero = Learner(spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
+    before = zero.policy_weights()
+    metrics = zero.train(batch(zero, 1.0))
+    after = zero.policy_weights()
+    assert metrics["actor/skipped_steps"] == 0 and math.isfinite(metrics["actor/grad_norm"])
+    assert before.keys() == after.keys() == learner.policy_weights().keys()
+    assert all(after[k].shape == before[k].shape for k in before)  # gathered, not shards
+    assert any(not torch.equal(before[k], after[k]) for k in before)
