@@ -1,2 +1,3 @@
-"""The learner: pure algorithm math (``learner.algorithms``, torch only) and, later, the
-DeepSpeed policy and critic learner. Importing this package imports nothing heavy."""
+"""The learner: pure algorithm math (``learner.algorithms``, torch only), model loading and
+forwards (``learner.models``), and one DeepSpeed rank of the policy and critic learner
+(``learner.worker``). Importing this package imports nothing heavy."""
