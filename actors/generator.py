@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from actors.vllm_engine import EngineSpec, Sampling, VLLMEngine
+from learner import weight_sync
 from rollout import schema as S
 from rollout.build import build_rollout_table
 
@@ -59,12 +60,45 @@ class PolicyGenerator:
 
         Versions only move forward. Returns the version now served.
         """
-        if version <= self._version:
-            raise ValueError(f"weight version {version} is not newer than {self._version}")
+        self._check_newer(version)
         items = weights.items() if isinstance(weights, Mapping) else weights
         self.engine.load_weights(items)
         self._version = version
         return version
+
+    def open_sync_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float
+    ) -> list[int]:
+        """Join the learner's weight-sync group (every engine worker); returns their ranks."""
+        return self.engine.open_sync_group(host, port, rank_offset, world_size, timeout_s)
+
+    def receive_weights(
+        self, version: int, plan: weight_sync.SyncPlan, verify: bool = False
+    ) -> tuple[int, list[str | None]]:
+        """Take ``version`` from the sync group's broadcast (the learner sends concurrently).
+        Returns the version now served and, with ``verify``, each worker's checksum."""
+        self._check_newer(version)
+        digests = self.engine.receive_weights(plan, verify)
+        self._version = version
+        return version, digests
+
+    def receive_ipc(self, version: int, plan: weight_sync.SyncPlan, handles: list) -> int:
+        """Take ``version`` from CUDA IPC handles of a learner on the same GPU."""
+        self._check_newer(version)
+        self.engine.receive_ipc(plan, handles)
+        self._version = version
+        return version
+
+    def sleep(self) -> None:
+        """Give the GPU to the learner until :meth:`wake_up` (colocation; no-op on CPU)."""
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
+    def _check_newer(self, version: int) -> None:
+        if version <= self._version:
+            raise ValueError(f"weight version {version} is not newer than {self._version}")
 
     def weight_version(self) -> int:
         """The version of the weights this generator serves."""

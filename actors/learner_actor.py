@@ -11,6 +11,7 @@ import socket
 import pyarrow as pa
 import torch
 
+from learner import weight_sync
 from learner.worker import Learner, LearnerSpec
 
 
@@ -53,3 +54,18 @@ class LearnerActor:
 
     def save_policy(self, path: str) -> None:
         self.learner.save_policy(path)
+
+    def sync_plan(self, bucket_bytes: int) -> weight_sync.SyncPlan:
+        return self.learner.sync_plan(bucket_bytes)
+
+    def open_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        self.learner.open_sync_group(host, port, world_size, timeout_s)
+
+    def broadcast_weights(self, plan: weight_sync.SyncPlan, verify: bool = False):
+        return self.learner.broadcast_weights(plan, verify)
+
+    def share_ipc(self, plan: weight_sync.SyncPlan) -> list:
+        return self.learner.share_ipc(plan)
+
+    def release_ipc(self) -> None:
+        self.learner.release_ipc()

@@ -35,6 +35,7 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
     trust_remote_code: bool = False
+    enable_sleep_mode: bool = False  # GPU: free weights and KV cache between phases (colocation)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class VLLMEngine:
             }
         else:
             kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = spec.enable_sleep_mode
+            if spec.tensor_parallel_size > 1:
+                # Workers become Ray actors in the placement group this actor was started in.
+                kwargs["distributed_executor_backend"] = "ray"
+        self.tensor_parallel_size = spec.tensor_parallel_size
         self.llm = LLM(
             model=spec.model_path,
             dtype=spec.dtype,
@@ -80,6 +86,7 @@ class VLLMEngine:
             # Log-probabilities after temperature scaling: what the sampler drew from, and what
             # the learner computes as logits / temperature.
             logprobs_mode="processed_logprobs",
+            worker_extension_cls="actors.vllm_worker.WeightSyncWorker",
             **kwargs,
         )
 
@@ -122,6 +129,38 @@ class VLLMEngine:
         """Replace the served weights (Hugging Face names) and drop the stale prefix cache."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
+
+    # Collective sync: see actors.vllm_worker.WeightSyncWorker, which runs in every worker.
+
+    def open_sync_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float
+    ) -> list[int]:
+        """Every worker joins the learner's weight-sync group; returns their ranks in it."""
+        return self.llm.collective_rpc(
+            "raylign_open_sync_group", args=(host, port, rank_offset, world_size, timeout_s)
+        )
+
+    def receive_weights(self, plan, verify: bool = False) -> list[str | None]:
+        """Every worker receives one broadcast of the learner's weights; returns per-worker
+        checksums when ``verify``."""
+        digests = self.llm.collective_rpc("raylign_receive", args=(plan, verify))
+        self.llm.reset_prefix_cache()
+        return digests
+
+    def receive_ipc(self, plan, handles: list) -> None:
+        """Load weights a learner on the same GPU shared as CUDA IPC handles (GPU only)."""
+        self.llm.collective_rpc("raylign_receive_ipc", args=(plan, handles))
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the GPU between generation phases (level 1: weights to host memory, KV cache
+        dropped). The weights are overwritten at the next sync anyway."""
+        if not on_cpu():
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if not on_cpu():
+            self.llm.wake_up()
 
 
 def _finish_reason(reason: str | None) -> str:

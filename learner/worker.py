@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from learner import weight_sync
 from learner.losses import aggregate, kl_loss, policy_loss, value_loss
 from learner.models import CriticModel, critic_forward, load_causal_lm, policy_forward
 from rollout import schema as S
@@ -166,6 +167,7 @@ class Learner:
         if self.critic is not None:
             self.critic.eval()
         self.skipped_steps = {"actor": 0, "critic": 0}
+        self._sync_group = None  # rank 0 only: the collective weight-sync group
 
     # ------------------------------------------------------------------ helpers
 
@@ -359,3 +361,65 @@ class Learner:
         weights = self.policy_weights()
         if self.rank == 0:
             self.policy.module.save_pretrained(path, state_dict=weights, safe_serialization=True)
+
+    # ------------------------------------------------------------------ collective weight sync
+
+    def sync_plan(self, bucket_bytes: int) -> weight_sync.SyncPlan:
+        """The bucket layout every sync uses (parameters only; tied weights appear once)."""
+        params = dict(self.policy.module.named_parameters())
+        return weight_sync.plan_buckets(weight_sync.describe(params), bucket_bytes)
+
+    def open_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0 joins the sync group as its root (and hosts its store at ``host:port``)."""
+        if self.rank != 0:
+            raise RuntimeError("only learner rank 0 joins the weight-sync group")
+        self._sync_group = weight_sync.open_group(
+            host, port, 0, world_size, device=self.device, timeout_s=timeout_s
+        )
+
+    def broadcast_weights(
+        self, plan: weight_sync.SyncPlan, verify: bool = False
+    ) -> tuple[int, str | None]:
+        """Send the policy to the sync group, bucket by bucket. Every rank calls it (under ZeRO-3
+        each bucket's parameters are gathered collectively); rank 0 sends. Returns the bytes sent
+        and, with ``verify``, a checksum of them (rank 0; ``(0, None)`` elsewhere)."""
+        buffers = self._packed_buckets(plan)
+        if self.rank != 0:
+            for _ in buffers:  # take part in the ZeRO-3 gathers
+                pass
+            return 0, None
+        if self._sync_group is None:
+            raise RuntimeError("broadcast_weights before open_sync_group")
+        checksum = weight_sync.Checksum() if verify else None
+        sent = weight_sync.send(self._sync_group, buffers, checksum)
+        return sent, checksum.hexdigest() if checksum else None
+
+    def share_ipc(self, plan: weight_sync.SyncPlan) -> list:
+        """Pack the policy into GPU buffers and return their CUDA IPC handles, for the generator
+        on this rank's GPU (full colocation: every rank serves its own). The buffers live until
+        :meth:`release_ipc`. Costs one copy of the policy in GPU memory while shared."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        if self.device == "cpu":
+            raise RuntimeError("CUDA IPC weight sync needs GPUs; use weight_sync.method=collective")
+        self._ipc_buffers = list(self._packed_buckets(plan, every_rank=True))
+        torch.cuda.synchronize()
+        return [reduce_tensor(b) for b in self._ipc_buffers]
+
+    def release_ipc(self) -> None:
+        self._ipc_buffers = None
+        torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def _packed_buckets(self, plan: weight_sync.SyncPlan, every_rank: bool = False):
+        params = dict(self.policy.module.named_parameters())
+        packs = every_rank or self.rank == 0
+        for bucket in plan.buckets:
+            if self.spec.zero_stage == 3:
+                import deepspeed
+
+                group = [params[m.name] for m in bucket.tensors]
+                with deepspeed.zero.GatheredParameters(group):
+                    yield weight_sync.pack(bucket, params, self.device) if packs else None
+            else:
+                yield weight_sync.pack(bucket, params, self.device) if packs else None

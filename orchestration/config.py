@@ -59,7 +59,7 @@ class DataConfig(_Section):
 
 class GeneratorConfig(_Section):
     num_replicas: int = Field(1, ge=1)
-    """vLLM engines; prompts are split across them."""
+    """vLLM engines; prompts are dispatched to them as they become free."""
     samples_per_prompt: int = Field(8, ge=1)
     """Samples per prompt (the group size for GRPO / RLOO)."""
     temperature: float = Field(1.0, gt=0)
@@ -71,6 +71,10 @@ class GeneratorConfig(_Section):
     """KV cache size on CPU (on GPU, ``gpu_memory_utilization`` sizes it)."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
     tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM tensor-parallel workers per replica (GPU only; one GPU bundle each)."""
+    chunks_per_replica: int = Field(2, ge=1)
+    """With several replicas, prompts go out in ``num_replicas x chunks_per_replica`` chunks,
+    each to whichever replica is free."""
     seed: int = 0
 
 
@@ -135,19 +139,52 @@ class RewardConfig(_Section):
     this instead of the reward functions' sum. None: off."""
 
 
+class RoleResources(_Section):
+    """What one actor of a role reserves in Ray's scheduler, and how the role's actors spread."""
+
+    num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per actor (per tensor-parallel worker for generators); a fraction shares a GPU."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per actor, e.g. ``{learner_node: 1}`` to pin a role to nodes that
+    advertise that resource."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Placement-group strategy for the role's bundles (PACK: as few nodes as possible)."""
+
+
 class ClusterConfig(_Section):
     address: str | None = None
     """Ray cluster to join; None: ``RAY_ADDRESS`` if set (as under ``ray job submit``), else an
     embedded local Ray."""
-    actor_cpus: float = Field(0.25, gt=0)
-    """CPUs each actor reserves in Ray's scheduler."""
+    generator: RoleResources = RoleResources()
+    """Per generator worker (a replica has ``generator.tensor_parallel_size`` of them)."""
+    learner: RoleResources = RoleResources()
+    """Per learner rank."""
+    reference: RoleResources = RoleResources()
+    reward: RoleResources = RoleResources()
+    colocate: Literal["none", "learner_reference", "all"] = "none"
+    """none: a placement group per role. learner_reference: the reference shares learner rank
+    0's bundle. all: generator worker i, learner rank i (and the reference on 0) share bundle i,
+    and on GPU the generators sleep while the learner trains; needs
+    ``generator.num_replicas x generator.tensor_parallel_size == learner.num_ranks``."""
     torch_threads: int = Field(2, ge=1)
     """Torch threads in each actor (stages run one at a time in synchronous mode)."""
-    generator_gpus: float = Field(0, ge=0)
-    learner_gpus: float = Field(0, ge=0)
-    reference_gpus: float = Field(0, ge=0)
     call_timeout_s: float = Field(1800, gt=0)
     """Longest wait for any remote call before the run fails."""
+    placement_timeout_s: float = Field(300, gt=0)
+    """Longest wait for the placement groups' resources before the run fails."""
+
+
+class WeightSyncConfig(_Section):
+    method: Literal["collective", "object_store", "cuda_ipc"] = "collective"
+    """collective: learner rank 0 broadcasts buckets to every generator worker over a
+    torch.distributed group (gloo on CPU, NCCL on GPU). object_store: the state dict travels
+    through Ray's object store (the fallback). cuda_ipc: generators on the learner's GPUs map its
+    buffers (needs ``cluster.colocate=all`` on GPU)."""
+    bucket_mib: float = Field(64, gt=0)
+    """Largest bucket of the collective path, in MiB (a larger tensor gets its own bucket)."""
+    verify_checksum: bool = False
+    """Check that every generator worker received bit-identical bytes (hashes every sync)."""
 
 
 class LoggingConfig(_Section):
@@ -170,6 +207,7 @@ class RunConfig(_Section):
     learner: LearnerConfig = LearnerConfig()
     reward: RewardConfig = RewardConfig()
     cluster: ClusterConfig = ClusterConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -199,9 +237,44 @@ class RunConfig(_Section):
                 f"data.max_prompt_tokens + generator.max_new_tokens = {longest} exceeds "
                 f"generator.max_model_len = {self.generator.max_model_len}; raise it"
             )
+        problems += self._scale_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _scale_problems(self) -> list[str]:
+        gen, cl = self.generator, self.cluster
+        problems = []
+        workers = gen.num_replicas * gen.tensor_parallel_size
+        if cl.colocate == "all" and workers != self.learner.num_ranks:
+            problems.append(
+                f"cluster.colocate=all puts one generator worker with each learner rank, but "
+                f"generator.num_replicas x generator.tensor_parallel_size = {workers} and "
+                f"learner.num_ranks = {self.learner.num_ranks}; make them equal"
+            )
+        on_gpu = cl.generator.num_gpus > 0
+        if gen.tensor_parallel_size > 1 and not on_gpu:
+            problems.append(
+                "generator.tensor_parallel_size > 1 needs GPUs: set cluster.generator.num_gpus "
+                "(vLLM on CPU runs one worker per replica)"
+            )
+        if self.weight_sync.method == "cuda_ipc" and not (
+            cl.colocate == "all" and on_gpu and gen.tensor_parallel_size == 1
+        ):
+            problems.append(
+                "weight_sync.method=cuda_ipc maps the learner's GPU buffers: it needs "
+                "cluster.colocate=all, cluster.generator.num_gpus > 0 and "
+                "generator.tensor_parallel_size=1; use collective"
+            )
+        if (cl.learner.num_gpus > 0) != (cl.generator.num_gpus > 0) and (
+            self.weight_sync.method == "collective"
+        ):
+            problems.append(
+                "weight_sync.method=collective needs the learner and the generators on the same "
+                "kind of device (NCCL between GPUs, gloo between CPUs); give both GPUs or neither, "
+                "or use weight_sync.method=object_store"
+            )
+        return problems
 
 
 # ------------------------------------------------------------------------------ loading

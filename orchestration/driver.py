@@ -10,6 +10,7 @@ where it must (the advantage math). Overlapping generation with training later m
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,7 @@ class Trainer:
         self.timeout = cfg.cluster.call_timeout_s
         self.version = 0
         self.sync_enabled = True  # tests turn it off to show what a missed sync looks like
+        self.colocated = cfg.cluster.colocate == "all"
 
     # ------------------------------------------------------------------ one iteration
 
@@ -88,6 +90,8 @@ class Trainer:
         prompts = self.prompts.next_batch(self.cfg.data.prompts_per_iteration)
         with timer("generate"):
             generated = self.generate(prompts)
+        if self.colocated:  # the learner and reference need the GPUs until the next sync
+            self._wait([g.sleep.remote() for g in self.actors.generators])
         with timer("reward"):
             scored, reward_metrics = self.score(generated)
         with timer("reference"):
@@ -104,7 +108,7 @@ class Trainer:
             metrics |= self.train(batch)
         with timer("sync"):
             if self.sync_enabled:
-                self.sync_weights()
+                metrics |= self.sync_weights()
         return metrics
 
     # ------------------------------------------------------------------ stages
@@ -120,13 +124,29 @@ class Trainer:
         return ref
 
     def generate(self, prompts: pa.Table) -> ray.ObjectRef:
-        """Split the prompts over the generator replicas; one rollout table (ref) back."""
+        """Prompts in chunks to whichever replica is free (a slow replica takes fewer chunks
+        instead of stalling the batch); one rollout table (ref) back, in prompt order."""
         gens = self.actors.generators
-        parts = split_rows(prompts, -(-prompts.num_rows // len(gens)))
-        refs = [
-            g.generate.remote(part, self.sampling) for g, part in zip(gens, parts, strict=False)
-        ]
-        return self._ready(refs[0] if len(refs) == 1 else _concat.remote(*refs))
+        if len(gens) == 1:
+            return self._ready(gens[0].generate.remote(prompts, self.sampling))
+        chunks = len(gens) * self.cfg.generator.chunks_per_replica
+        parts = split_rows(prompts, -(-prompts.num_rows // chunks))
+        results: list[ray.ObjectRef | None] = [None] * len(parts)
+        idle, busy, todo = list(gens), {}, list(enumerate(parts))[::-1]
+        while todo or busy:
+            while idle and todo:
+                k, part = todo.pop()
+                gen = idle.pop()
+                busy[gen.generate.remote(part, self.sampling)] = (gen, k)
+            done, _ = ray.wait(list(busy), timeout=self.timeout, fetch_local=False)
+            if not done:
+                raise TimeoutError(
+                    f"generate: no replica answered within cluster.call_timeout_s={self.timeout}"
+                )
+            gen, k = busy.pop(done[0])
+            results[k] = done[0]
+            idle.append(gen)
+        return self._ready(_concat.remote(*results))
 
     def score(self, table: ray.ObjectRef) -> tuple[ray.ObjectRef, dict[str, float]]:
         """Reward functions -> ``score`` and ``reward/<fn>`` columns (null = unscorable)."""
@@ -210,15 +230,43 @@ class Trainer:
         results = self._wait([r.train.remote(p) for r, p in zip(learners, parts, strict=True)])
         return {k: float(np.mean([m[k] for m in results])) for k in results[0]}
 
-    def sync_weights(self) -> int:
-        """Learner rank 0's weights -> every generator, through the object store, as version+1."""
-        weights = [r.policy_weights.remote() for r in self.actors.learners]  # collective (ZeRO-3)
-        version = self.version + 1
-        served = self._wait(
-            [g.update_weights.remote(version, weights[0]) for g in self.actors.generators]
-        )
-        self._wait(weights[1:])
+    def sync_weights(self) -> dict[str, float]:
+        """Learner weights -> every generator as version+1, by the configured path."""
+        gens, learners = self.actors.generators, self.actors.learners
+        plan, version = self.actors.sync_plan, self.version + 1
+        if self.colocated:
+            self._wait([g.wake_up.remote() for g in gens])
+        start = time.perf_counter()
+        method = self.cfg.weight_sync.method
+        if method == "collective":
+            verify = self.cfg.weight_sync.verify_checksum
+            sends = [r.broadcast_weights.remote(plan, verify) for r in learners]  # ZeRO-3 gathers
+            received = self._wait([g.receive_weights.remote(version, plan, verify) for g in gens])
+            sent, digest = self._wait(sends)[0]
+            served = [v for v, _ in received]
+            digests = {d for _, worker_digests in received for d in worker_digests}
+            if verify and digests != {digest}:
+                raise RuntimeError(
+                    f"weight sync {version}: checksums differ: sent {digest}, got {digests}"
+                )
+        elif method == "cuda_ipc":  # learner rank i and generator i share GPU i
+            handles = self._wait([r.share_ipc.remote(plan) for r in learners])
+            served = self._wait(
+                [g.receive_ipc.remote(version, plan, h) for g, h in zip(gens, handles, strict=True)]
+            )
+            self._wait([r.release_ipc.remote() for r in learners])
+            sent = plan.num_bytes * len(gens)
+        else:  # the object store: rank 0's state dict, put once, read by every replica
+            weights = [r.policy_weights.remote() for r in learners]  # collective (ZeRO-3)
+            served = self._wait([g.update_weights.remote(version, weights[0]) for g in gens])
+            self._wait(weights[1:])
+            sent = plan.num_bytes
+        seconds = time.perf_counter() - start
         if set(served) != {version}:
             raise RuntimeError(f"generators serve versions {served} after syncing {version}")
         self.version = version
-        return version
+        return {
+            "sync/bytes": float(sent),
+            "sync/seconds": seconds,
+            "sync/gbytes_per_s": sent / seconds / 1e9,
+        }

@@ -1,12 +1,13 @@
 """Starting the run's actors on Ray: generators, scorer, reference, learner ranks.
 
 Each role is one plain class from ``actors`` / ``reward_service`` wrapped with ``ray.remote``;
-the config decides how many of each and what each reserves.
+the config decides how many of each, what each reserves, and which placement-group bundle it
+runs in (``orchestration.resources`` makes that plan; :func:`reserve` gets it from Ray).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -14,8 +15,10 @@ from actors.generator import PolicyGenerator
 from actors.learner_actor import LearnerActor
 from actors.reference import ReferenceModel
 from actors.vllm_engine import EngineSpec
+from learner.weight_sync import SyncPlan
 from learner.worker import LearnerSpec, LossSpec, OptimizerSpec
 from orchestration.config import RunConfig
+from orchestration.resources import PlacementPlan, Slot, check_fit, plan_placement
 from reward_service.scorer import RuleScorer, WeightedReward
 
 
@@ -25,6 +28,8 @@ class Actors:
     scorer: object
     reference: object
     learners: list
+    placement_groups: dict = field(default_factory=dict)
+    sync_plan: SyncPlan | None = None  # bucket layout of the learner's weights
 
     def all(self) -> list:
         return [*self.generators, self.scorer, self.reference, *self.learners]
@@ -80,39 +85,94 @@ def kl_kind(cfg: RunConfig) -> str:
     return "k1" if cfg.algorithm.spec.kl_in_reward else "k3"
 
 
-def _options(cfg: RunConfig, gpus: float, env: dict[str, str] | None = None) -> dict:
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the run as configured, or did not within the timeout."""
+
+
+def reserve(cfg: RunConfig) -> tuple[PlacementPlan, dict]:
+    """Check the plan against the cluster, then create its placement groups and wait for them.
+
+    Fails fast when the cluster's nodes cannot hold the plan at all, and after
+    ``cluster.placement_timeout_s`` when they could but the resources do not come free.
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    plan = plan_placement(cfg)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problems = check_fit(plan, nodes)
+    if problems:
+        raise PlacementError("the run does not fit the cluster:\n  " + "\n  ".join(problems))
+    groups = {
+        g.name: placement_group(list(g.bundles), strategy=g.strategy, name=f"raylign-{g.name}")
+        for g in plan.groups
+    }
+    timeout = cfg.cluster.placement_timeout_s
+    print(f"placement: waiting up to {timeout:g}s for {', '.join(groups)}", flush=True)
+    ready = {name: g.ready() for name, g in groups.items()}
+    done, _ = ray.wait(list(ready.values()), num_returns=len(ready), timeout=timeout)
+    if len(done) < len(ready):
+        waiting = [name for name, ref in ready.items() if ref not in done]
+        for g in groups.values():
+            remove_placement_group(g)
+        raise PlacementError(
+            f"placement groups {waiting} did not get their resources within "
+            f"cluster.placement_timeout_s={timeout:g}s; free: {ray.available_resources()}"
+        )
+    return plan, groups
+
+
+def _options(cfg: RunConfig, slot: Slot, groups: dict, env: dict[str, str] | None = None) -> dict:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     env_vars = {"OMP_NUM_THREADS": str(cfg.cluster.torch_threads), **(env or {})}
     return {
-        "num_cpus": cfg.cluster.actor_cpus,
-        "num_gpus": gpus,
+        "num_cpus": slot.num_cpus,
+        "num_gpus": slot.num_gpus,
+        "resources": slot.resources,
         "runtime_env": {"env_vars": env_vars},
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            groups[slot.group],
+            placement_group_bundle_index=slot.bundle,
+            placement_group_capture_child_tasks=True,  # vLLM's tensor-parallel workers
+        ),
     }
 
 
-def start_actors(cfg: RunConfig, model_path: str, pad_token_id: int) -> Actors:
-    """Create every actor and wait until all are ready (engines started, process group joined)."""
-    timeout = cfg.cluster.call_timeout_s
+def _engine_spec(cfg: RunConfig, model_path: str, replica: int) -> EngineSpec:
     gen = cfg.generator
-    generators = [
-        ray.remote(PolicyGenerator)
-        .options(**_options(cfg, cfg.cluster.generator_gpus, {"VLLM_LOGGING_LEVEL": "WARNING"}))
-        .remote(
-            EngineSpec(
-                model_path=model_path,
-                dtype=cfg.model.dtype,
-                seed=gen.seed + i,
-                max_model_len=gen.max_model_len,
-                kv_cache_bytes=gen.kv_cache_mib * 2**20,
-                tensor_parallel_size=gen.tensor_parallel_size,
-                gpu_memory_utilization=gen.gpu_memory_utilization,
-                trust_remote_code=cfg.model.trust_remote_code,
-            )
+    return EngineSpec(
+        model_path=model_path,
+        dtype=cfg.model.dtype,
+        seed=gen.seed + replica,
+        max_model_len=gen.max_model_len,
+        kv_cache_bytes=gen.kv_cache_mib * 2**20,
+        tensor_parallel_size=gen.tensor_parallel_size,
+        gpu_memory_utilization=gen.gpu_memory_utilization,
+        trust_remote_code=cfg.model.trust_remote_code,
+        enable_sleep_mode=cfg.cluster.colocate == "all" and cfg.cluster.generator.num_gpus > 0,
+    )
+
+
+def start_actors(cfg: RunConfig, model_path: str, pad_token_id: int) -> Actors:
+    """Reserve the placement groups, create every actor in its bundle, and wait until all are
+    ready (engines started, learner process group joined, weight-sync group open)."""
+    timeout = cfg.cluster.call_timeout_s
+    plan, groups = reserve(cfg)
+    tp = cfg.generator.tensor_parallel_size
+    generators = []
+    for i, (slot, bundles) in enumerate(zip(plan.generators, plan.generator_bundles, strict=True)):
+        env = {"VLLM_LOGGING_LEVEL": "WARNING"}
+        if tp > 1:  # vLLM's Ray workers take these bundles of the group this actor is in
+            env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, bundles))
+            env["VLLM_RAY_PER_WORKER_GPUS"] = str(cfg.cluster.generator.num_gpus)
+        generators.append(
+            ray.remote(PolicyGenerator)
+            .options(**_options(cfg, slot, groups, env))
+            .remote(_engine_spec(cfg, model_path, i))
         )
-        for i in range(gen.num_replicas)
-    ]
     scorer = (
         ray.remote(RuleScorer)
-        .options(**_options(cfg, 0))
+        .options(**_options(cfg, plan.reward, groups))
         .remote(
             [WeightedReward(f.name, f.weight) for f in cfg.reward.functions],
             model_path,
@@ -122,10 +182,10 @@ def start_actors(cfg: RunConfig, model_path: str, pad_token_id: int) -> Actors:
     )
     reference = (
         ray.remote(ReferenceModel)
-        .options(**_options(cfg, cfg.cluster.reference_gpus))
+        .options(**_options(cfg, plan.reference, groups))
         .remote(
             model_path,
-            temperature=gen.temperature,
+            temperature=cfg.generator.temperature,
             micro_batch_tokens=cfg.learner.micro_batch_tokens,
             pad_token_id=pad_token_id,
             dtype=cfg.model.dtype,
@@ -135,20 +195,38 @@ def start_actors(cfg: RunConfig, model_path: str, pad_token_id: int) -> Actors:
     steps = cfg.iterations * cfg.learner.ppo_epochs * cfg.learner.num_mini_batches
     spec = learner_spec(cfg, model_path, pad_token_id, total_steps=steps)
     world = cfg.learner.num_ranks
+    ds_env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.learner.num_gpus > 0 else "cpu"}
     learners = [
         ray.remote(LearnerActor)
-        .options(
-            **_options(cfg, cfg.cluster.learner_gpus, {"DS_ACCELERATOR": _ds_accelerator(cfg)})
-        )
-        .remote(spec, rank, world)
-        for rank in range(world)
+        .options(**_options(cfg, slot, groups, ds_env))
+        .remote(spec, r, world)
+        for r, slot in enumerate(plan.learners)
     ]
     addr, port = ray.get(learners[0].endpoint.remote(), timeout=timeout)
     ray.get([learner.setup.remote(addr, port) for learner in learners], timeout=timeout)
     ray.get([g.weight_version.remote() for g in generators], timeout=timeout)
     ray.get([scorer.__ray_ready__.remote(), reference.__ray_ready__.remote()], timeout=timeout)
-    return Actors(generators=generators, scorer=scorer, reference=reference, learners=learners)
+    actors = Actors(
+        generators=generators,
+        scorer=scorer,
+        reference=reference,
+        learners=learners,
+        placement_groups=groups,
+    )
+    bucket_bytes = int(cfg.weight_sync.bucket_mib * 2**20)
+    actors.sync_plan = ray.get(learners[0].sync_plan.remote(bucket_bytes), timeout=timeout)
+    if cfg.weight_sync.method == "collective":
+        open_sync_group(actors, tp, timeout)
+    return actors
 
 
-def _ds_accelerator(cfg: RunConfig) -> str:
-    return "cuda" if cfg.cluster.learner_gpus > 0 else "cpu"
+def open_sync_group(actors: Actors, tp: int, timeout: float) -> None:
+    """Learner rank 0 (root) and every generator worker join one weight-sync group."""
+    addr, port = ray.get(actors.learners[0].endpoint.remote(), timeout=timeout)
+    world = 1 + len(actors.generators) * tp
+    refs = [actors.learners[0].open_sync_group.remote(addr, port, world, timeout)]
+    refs += [
+        g.open_sync_group.remote(addr, port, 1 + i * tp, world, timeout)
+        for i, g in enumerate(actors.generators)
+    ]
+    ray.get(refs, timeout=timeout)

@@ -1,0 +1,183 @@
+"""Collective weight sync: learner rank 0 broadcasts the policy, bucket by bucket, to every
+generator worker over a process group of its own (gloo on CPU, NCCL on GPU).
+
+The group is not the learner's DeepSpeed group and not vLLM's: it is a standalone
+``ProcessGroupGloo`` / ``ProcessGroupNCCL`` on its own ``TCPStore``, so it joins processes that
+each already have a default group. Rank 0 is the learner's rank 0 (it hosts the store); ranks
+1..N are the generator workers (every tensor-parallel worker of every replica: each loads its own
+shard from the full tensors).
+
+Both sides agree on a :class:`SyncPlan` once, when the group is opened: parameter names, shapes
+and dtypes, cut into buckets of at most ``bucket_bytes`` (a larger tensor gets a bucket of its
+own). A sync is then one broadcast per bucket, never one call per parameter. The sender packs
+the next bucket while the current one is on the wire.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "torch.float32", ...
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Tensors sent as one flat buffer of ``numel`` elements of ``dtype``."""
+
+    tensors: tuple[TensorMeta, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    buckets: tuple[Bucket, ...]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(b.numel * _DTYPES[b.dtype].itemsize for b in self.buckets)
+
+
+def describe(tensors: Mapping[str, torch.Tensor]) -> list[TensorMeta]:
+    """Names, full shapes and dtypes (a ZeRO-3 partitioned parameter reports its full shape)."""
+    return [
+        TensorMeta(name, tuple(getattr(t, "ds_shape", t.shape)), str(t.dtype))
+        for name, t in tensors.items()
+    ]
+
+
+def plan_buckets(metas: Iterable[TensorMeta], bucket_bytes: int) -> SyncPlan:
+    """Cut the tensors (in order) into same-dtype buckets of at most ``bucket_bytes``."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    buckets: list[Bucket] = []
+    current: list[TensorMeta] = []
+    size = 0
+    for meta in metas:
+        nbytes = meta.numel * _DTYPES[meta.dtype].itemsize
+        if current and (size + nbytes > bucket_bytes or current[0].dtype != meta.dtype):
+            buckets.append(Bucket(tuple(current), current[0].dtype))
+            current, size = [], 0
+        current.append(meta)
+        size += nbytes
+    if current:
+        buckets.append(Bucket(tuple(current), current[0].dtype))
+    return SyncPlan(tuple(buckets))
+
+
+@dataclass
+class SyncGroup:
+    """A standalone process group and the store it rendezvoused through (which must outlive it)."""
+
+    pg: dist.ProcessGroup
+    store: dist.Store
+
+    def broadcast(self, buffer: torch.Tensor):
+        """Asynchronous broadcast from rank 0 into ``buffer``; returns the work to wait on."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        return self.pg.broadcast([buffer], opts)
+
+
+def open_group(
+    host: str, port: int, rank: int, world_size: int, *, device: str, timeout_s: float
+) -> SyncGroup:
+    """Join the sync group; rank 0 hosts its store at ``host:port``. Blocks until all joined."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    if device.startswith("cuda"):
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    else:
+        pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    return SyncGroup(pg, store)
+
+
+class Checksum:
+    """BLAKE2b over the bytes of every bucket, in order: equal digests, bit-identical weights."""
+
+    def __init__(self):
+        self._h = hashlib.blake2b(digest_size=16)
+
+    def update(self, buffer: torch.Tensor) -> None:
+        flat = buffer.detach().cpu().contiguous().view(torch.uint8)
+        self._h.update(flat.numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def pack(bucket: Bucket, tensors: Mapping[str, torch.Tensor], device: str) -> torch.Tensor:
+    """The bucket's tensors as one flat buffer on ``device``."""
+    out = torch.empty(bucket.numel, dtype=_DTYPES[bucket.dtype], device=device)
+    offset = 0
+    for meta in bucket.tensors:
+        out[offset : offset + meta.numel].copy_(tensors[meta.name].reshape(-1))
+        offset += meta.numel
+    return out
+
+
+def unpack(bucket: Bucket, buffer: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views of ``buffer`` under the bucket's names and shapes (no copy)."""
+    offset = 0
+    for meta in bucket.tensors:
+        yield meta.name, buffer[offset : offset + meta.numel].view(meta.shape)
+        offset += meta.numel
+
+
+def send(
+    group: SyncGroup,
+    buckets: Iterator[torch.Tensor],
+    checksum: Checksum | None = None,
+) -> int:
+    """Broadcast each packed bucket from rank 0; packing the next overlaps sending the current.
+    Returns the bytes sent."""
+    sent, pending = 0, None  # pending: (work, buffer); the buffer must live until the work ends
+    for buffer in buckets:
+        work = group.broadcast(buffer)
+        if pending is not None:
+            pending[0].wait()
+        if checksum is not None:
+            checksum.update(buffer)
+        pending = (work, buffer)
+        sent += buffer.numel() * buffer.element_size()
+    if pending is not None:
+        pending[0].wait()
+    return sent
+
+
+def receive(
+    group: SyncGroup, plan: SyncPlan, device: str, checksum: Checksum | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Receive the plan's buckets from rank 0, yielding (name, tensor) as each bucket lands.
+    Lazy: a bucket is received when the consumer asks for its first tensor."""
+    for bucket in plan.buckets:
+        buffer = torch.empty(bucket.numel, dtype=_DTYPES[bucket.dtype], device=device)
+        group.broadcast(buffer).wait()
+        if checksum is not None:
+            checksum.update(buffer)
+        yield from unpack(bucket, buffer)
