@@ -82,6 +82,11 @@ class LearnerSpec:
     seed: int = 0
 
 
+# Metrics that are this micro-batch's share of the mini-batch loss (global denominators, see
+# ``learner.losses.aggregate``): summed over micro-batches and ranks, not averaged.
+_ADDITIVE = frozenset({"actor/pg_loss", "actor/entropy", "actor/kl_loss", "critic/value_loss"})
+
+
 def _lr_lambda(spec: OptimizerSpec):
     def factor(step: int) -> float:
         if spec.warmup_steps and step < spec.warmup_steps:
@@ -119,7 +124,23 @@ def _deepspeed_engine(model: torch.nn.Module, spec: OptimizerSpec, zero_stage: i
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
+    if zero_stage == 0 and dtype == "float32":
+        _record_grad_norm(engine)
     return engine
+
+
+def _record_grad_norm(engine) -> None:
+    """Without ZeRO, fp32 DeepSpeed clips the reduced gradient but drops its norm. Keep it, so
+    ``get_global_grad_norm`` reports the norm of the gradient of the whole batch on every rank."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping()
+        )
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 def _init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> str:
@@ -227,9 +248,6 @@ class Learner:
             return {}
         engine.step()
         norm = engine.get_global_grad_norm()
-        if norm is None:  # fp32 without ZeRO does not record it; the local norm is the global
-            (sq,) = self._all_reduce([local_sq])  # one only at world size 1, the usual CPU case
-            norm = math.sqrt(sq) if self.world_size == 1 else float("nan")
         return {f"{name}/grad_norm": float(norm), f"{name}/lr": engine.get_lr()[0]}
 
     def _mini_batches(self, table: pa.Table) -> list[pa.Table]:
@@ -251,11 +269,15 @@ class Learner:
             columns += [S.VALUES, S.RETURNS]
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
+        partial: dict[str, float] = defaultdict(float)  # this mini-batch's loss parts (additive)
 
         def record(metrics: dict) -> None:
             for k, v in metrics.items():
-                sums[k] += float(v)
-                counts[k] += 1
+                if k in _ADDITIVE:  # a share of the mini-batch's loss: add up, then one value
+                    partial[k] += float(v)
+                else:  # a rate over the micro-batch's tokens (clipfrac, ...): mean of them
+                    sums[k] += float(v)
+                    counts[k] += 1
 
         for _ in range(spec.ppo_epochs):
             for mini in self._mini_batches(table):
@@ -283,6 +305,11 @@ class Learner:
                 record(self._step("actor", self.policy, bad_actor))
                 if self.critic is not None:
                     record(self._step("critic", self.critic, bad_critic))
+                names = sorted(partial)
+                for k, v in zip(names, self._all_reduce([partial[k] for k in names]), strict=True):
+                    sums[k] += v  # the whole mini-batch's loss, over every rank
+                    counts[k] += 1
+                partial.clear()
         out = {k: sums[k] / counts[k] for k in sums}
         for name in ("actor", "critic") if self.critic is not None else ("actor",):
             out[f"{name}/skipped_steps"] = float(self.skipped_steps[name])  # a count, not a mean

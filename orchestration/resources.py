@@ -116,7 +116,7 @@ def plan_placement(cfg: RunConfig) -> PlacementPlan:
         Demand("learner ranks", ranks, _per_actor(cl.learner)),
         Demand("generators", replicas, _per_actor(cl.generator, tp)),
         Demand("reference", 1, _per_actor(cl.reference)),
-        Demand("reward scorer", 1, _per_actor(cl.reward)),
+        Demand("reward scorers", 1, _per_actor(cl.reward)),
     )
     return PlacementPlan(
         groups=tuple(groups),
@@ -151,14 +151,17 @@ def check_fit(plan: PlacementPlan, nodes: list[dict[str, float]]) -> list[str]:
         if need <= have.get(resource, 0.0) + 1e-9:
             continue
         terms = [
-            f"{d.count} {d.noun} x {_unit(resource, d.per[resource])}"
+            f"{d.count} {d.noun if d.count != 1 else d.noun.removesuffix('s')} x "
+            f"{_unit(resource, d.per[resource])}"
             for d in plan.demands
             if d.per.get(resource)
         ]
         problems.append(
             f"{' + '.join(terms)} need {_unit(resource, need)}; "
-            f"the cluster has {_unit(resource, have.get(resource, 0.0))}"
+            f"the cluster has {have.get(resource, 0.0):g}"
         )
+    if problems:  # the bundle check below would only repeat them
+        return problems
     for group in plan.groups:
         for i, bundle in enumerate(group.bundles):
             if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for n in nodes):
