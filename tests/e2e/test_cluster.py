@@ -1,0 +1,97 @@
+"""A simulated multi-node cluster (``ray.cluster_utils.Cluster``): each role lands on the nodes
+the config points it to through custom resources, a short run completes there, and a config the
+cluster cannot hold fails before any actor starts."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from orchestration.config import load_config
+from orchestration.data import PromptSampler
+from orchestration.driver import Trainer
+from orchestration.placement import PlacementError, start_actors
+from orchestration.train import prepare
+
+pytestmark = pytest.mark.slow
+
+ROLES = [  # role -> the custom resource of the node it must run on
+    "cluster.generator.resources={gen_node: 0.01}",
+    "cluster.learner.resources={learner_node: 0.01}",
+    "cluster.reference.resources={learner_node: 0.01}",
+    "cluster.reward.resources={head_node: 0.01}",
+    "cluster.learner.strategy=SPREAD",
+]
+
+
+@pytest.fixture
+def cluster(private_env):
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"head_node": 1}, "include_dashboard": False},
+    )
+    c.add_node(num_cpus=1, resources={"gen_node": 1})
+    c.add_node(num_cpus=1, resources={"learner_node": 1})
+    c.add_node(num_cpus=1, resources={"learner_node": 1})
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def node_of(actor) -> str:
+    return ray.get(
+        actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()),
+        timeout=60,
+    )
+
+
+def nodes_with(resource: str) -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]}
+
+
+def test_roles_land_where_the_config_says_and_a_short_run_completes(cluster, tmp_path):
+    cfg = load_config(
+        "demo",
+        [
+            *ROLES,
+            "generator.num_replicas=2",
+            "learner.num_ranks=2",
+            "iterations=2",
+            f"logging.root={tmp_path}",
+        ],
+    )
+    prep = prepare(cfg, "demo")
+    actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
+    assert {node_of(g) for g in actors.generators} <= nodes_with("gen_node")
+    learner_nodes = [node_of(r) for r in actors.learners]
+    assert len(set(learner_nodes)) == 2  # SPREAD: one rank per learner node
+    assert set(learner_nodes) == nodes_with("learner_node")
+    assert node_of(actors.reference) in nodes_with("learner_node")
+    assert node_of(actors.scorer) in nodes_with("head_node")
+
+    trainer = Trainer(cfg, actors, PromptSampler(prep.prompts, 0), prep.pad_token_id)
+    history = [trainer.iteration() for _ in range(cfg.iterations)]
+    assert [h["rollout/weight_version"] for h in history] == [0, 1]
+    assert all(h["rollout/logprob_mismatch"] < 1e-3 for h in history)
+    assert trainer.version == 2
+
+
+def test_a_run_the_cluster_cannot_hold_fails_fast_with_the_sum(cluster, tmp_path):
+    cfg = load_config(
+        "demo",
+        [
+            "cluster.learner.resources={learner_node: 1}",
+            "learner.num_ranks=4",
+            f"logging.root={tmp_path}",
+        ],
+    )
+    prep = prepare(cfg, "demo")
+    with pytest.raises(PlacementError) as err:
+        start_actors(cfg, prep.model_path, prep.pad_token_id)
+    assert "4 learner ranks x 1 learner_node need 4 learner_node; the cluster has 2" in str(
+        err.value
+    )
+    assert ray.util.placement_group_table() == {}  # nothing was reserved
