@@ -8,6 +8,7 @@ those same processes and in the same run, it times (median of ``--repeats``):
 
 - ``collective``: a full sync as the driver does it (learner packs buckets, broadcasts them, every
   generator worker receives and loads them into vLLM);
+- ``no-load``: the same transfer (pack, bucketed broadcast, unpack) with vLLM's load left out;
 - ``raw``: one ``broadcast`` of a flat buffer of the same number of bytes over the same group,
   nothing else (the floor the collective path is measured against);
 - ``object_store``: the fallback (rank 0's state dict through Ray's object store, then loaded).
@@ -46,13 +47,13 @@ def build_model(root: str, millions: int) -> str:
 
 
 def _raw_send(nbytes: int):
-    def run(actor_self) -> float:
+    def run(actor_self) -> None:
         import torch
 
-        buffer = torch.ones(nbytes // 4, dtype=torch.float32)
-        start = time.perf_counter()
-        actor_self.learner._sync_group.broadcast(buffer).wait()
-        return time.perf_counter() - start
+        # Allocated and touched once (the warm-up call), so the timed calls only broadcast.
+        if getattr(actor_self, "_bench_buffer", None) is None:
+            actor_self._bench_buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+        actor_self.learner._sync_group.broadcast(actor_self._bench_buffer).wait()
 
     return run
 
@@ -61,9 +62,23 @@ def _raw_receive(nbytes: int):
     def on_worker(worker) -> None:
         import torch
 
-        buffer = torch.empty(nbytes // 4, dtype=torch.float32)
-        worker._raylign_group.broadcast(buffer).wait()
-        assert float(buffer[0]) == 1.0
+        if getattr(worker, "_bench_buffer", None) is None:
+            worker._bench_buffer = torch.zeros(nbytes // 4, dtype=torch.float32)
+        worker._raylign_group.broadcast(worker._bench_buffer).wait()
+        assert float(worker._bench_buffer[-1]) == 1.0
+
+    def run(actor_self) -> None:
+        actor_self.engine.llm.collective_rpc(on_worker)
+
+    return run
+
+
+def _receive_only(plan):
+    def on_worker(worker) -> None:
+        from learner import weight_sync
+
+        for _ in weight_sync.receive(worker._raylign_group, plan, "cpu"):
+            pass
 
     def run(actor_self) -> None:
         actor_self.engine.llm.collective_rpc(on_worker)
@@ -108,6 +123,13 @@ def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> 
         ray.get(sends, timeout=timeout)
         return time.perf_counter() - start
 
+    def transport() -> float:  # the collective path without vLLM's load_weights
+        start = time.perf_counter()
+        sends = learner.broadcast_weights.remote(plan)
+        ray.get([g.__ray_call__.remote(_receive_only(plan)) for g in generators], timeout=timeout)
+        ray.get(sends, timeout=timeout)
+        return time.perf_counter() - start
+
     def raw() -> float:
         start = time.perf_counter()
         refs = [g.__ray_call__.remote(_raw_receive(nbytes)) for g in generators]
@@ -124,9 +146,10 @@ def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> 
         return time.perf_counter() - start
 
     collective(), raw()  # warm up: first broadcasts connect gloo's pairs
-    times = {"collective": [], "raw": [], "object_store": []}
-    for _ in range(repeats):  # interleaved, so drift in the machine's load hits all three alike
+    times = {"collective": [], "transport": [], "raw": [], "object_store": []}
+    for _ in range(repeats):  # interleaved, so drift in the machine's load hits all alike
         times["collective"].append(collective())
+        times["transport"].append(transport())
         times["raw"].append(raw())
         times["object_store"].append(object_store())
     for a in [learner, *generators]:
@@ -137,6 +160,7 @@ def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> 
         "buckets": len(plan.buckets),
         **{f"{k}_s": v for k, v in median.items()},
         "collective_over_raw": median["collective"] / median["raw"],
+        "transport_over_raw": median["transport"] / median["raw"],
         "object_store_over_collective": median["object_store"] / median["collective"],
     }
 
@@ -163,13 +187,14 @@ def main() -> None:
         ray.shutdown()
     print(f"\nweight sync, 1 learner rank -> {args.replicas} generator(s), gloo on CPU")
     print(
-        f"{'params':>7} {'MB':>8} {'buckets':>7} {'raw s':>8} {'collective s':>12} "
-        f"{'x raw':>6} {'object store s':>14}"
+        f"{'params':>7} {'MB':>8} {'buckets':>7} {'raw s':>8} {'collective s':>12} {'x raw':>6} "
+        f"{'no-load s':>9} {'x raw':>6} {'object store s':>14}"
     )
     for m, r in results.items():
         print(
             f"{m:>6}M {r['bytes'] / 1e6:>8.1f} {r['buckets']:>7} {r['raw_s']:>8.3f} "
             f"{r['collective_s']:>12.3f} {r['collective_over_raw']:>6.2f} "
+            f"{r['transport_s']:>9.3f} {r['transport_over_raw']:>6.2f} "
             f"{r['object_store_s']:>14.3f}"
         )
     print(

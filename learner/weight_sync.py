@@ -10,7 +10,8 @@ shard from the full tensors).
 Both sides agree on a :class:`SyncPlan` once, when the group is opened: parameter names, shapes
 and dtypes, cut into buckets of at most ``bucket_bytes`` (a larger tensor gets a bucket of its
 own). A sync is then one broadcast per bucket, never one call per parameter. The sender packs
-the next bucket while the current one is on the wire.
+the next bucket while the current one is on the wire, and a receiver loads one bucket into its
+model while the next arrives.
 """
 
 from __future__ import annotations
@@ -131,9 +132,34 @@ class Checksum:
         return self._h.hexdigest()
 
 
-def pack(bucket: Bucket, tensors: Mapping[str, torch.Tensor], device: str) -> torch.Tensor:
-    """The bucket's tensors as one flat buffer on ``device``."""
-    out = torch.empty(bucket.numel, dtype=_DTYPES[bucket.dtype], device=device)
+class SendBuffers:
+    """The sender's two flat buffers, reused bucket after bucket and sync after sync: bucket
+    ``i`` is packed into buffer ``i % 2`` while the other is on the wire (:func:`send` waits for a
+    buffer's broadcast before it is packed again). Fresh memory for every bucket would cost page
+    faults on every sync."""
+
+    def __init__(self, plan: SyncPlan, device: str):
+        sizes = [b.numel * _DTYPES[b.dtype].itemsize for b in plan.buckets] or [0]
+        count = min(2, len(plan.buckets)) or 1
+        self._raw = [
+            torch.empty(max(sizes), dtype=torch.uint8, device=device) for _ in range(count)
+        ]
+
+    def get(self, index: int, bucket: Bucket) -> torch.Tensor:
+        dtype = _DTYPES[bucket.dtype]
+        raw = self._raw[index % len(self._raw)]
+        return raw[: bucket.numel * dtype.itemsize].view(dtype)
+
+
+def pack(
+    bucket: Bucket,
+    tensors: Mapping[str, torch.Tensor],
+    device: str,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The bucket's tensors as one flat buffer on ``device`` (into ``out`` when given)."""
+    if out is None:
+        out = torch.empty(bucket.numel, dtype=_DTYPES[bucket.dtype], device=device)
     offset = 0
     for meta in bucket.tensors:
         out[offset : offset + meta.numel].copy_(tensors[meta.name].reshape(-1))
@@ -174,10 +200,18 @@ def receive(
     group: SyncGroup, plan: SyncPlan, device: str, checksum: Checksum | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Receive the plan's buckets from rank 0, yielding (name, tensor) as each bucket lands.
-    Lazy: a bucket is received when the consumer asks for its first tensor."""
-    for bucket in plan.buckets:
+    The next bucket's broadcast is posted before the current one's tensors are handed out, so
+    the consumer's loading overlaps the transfer; two buckets are in memory at most."""
+
+    def post(bucket: Bucket):
         buffer = torch.empty(bucket.numel, dtype=_DTYPES[bucket.dtype], device=device)
-        group.broadcast(buffer).wait()
+        return buffer, group.broadcast(buffer)
+
+    pending = post(plan.buckets[0]) if plan.buckets else None
+    for i, bucket in enumerate(plan.buckets):
+        buffer, work = pending
+        work.wait()
+        pending = post(plan.buckets[i + 1]) if i + 1 < len(plan.buckets) else None
         if checksum is not None:
             checksum.update(buffer)
         yield from unpack(bucket, buffer)

@@ -189,6 +189,7 @@ class Learner:
             self.critic.eval()
         self.skipped_steps = {"actor": 0, "critic": 0}
         self._sync_group = None  # rank 0 only: the collective weight-sync group
+        self._send_buffers, self._send_plan = None, None  # rank 0: reused packing buffers
 
     # ------------------------------------------------------------------ helpers
 
@@ -439,14 +440,27 @@ class Learner:
 
     @torch.no_grad()
     def _packed_buckets(self, plan: weight_sync.SyncPlan, every_rank: bool = False):
+        """Each bucket packed (on rank 0, or on every rank for IPC), gathered first under
+        ZeRO-3. The broadcast path reuses two send buffers; IPC needs every bucket at once."""
         params = dict(self.policy.module.named_parameters())
         packs = every_rank or self.rank == 0
-        for bucket in plan.buckets:
+        reuse = packs and not every_rank
+        if reuse and self._send_plan != plan:
+            self._send_buffers = weight_sync.SendBuffers(plan, self.device)
+            self._send_plan = plan
+
+        def pack(i: int, bucket: weight_sync.Bucket):
+            if not packs:
+                return None
+            out = self._send_buffers.get(i, bucket) if reuse else None
+            return weight_sync.pack(bucket, params, self.device, out=out)
+
+        for i, bucket in enumerate(plan.buckets):
             if self.spec.zero_stage == 3:
                 import deepspeed
 
                 group = [params[m.name] for m in bucket.tensors]
                 with deepspeed.zero.GatheredParameters(group):
-                    yield weight_sync.pack(bucket, params, self.device) if packs else None
+                    yield pack(i, bucket)
             else:
-                yield weight_sync.pack(bucket, params, self.device) if packs else None
+                yield pack(i, bucket)
