@@ -10,7 +10,9 @@ those same processes and in the same run, it times (median of ``--repeats``):
   generator worker receives and loads them into vLLM);
 - ``no-load``: the same transfer (pack, bucketed broadcast, unpack) with vLLM's load left out;
 - ``raw``: one ``broadcast`` of a flat buffer of the same number of bytes over the same group,
-  nothing else (the floor the collective path is measured against);
+  from and into buffers allocated and touched beforehand, nothing else (the floor);
+- ``raw fresh``: the same, into a receive buffer allocated for the call (what a receiver that
+  keeps no spare copy of the model pays: on CPU, page faults on every byte);
 - ``object_store``: the fallback (rank 0's state dict through Ray's object store, then loaded).
 
 Prints a table and one JSON line. The target: collective at most 1.5x raw.
@@ -58,14 +60,18 @@ def _raw_send(nbytes: int):
     return run
 
 
-def _raw_receive(nbytes: int):
+def _raw_receive(nbytes: int, fresh: bool):
     def on_worker(worker) -> None:
         import torch
 
-        if getattr(worker, "_bench_buffer", None) is None:
+        if fresh:  # a new receive buffer each time, as a receiver without a spare copy needs
+            worker._bench_buffer = torch.empty(nbytes // 4, dtype=torch.float32)
+        elif getattr(worker, "_bench_buffer", None) is None:
             worker._bench_buffer = torch.zeros(nbytes // 4, dtype=torch.float32)
         worker._raylign_group.broadcast(worker._bench_buffer).wait()
         assert float(worker._bench_buffer[-1]) == 1.0
+        if fresh:
+            worker._bench_buffer = None
 
     def run(actor_self) -> None:
         actor_self.engine.llm.collective_rpc(on_worker)
@@ -130,9 +136,9 @@ def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> 
         ray.get(sends, timeout=timeout)
         return time.perf_counter() - start
 
-    def raw() -> float:
+    def raw(fresh: bool = False) -> float:
         start = time.perf_counter()
-        refs = [g.__ray_call__.remote(_raw_receive(nbytes)) for g in generators]
+        refs = [g.__ray_call__.remote(_raw_receive(nbytes, fresh)) for g in generators]
         refs.append(learner.__ray_call__.remote(_raw_send(nbytes)))
         ray.get(refs, timeout=timeout)
         return time.perf_counter() - start
@@ -146,11 +152,12 @@ def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> 
         return time.perf_counter() - start
 
     collective(), raw()  # warm up: first broadcasts connect gloo's pairs
-    times = {"collective": [], "transport": [], "raw": [], "object_store": []}
+    times = {"collective": [], "transport": [], "raw": [], "raw_fresh": [], "object_store": []}
     for _ in range(repeats):  # interleaved, so drift in the machine's load hits all alike
         times["collective"].append(collective())
         times["transport"].append(transport())
         times["raw"].append(raw())
+        times["raw_fresh"].append(raw(fresh=True))
         times["object_store"].append(object_store())
     for a in [learner, *generators]:
         ray.kill(a)
@@ -161,6 +168,7 @@ def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> 
         **{f"{k}_s": v for k, v in median.items()},
         "collective_over_raw": median["collective"] / median["raw"],
         "transport_over_raw": median["transport"] / median["raw"],
+        "collective_over_raw_fresh": median["collective"] / median["raw_fresh"],
         "object_store_over_collective": median["object_store"] / median["collective"],
     }
 
@@ -187,13 +195,15 @@ def main() -> None:
         ray.shutdown()
     print(f"\nweight sync, 1 learner rank -> {args.replicas} generator(s), gloo on CPU")
     print(
-        f"{'params':>7} {'MB':>8} {'buckets':>7} {'raw s':>8} {'collective s':>12} {'x raw':>6} "
-        f"{'no-load s':>9} {'x raw':>6} {'object store s':>14}"
+        f"{'params':>7} {'MB':>8} {'buckets':>7} {'raw s':>8} {'raw fresh s':>11} "
+        f"{'collective s':>12} {'x raw':>6} {'x fresh':>7} {'no-load s':>9} {'x raw':>6} "
+        f"{'object store s':>14}"
     )
     for m, r in results.items():
         print(
             f"{m:>6}M {r['bytes'] / 1e6:>8.1f} {r['buckets']:>7} {r['raw_s']:>8.3f} "
-            f"{r['collective_s']:>12.3f} {r['collective_over_raw']:>6.2f} "
+            f"{r['raw_fresh_s']:>11.3f} {r['collective_s']:>12.3f} "
+            f"{r['collective_over_raw']:>6.2f} {r['collective_over_raw_fresh']:>7.2f} "
             f"{r['transport_s']:>9.3f} {r['transport_over_raw']:>6.2f} "
             f"{r['object_store_s']:>14.3f}"
         )
