@@ -79,7 +79,9 @@ def test_roles_land_where_the_config_says_and_a_short_run_completes(cluster, tmp
     assert trainer.version == 2
 
 
-def test_a_run_the_cluster_cannot_hold_fails_fast_with_the_sum(cluster, tmp_path):
+def test_a_run_the_cluster_cannot_hold_fails_fast_and_one_it_cannot_get_times_out(
+    cluster, tmp_path
+):
     cfg = load_config(
         "demo",
         [
@@ -95,3 +97,25 @@ def test_a_run_the_cluster_cannot_hold_fails_fast_with_the_sum(cluster, tmp_path
         err.value
     )
     assert ray.util.placement_group_table() == {}  # nothing was reserved
+
+    # Fits the cluster, but someone else holds the learner nodes: wait, then fail with what waits.
+    squatter = ray.util.placement_group([{"learner_node": 1}] * 2, strategy="SPREAD")
+    ray.get(squatter.ready(), timeout=60)
+    cfg = load_config(
+        "demo",
+        [
+            "cluster.learner.resources={learner_node: 1}",
+            "cluster.placement_timeout_s=3",
+            f"logging.root={tmp_path}",
+        ],
+    )
+    with pytest.raises(
+        PlacementError,
+        match=r"\['learners'\] did not get their resources within "
+        r"cluster.placement_timeout_s=3s",
+    ):
+        start_actors(cfg, prep.model_path, prep.pad_token_id)
+    left = {
+        pg["name"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"
+    }
+    assert left == {""}  # only the squatter (unnamed): the run removed its own groups
