@@ -59,7 +59,7 @@ def alone(cfg, model_path: str, pad_token_id: int, prompts, repeats: int) -> dic
     from actors.vllm_engine import EngineSpec, Sampling
     from orchestration.data import PromptSampler
     from orchestration.placement import learner_spec
-    from reward_service.scorer import RuleScorer, WeightedReward
+    from reward_service.scorer import RuleScorer, RuleSpec
 
     gen = cfg.generator
     generator = PolicyGenerator(
@@ -68,9 +68,7 @@ def alone(cfg, model_path: str, pad_token_id: int, prompts, repeats: int) -> dic
         )
     )
     scorer = RuleScorer(
-        [WeightedReward(f.name, f.weight) for f in cfg.reward.functions],
-        model_path,
-        no_eos_penalty=cfg.reward.no_eos_penalty,
+        [RuleSpec(f.name, f.params, f.column) for f in cfg.reward.functions], model_path
     )
     reference = ReferenceModel(
         model_path,
@@ -98,8 +96,8 @@ def alone(cfg, model_path: str, pad_token_id: int, prompts, repeats: int) -> dic
         return out, (time.perf_counter() - start) / repeats
 
     table, t_gen = timed(lambda: generator.generate(batch, sampling))
-    (scored, _), t_reward = timed(lambda: scorer.score(table))
-    with_ref, t_ref = timed(lambda: reference.logprobs(scored))
+    _, t_reward = timed(lambda: scorer.score(table))  # the components; shaping is numpy
+    with_ref, t_ref = timed(lambda: reference.logprobs(table))
     old, t_fwd = timed(lambda: learner.compute_old(with_ref))
     import pyarrow as pa
 

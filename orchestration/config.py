@@ -21,6 +21,7 @@ from learner.algorithms import ADVANTAGE_ESTIMATORS, AdvantageEstimator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 BUILTIN_MODEL = "builtin:tiny"
+BUILTIN_RM = "builtin:addition-rm"
 
 
 class ConfigError(ValueError):
@@ -125,18 +126,139 @@ class LearnerConfig(_Section):
 
 class RewardFunctionConfig(_Section):
     name: str
-    """A built-in reward function or ``package.module:function``."""
+    """A built-in reward function (see ``reward_service.rules.REWARD_FUNCTIONS``) or
+    ``package.module:function``."""
     weight: float = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the function, e.g. ``{pattern: '^\\d+$'}`` for regex_match."""
+    column: str | None = None
+    """Component name (``reward/<column>``); default: the function's name."""
+
+    @property
+    def key(self) -> str:
+        return self.column or self.name
+
+
+class RewardModelConfig(_Section):
+    """A frozen reward model, run as its own Ray actor (resources: ``cluster.reward``)."""
+
+    name: str
+    """Component name: its scores are the ``reward/<name>`` column and metrics."""
+    path: str
+    """A ``*ForSequenceClassification`` checkpoint with one label, a causal LM with
+    ``value_head.safetensors``, or ``builtin:addition-rm`` (the demo's, trained at start by
+    ``reward_service.train_rm`` on preference pairs built from the task)."""
+    weight: float = 1.0
+    micro_batch_tokens: int = Field(4096, ge=16)
+    padding_side: Literal["left", "right"] = "right"
+    """Scores do not depend on it; left padding can be faster for some attention kernels."""
+
+
+class RemoteRewardConfig(_Section):
+    """A reward server run elsewhere (``python -m reward_service.server`` speaks its protocol)."""
+
+    name: str
+    url: str
+    """The one URL called (http or https); redirects are never followed."""
+    weight: float = 1.0
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Hosts the URL may name; empty: the URL's own host. Guards against a typo'd or edited URL
+    sending prompts to an unexpected place."""
+    token_env: str | None = "RAYLIGN_REWARD_TOKEN"
+    """Environment variable holding the bearer token (the token never goes in the config)."""
+    connect_timeout_s: float = Field(3.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    """Extra attempts after a connection error, timeout, 429 or 5xx, with exponential backoff."""
+    backoff_s: float = Field(0.5, ge=0)
+    batch_size: int = Field(64, ge=1, le=4096)
+    """Samples per request (the server takes at most 4096)."""
+
+
+class SafetyGateConfig(_Section):
+    """Llama 2's gate: where ``component`` scores below ``threshold``, the score is that
+    component's score instead of the weighted sum."""
+
+    component: str
+    threshold: float
+
+
+class OverlongConfig(_Section):
+    """DAPO's soft overlong punishment: 0 up to ``max_new_tokens - buffer_tokens`` tokens, then
+    falling linearly to ``-penalty`` at ``generator.max_new_tokens``."""
+
+    buffer_tokens: int = Field(ge=1)
+    penalty: float = Field(1.0, ge=0)
+
+
+class DynamicSamplingConfig(_Section):
+    """DAPO's dynamic sampling: drop groups whose scores all have spread <= ``min_std`` and
+    generate more prompts until ``data.prompts_per_iteration`` groups are kept."""
+
+    enabled: bool = False
+    min_std: float = Field(0.0, ge=0)
+    max_rounds: int = Field(4, ge=1)
+    """Generation rounds per iteration at most; if the batch is still short after them, it is
+    filled with dropped groups (counted in ``rollout/groups_refilled_with_dropped``)."""
 
 
 class RewardConfig(_Section):
     functions: list[RewardFunctionConfig] = Field(
-        default_factory=lambda: [RewardFunctionConfig(name="exact_integer")], min_length=1
+        default_factory=lambda: [RewardFunctionConfig(name="exact_integer")]
     )
-    """Reward functions; ``score`` is their weighted sum."""
+    """Rule reward functions (verifiers) in the score."""
+    models: list[RewardModelConfig] = Field(default_factory=list)
+    """Reward models in the score (several: Llama 2's helpfulness plus safety)."""
+    remote: list[RemoteRewardConfig] = Field(default_factory=list)
+    """Remote reward services in the score."""
+    monitors: list[RewardFunctionConfig] = Field(default_factory=list)
+    """Rule functions computed and logged (``reward/<name>/mean``) but not in the score: e.g.
+    the task's verifier while a reward model drives the run."""
+    safety_gate: SafetyGateConfig | None = None
+    reference_baseline: bool = False
+    """ChatGLM-RLHF: before training, score one response of the reference policy per dataset
+    prompt (``reference_baseline_samples`` of them, averaged) and subtract it from every score of
+    that prompt."""
+    reference_baseline_samples: int = Field(1, ge=1)
+    normalize: bool = False
+    """Running normalisation: ``(score - mean) / std`` over every score so far."""
+    clip: float | None = Field(None, gt=0)
+    """Clip the score to ``[-clip, clip]`` (after normalisation)."""
     no_eos_penalty: float | None = None
     """EOS trick: a response that hits ``generator.max_new_tokens`` without stopping scores
-    this instead of the reward functions' sum. None: off."""
+    this, whatever the components say. None: off."""
+    overlong: OverlongConfig | None = None
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Component name -> weight in the score."""
+        out = {f.key: f.weight for f in self.functions}
+        out |= {m.name: m.weight for m in self.models}
+        return out | {r.name: r.weight for r in self.remote}
+
+    @model_validator(mode="after")
+    def _components(self) -> RewardConfig:
+        names = [f.key for f in self.functions] + [m.name for m in self.models]
+        names += [r.name for r in self.remote] + [f.key for f in self.monitors]
+        problems = []
+        if not (self.functions or self.models or self.remote):
+            problems.append("no reward: give reward.functions, reward.models or reward.remote")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(
+                f"reward component names {duplicates} are used twice; set a distinct 'column' "
+                "(functions) or 'name' (models, remote)"
+            )
+        gate = self.safety_gate
+        if gate is not None and gate.component not in names:
+            problems.append(
+                f"reward.safety_gate.component={gate.component!r} is not a reward component "
+                f"({', '.join(names)})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class RoleResources(_Section):
@@ -237,10 +359,44 @@ class RunConfig(_Section):
                 f"data.max_prompt_tokens + generator.max_new_tokens = {longest} exceeds "
                 f"generator.max_model_len = {self.generator.max_model_len}; raise it"
             )
-        problems += self._scale_problems()
+        problems += self._scale_problems() + self._reward_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _reward_problems(self) -> list[str]:
+        from urllib.parse import urlsplit
+
+        rw, problems = self.reward, []
+        if rw.dynamic_sampling.enabled and self.generator.samples_per_prompt < 2:
+            problems.append(
+                "reward.dynamic_sampling drops groups with equal scores: it needs "
+                "generator.samples_per_prompt >= 2"
+            )
+        if rw.overlong is not None and rw.overlong.buffer_tokens >= self.generator.max_new_tokens:
+            problems.append(
+                f"reward.overlong.buffer_tokens={rw.overlong.buffer_tokens} must be less than "
+                f"generator.max_new_tokens={self.generator.max_new_tokens}"
+            )
+        for m in rw.models:
+            if m.path == BUILTIN_RM and (
+                self.model.path != BUILTIN_MODEL or self.data.source != "builtin:addition"
+            ):
+                problems.append(
+                    f"reward.models[{m.name}].path={BUILTIN_RM} is trained on the built-in task "
+                    f"with the built-in tokenizer: it needs model.path={BUILTIN_MODEL} and "
+                    "data.source=builtin:addition"
+                )
+        for r in rw.remote:
+            url = urlsplit(r.url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                problems.append(f"reward.remote[{r.name}].url={r.url!r}: give an http(s) URL")
+            elif r.allowed_hosts and url.hostname not in r.allowed_hosts:
+                problems.append(
+                    f"reward.remote[{r.name}].url host {url.hostname!r} is not in allowed_hosts "
+                    f"{r.allowed_hosts}"
+                )
+        return problems
 
     def _scale_problems(self) -> list[str]:
         gen, cl = self.generator, self.cluster
@@ -385,6 +541,15 @@ def _check_paths(config: RunConfig) -> None:
                 f"invalid config:\n  model.path: {e}; give a Hugging Face model directory, "
                 f"a hub name, or {BUILTIN_MODEL}"
             ) from None
+    for m in config.reward.models:
+        if m.path != BUILTIN_RM:
+            try:
+                check_model_path(m.path)
+            except FileNotFoundError as e:
+                raise ConfigError(
+                    f"invalid config:\n  reward.models[{m.name}].path: {e}; give a reward model "
+                    f"directory, a hub name, or {BUILTIN_RM}"
+                ) from None
     source = config.data.source
     if not source.startswith("builtin:") and not os.path.isfile(source):
         raise ConfigError(

@@ -163,3 +163,17 @@ class PromptSampler:
                 "dataset_row": pa.array(rows, pa.int64()),
             }
         )
+
+
+def all_prompts(prompts: PromptSet) -> pa.Table:
+    """Every prompt once, in dataset order (``prompt_id == dataset_row``): the input of a pass
+    over the whole dataset, such as the reference baselines."""
+    rows = np.arange(len(prompts), dtype=np.int64)
+    return pa.table(
+        {
+            S.PROMPT_ID: pa.array(rows),
+            S.PROMPT_TOKEN_IDS: pa.array(prompts.token_ids, S.TOKEN_IDS_TYPE),
+            "label": pa.array(prompts.labels, pa.string()),
+            "dataset_row": pa.array(rows),
+        }
+    )

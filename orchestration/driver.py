@@ -10,6 +10,7 @@ where it must (the advantage math). Overlapping generation with training later m
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from orchestration.config import RunConfig
 from orchestration.data import PromptSampler
 from orchestration.metrics import StageTimer
 from orchestration.placement import Actors, kl_kind
+from orchestration.reward_stage import RewardStage, Scored, enough_groups, select_groups
 from rollout import schema as S
 from rollout.ops import append_columns, concat, group_ids, split_rows
 from rollout.tensors import to_list_column, to_padded
@@ -74,6 +76,9 @@ class Trainer:
         self.version = 0
         self.sync_enabled = True  # tests turn it off to show what a missed sync looks like
         self.colocated = cfg.cluster.colocate == "all"
+        self.rewards = RewardStage(cfg, actors.scorers, self.timeout)
+        ds = cfg.reward.dynamic_sampling
+        self.dynamic = ds if ds.enabled else None
 
     # ------------------------------------------------------------------ one iteration
 
@@ -87,13 +92,20 @@ class Trainer:
 
     def rollout(self, timer: StageTimer) -> Rollout:
         """Generate, score, and add reference and old log-probabilities."""
-        prompts = self.prompts.next_batch(self.cfg.data.prompts_per_iteration)
-        with timer("generate"):
-            generated = self.generate(prompts)
+        wanted = self.cfg.data.prompts_per_iteration
+        rounds: list[Scored] = []
+        while True:  # one round, or more under dynamic sampling until enough groups teach
+            with timer("generate"):
+                generated = self.generate(self.prompts.next_batch(wanted))
+            with timer("reward"):
+                rounds.append(self.rewards.score(generated))
+            if not self.dynamic or len(rounds) == self.dynamic.max_rounds:
+                break
+            if enough_groups(rounds, wanted, self.dynamic.min_std):
+                break
         if self.colocated:  # the learner and reference need the GPUs until the next sync
             self._wait([g.sleep.remote() for g in self.actors.generators])
-        with timer("reward"):
-            scored, reward_metrics = self.score(generated)
+        scored, reward_metrics = self.select(rounds, wanted)
         with timer("reference"):
             with_ref = self.reference(scored)
         with timer("learner_forward"):
@@ -123,12 +135,12 @@ class Trainer:
             raise TimeoutError(f"a stage took longer than cluster.call_timeout_s={self.timeout}")
         return ref
 
-    def generate(self, prompts: pa.Table) -> ray.ObjectRef:
+    def generate(self, prompts: pa.Table, sampling: Sampling | None = None) -> ray.ObjectRef:
         """Prompts in chunks to whichever replica is free (a slow replica takes fewer chunks
         instead of stalling the batch); one rollout table (ref) back, in prompt order."""
-        gens = self.actors.generators
+        gens, sampling = self.actors.generators, sampling or self.sampling
         if len(gens) == 1:
-            return self._ready(gens[0].generate.remote(prompts, self.sampling))
+            return self._ready(gens[0].generate.remote(prompts, sampling))
         chunks = len(gens) * self.cfg.generator.chunks_per_replica
         parts = split_rows(prompts, -(-prompts.num_rows // chunks))
         results: list[ray.ObjectRef | None] = [None] * len(parts)
@@ -137,7 +149,7 @@ class Trainer:
             while idle and todo:
                 k, part = todo.pop()
                 gen = idle.pop()
-                busy[gen.generate.remote(part, self.sampling)] = (gen, k)
+                busy[gen.generate.remote(part, sampling)] = (gen, k)
             done, _ = ray.wait(list(busy), timeout=self.timeout, fetch_local=False)
             if not done:
                 raise TimeoutError(
@@ -148,10 +160,28 @@ class Trainer:
             idle.append(gen)
         return self._ready(_concat.remote(*results))
 
-    def score(self, table: ray.ObjectRef) -> tuple[ray.ObjectRef, dict[str, float]]:
-        """Reward functions -> ``score`` and ``reward/<fn>`` columns (null = unscorable)."""
-        scored, metrics = self.actors.scorer.score.options(num_returns=2).remote(table)
-        return scored, self._wait(metrics)
+    def select(self, rounds: list[Scored], wanted: int) -> tuple[ray.ObjectRef, dict[str, float]]:
+        """The scored batch: the one round as it is, or under dynamic sampling ``wanted``
+        groups with a score spread, taken over the rounds (``reward_stage.select_groups``)."""
+        metrics = {
+            k: float(np.mean([r.metrics[k] for r in rounds if k in r.metrics]))
+            for k in {k for r in rounds for k in r.metrics}
+        }
+        if not self.dynamic:
+            return rounds[0].finish(), metrics
+        keep, selection = select_groups(rounds, wanted, self.dynamic.min_std)
+        parts = [r.finish(k) for r, k in zip(rounds, keep, strict=True) if len(k)]
+        return self._ready(_concat.remote(*parts)), metrics | selection
+
+    def reference_baselines(self, prompts: pa.Table) -> dict[str, float]:
+        """ChatGLM-RLHF's baseline: the generators still serve the initial (reference) weights;
+        sample ``reward.reference_baseline_samples`` responses per prompt and record their
+        mean combined score per dataset row. Call before the first iteration."""
+        if self.version != 0:
+            raise RuntimeError("reference baselines need the initial weights (version 0)")
+        sampling = dataclasses.replace(self.sampling, n=self.cfg.reward.reference_baseline_samples)
+        generated = self.generate(prompts, sampling)
+        return self.rewards.set_baselines(generated)
 
     def reference(self, table: ray.ObjectRef) -> ray.ObjectRef:
         """Frozen reference policy -> ``ref_logprobs``."""

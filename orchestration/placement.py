@@ -1,4 +1,4 @@
-"""Starting the run's actors on Ray: generators, scorer, reference, learner ranks.
+"""Starting the run's actors on Ray: generators, reward scorers, reference, learner ranks.
 
 Each role is one plain class from ``actors`` / ``reward_service`` wrapped with ``ray.remote``;
 the config decides how many of each, what each reserves, and which placement-group bundle it
@@ -7,6 +7,7 @@ runs in (``orchestration.resources`` makes that plan; :func:`reserve` gets it fr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import ray
@@ -19,20 +20,22 @@ from learner.weight_sync import SyncPlan
 from learner.worker import LearnerSpec, LossSpec, OptimizerSpec
 from orchestration.config import RunConfig
 from orchestration.resources import PlacementPlan, Slot, check_fit, plan_placement
-from reward_service.scorer import RuleScorer, WeightedReward
+from reward_service.remote import RemoteSpec
+from reward_service.reward_model import RewardModelScorer
+from reward_service.scorer import RemoteScorer, RuleScorer, RuleSpec
 
 
 @dataclass
 class Actors:
     generators: list
-    scorer: object
+    scorers: list  # reward actors: the rule scorer, each reward model, each remote service
     reference: object
     learners: list
     placement_groups: dict = field(default_factory=dict)
     sync_plan: SyncPlan | None = None  # bucket layout of the learner's weights
 
     def all(self) -> list:
-        return [*self.generators, self.scorer, self.reference, *self.learners]
+        return [*self.generators, *self.scorers, self.reference, *self.learners]
 
 
 def learner_spec(
@@ -153,9 +156,74 @@ def _engine_spec(cfg: RunConfig, model_path: str, replica: int) -> EngineSpec:
     )
 
 
-def start_actors(cfg: RunConfig, model_path: str, pad_token_id: int) -> Actors:
+def start_scorers(
+    cfg: RunConfig, model_path: str, reward_model_paths: dict[str, str], plan, groups
+) -> list:
+    """The reward actors, in the order of ``resources.reward_actor_names``: one for the rule
+    functions, one per reward model, one per remote service."""
+    rw, trust = cfg.reward, cfg.model.trust_remote_code
+    slots = iter(plan.reward)
+    scorers = []
+    if rw.functions or rw.monitors:
+        rules = [RuleSpec(f.name, f.params, f.column) for f in [*rw.functions, *rw.monitors]]
+        scorers.append(
+            ray.remote(RuleScorer)
+            .options(**_options(cfg, next(slots), groups))
+            .remote(rules, model_path, label_column=cfg.data.label_key, trust_remote_code=trust)
+        )
+    for m in rw.models:
+        scorers.append(
+            ray.remote(RewardModelScorer)
+            .options(**_options(cfg, next(slots), groups))
+            .remote(
+                m.name,
+                reward_model_paths.get(m.name, m.path),
+                model_path,
+                dtype=cfg.model.dtype,
+                micro_batch_tokens=m.micro_batch_tokens,
+                padding_side=m.padding_side,
+                trust_remote_code=trust,
+            )
+        )
+    for r in rw.remote:
+        spec = RemoteSpec(
+            name=r.name,
+            url=r.url,
+            allowed_hosts=tuple(r.allowed_hosts),
+            token_env=r.token_env,
+            connect_timeout_s=r.connect_timeout_s,
+            read_timeout_s=r.read_timeout_s,
+            max_retries=r.max_retries,
+            backoff_s=r.backoff_s,
+            batch_size=r.batch_size,
+        )
+        # The token goes as an argument, not in runtime_env (the dashboard shows env vars).
+        token = os.environ.get(r.token_env) if r.token_env else None
+        scorers.append(
+            ray.remote(RemoteScorer)
+            .options(**_options(cfg, next(slots), groups))
+            .remote(
+                spec,
+                model_path,
+                token=token,
+                label_column=cfg.data.label_key,
+                trust_remote_code=trust,
+            )
+        )
+    return scorers
+
+
+def start_actors(
+    cfg: RunConfig,
+    model_path: str,
+    pad_token_id: int,
+    reward_model_paths: dict[str, str] | None = None,
+) -> Actors:
     """Reserve the placement groups, create every actor in its bundle, and wait until all are
-    ready (engines started, learner process group joined, weight-sync group open)."""
+    ready (engines started, learner process group joined, weight-sync group open).
+
+    ``reward_model_paths`` maps a reward model's name to where it was built (``builtin:``
+    paths); others load from their configured path."""
     timeout = cfg.cluster.call_timeout_s
     plan, groups = reserve(cfg)
     tp = cfg.generator.tensor_parallel_size
@@ -170,16 +238,7 @@ def start_actors(cfg: RunConfig, model_path: str, pad_token_id: int) -> Actors:
             .options(**_options(cfg, slot, groups, env))
             .remote(_engine_spec(cfg, model_path, i))
         )
-    scorer = (
-        ray.remote(RuleScorer)
-        .options(**_options(cfg, plan.reward, groups))
-        .remote(
-            [WeightedReward(f.name, f.weight) for f in cfg.reward.functions],
-            model_path,
-            no_eos_penalty=cfg.reward.no_eos_penalty,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-    )
+    scorers = start_scorers(cfg, model_path, reward_model_paths or {}, plan, groups)
     reference = (
         ray.remote(ReferenceModel)
         .options(**_options(cfg, plan.reference, groups))
@@ -205,10 +264,10 @@ def start_actors(cfg: RunConfig, model_path: str, pad_token_id: int) -> Actors:
     addr, port = ray.get(learners[0].endpoint.remote(), timeout=timeout)
     ray.get([learner.setup.remote(addr, port) for learner in learners], timeout=timeout)
     ray.get([g.weight_version.remote() for g in generators], timeout=timeout)
-    ray.get([scorer.__ray_ready__.remote(), reference.__ray_ready__.remote()], timeout=timeout)
+    ray.get([a.__ray_ready__.remote() for a in [*scorers, reference]], timeout=timeout)
     actors = Actors(
         generators=generators,
-        scorer=scorer,
+        scorers=scorers,
         reference=reference,
         learners=learners,
         placement_groups=groups,

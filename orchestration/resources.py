@@ -47,7 +47,7 @@ class PlacementPlan:
     generator_bundles: tuple[tuple[int, ...], ...]  # per replica: its workers' bundle indices
     learners: tuple[Slot, ...]
     reference: Slot
-    reward: Slot
+    reward: tuple[Slot, ...]  # one per reward actor, in the order of reward_actor_names(cfg)
     demands: tuple[Demand, ...]
 
     def totals(self) -> dict[str, float]:
@@ -75,6 +75,14 @@ def _add(bundle: dict[str, float], extra: dict[str, float]) -> dict[str, float]:
 def _slot(group: str, bundle: int, r: RoleResources, num_gpus: float | None = None) -> Slot:
     gpus = r.num_gpus if num_gpus is None else num_gpus
     return Slot(group, bundle, r.num_cpus, gpus, dict(r.resources))
+
+
+def reward_actor_names(cfg: RunConfig) -> list[str]:
+    """One reward actor per reward model and per remote service, plus one for all the rule
+    functions (and monitors) together."""
+    rw = cfg.reward
+    rules = ["rules"] if rw.functions or rw.monitors else []
+    return rules + [m.name for m in rw.models] + [r.name for r in rw.remote]
 
 
 def plan_placement(cfg: RunConfig) -> PlacementPlan:
@@ -111,12 +119,13 @@ def plan_placement(cfg: RunConfig) -> PlacementPlan:
             reference = _slot("reference", 0, cl.reference)
         groups.append(GroupPlan("learners", cl.learner.strategy, tuple(bundles)))
         learners = tuple(_slot("learners", i, cl.learner) for i in range(ranks))
-    groups.append(GroupPlan("reward", "PACK", (_per_actor(cl.reward),)))
+    scorers = len(reward_actor_names(cfg))
+    groups.append(GroupPlan("reward", "PACK", (_per_actor(cl.reward),) * scorers))
     demands = (
         Demand("learner ranks", ranks, _per_actor(cl.learner)),
         Demand("generators", replicas, _per_actor(cl.generator, tp)),
         Demand("reference", 1, _per_actor(cl.reference)),
-        Demand("reward scorers", 1, _per_actor(cl.reward)),
+        Demand("reward scorers", scorers, _per_actor(cl.reward)),
     )
     return PlacementPlan(
         groups=tuple(groups),
@@ -124,7 +133,7 @@ def plan_placement(cfg: RunConfig) -> PlacementPlan:
         generator_bundles=gen_bundles,
         learners=learners,
         reference=reference,
-        reward=_slot("reward", 0, cl.reward),
+        reward=tuple(_slot("reward", i, cl.reward) for i in range(scorers)),
         demands=demands,
     )
 

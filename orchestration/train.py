@@ -12,8 +12,9 @@ and a summary to ``<run_dir>/summary.json``.
 The run:
 
 1. load and validate the config, then the tokenizer and every prompt;
-2. start the actors: vLLM generators, the rule scorer, the frozen reference, the DeepSpeed
-   learner ranks (and critic for PPO);
+2. start the actors: vLLM generators, the reward actors (rule functions, reward models, remote
+   services), the frozen reference, the DeepSpeed learner ranks (and critic for PPO); with
+   ``reward.reference_baseline``, score the reference policy's responses to every prompt;
 3. run ``iterations`` synchronous iterations (see ``orchestration.driver``);
 4. save the policy and the summary.
 """
@@ -30,12 +31,21 @@ from pathlib import Path
 
 import yaml
 
-from orchestration.config import BUILTIN_MODEL, ConfigError, RunConfig, load_config, presets
+from orchestration.config import (
+    BUILTIN_MODEL,
+    BUILTIN_RM,
+    ConfigError,
+    RunConfig,
+    load_config,
+    presets,
+)
 from orchestration.data import (
     DataError,
     PromptSampler,
     PromptSet,
     addition_corpus,
+    addition_examples,
+    all_prompts,
     load_prompts,
 )
 
@@ -102,6 +112,30 @@ def summarize(history: list[dict], run_dir: Path, wall_s: float) -> dict:
     }
 
 
+def prepare_reward_models(cfg: RunConfig, run_dir: Path, model_path: str) -> dict[str, str]:
+    """Reward model name -> path; ``builtin:addition-rm`` is trained now, into the run
+    directory, on preference pairs built from the task (``reward_service.train_rm``)."""
+    from reward_service.train_rm import build_addition_rm
+
+    paths = {}
+    for m in cfg.reward.models:
+        if m.path != BUILTIN_RM:
+            paths[m.name] = m.path
+            continue
+        out = run_dir / f"reward_model_{m.name}"
+        print(f"reward model {m.name}: training {BUILTIN_RM} into {out}", flush=True)
+        examples = addition_examples(cfg.data.addition_max_operand)
+        metrics = build_addition_rm(str(out), model_path, examples, seed=cfg.seed)
+        print(
+            f"reward model {m.name}: accuracy {metrics['train_accuracy']:.3f} on "
+            f"{metrics['pairs_train']:.0f} training pairs, {metrics['held_out_accuracy']:.3f} on "
+            f"{metrics['pairs_held_out']:.0f} held-out pairs ({metrics['seconds']:.0f} s)",
+            flush=True,
+        )
+        paths[m.name] = str(out)
+    return paths
+
+
 @dataclass(frozen=True)
 class Prepared:
     """What a run has once its inputs are checked, before any actor starts."""
@@ -110,6 +144,7 @@ class Prepared:
     model_path: str
     prompts: PromptSet
     pad_token_id: int
+    reward_model_paths: dict[str, str]
 
 
 def prepare(cfg: RunConfig, source: str) -> Prepared:
@@ -136,7 +171,13 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
         addition_max_operand=cfg.data.addition_max_operand,
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Prepared(run_dir=run_dir, model_path=model_path, prompts=prompts, pad_token_id=pad)
+    return Prepared(
+        run_dir=run_dir,
+        model_path=model_path,
+        prompts=prompts,
+        pad_token_id=pad,
+        reward_model_paths=prepare_reward_models(cfg, run_dir, model_path),
+    )
 
 
 def run(cfg: RunConfig, source: str) -> dict:
@@ -153,9 +194,16 @@ def run(cfg: RunConfig, source: str) -> dict:
 
     init_ray(cfg)
     try:
-        actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
+        actors = start_actors(cfg, prep.model_path, prep.pad_token_id, prep.reward_model_paths)
         sampler = PromptSampler(prep.prompts, cfg.data.seed)
         trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
+        if cfg.reward.reference_baseline:
+            baseline = trainer.reference_baselines(all_prompts(prep.prompts))
+            print(
+                f"reference baseline: {baseline['reward/baseline_prompts']:.0f} prompts, "
+                f"mean score {baseline['reward/baseline_mean']:.4f}",
+                flush=True,
+            )
         log = MetricsLog(prep.run_dir, cfg.iterations, progress_bar=cfg.logging.progress_bar)
         try:
             for k in range(cfg.iterations):

@@ -1,110 +1,145 @@
-"""The rule scorer: decodes each sample, runs the reward functions, appends the scores.
+"""Reward components computed from decoded text: rule functions, and a remote reward service.
 
-A plain class; the driver runs it as a Ray actor. Columns appended: ``reward/<name>`` per
-function (float32, null when unscorable) and ``score``, the weighted sum of the functions, null
-when any of them is null. A function that raises marks that sample unscorable for it and is
-counted in ``reward/errors/<name>``; the first exception of each call is logged.
+Plain classes; the driver runs each as a Ray actor. Each returns a table of its component
+columns, ``reward/<name>`` (float32, null when unscorable), and its metrics; the driver combines
+the components and shapes the score (``reward_service.shaping``). A rule function that raises
+marks that sample unscorable for it and is counted in ``reward/errors/<name>``; the first
+exception of each call is logged.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
+from reward_service.remote import RemoteRewardClient, RemoteSpec
 from reward_service.rules import RewardFunction, resolve
 from rollout import schema as S
-from rollout.ops import append_columns
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class WeightedReward:
-    """One reward function in the sum, by name (see ``reward_service.rules.resolve``)."""
+class RuleSpec:
+    """One reward function by name (see ``reward_service.rules.resolve``) and its parameters;
+    its column is ``reward/<column>`` (default: the name)."""
 
     name: str
-    weight: float = 1.0
+    params: Mapping[str, Any] = field(default_factory=dict)
+    column: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.column or self.name
 
 
 class RuleScorer:
-    """Scores rollout tables with rule-based reward functions.
+    """Rule-based reward functions over decoded prompts and responses.
 
     Args:
-        rewards: the functions and their weights in ``score``.
+        rules: the functions (each becomes a ``reward/<key>`` column).
         tokenizer_path: the policy's tokenizer, to decode prompts and responses.
         label_column: the passthrough column holding each row's label (missing: labels are None).
-        no_eos_penalty: the EOS trick (arXiv 2403.17031): a response cut off at the token budget
-            (``finish_reason == "length"``) gets this ``score`` instead of the functions' sum.
-            None: off.
     """
 
     def __init__(
         self,
-        rewards: Sequence[WeightedReward],
+        rules: Sequence[RuleSpec],
         tokenizer_path: str,
         *,
         label_column: str = "label",
-        no_eos_penalty: float | None = None,
         trust_remote_code: bool = False,
     ):
         from transformers import AutoTokenizer
 
-        if not rewards:
-            raise ValueError("the scorer needs at least one reward function")
-        self.rewards = list(rewards)
-        self.functions: dict[str, RewardFunction] = {r.name: resolve(r.name) for r in rewards}
+        if not rules:
+            raise ValueError("the rule scorer needs at least one reward function")
+        self.rules = list(rules)
+        self.functions: dict[str, RewardFunction] = {
+            r.key: resolve(r.name, dict(r.params)) for r in rules
+        }
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_path, trust_remote_code=trust_remote_code
         )
         self.label_column = label_column
-        self.no_eos_penalty = no_eos_penalty
-
-    def _decode(self, table: pa.Table, column: str) -> list[str]:
-        ids = S.column_array(table, column).to_pylist()
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
-        """``(table with score columns, metrics)``.
+        """``(table of the reward/<key> columns, metrics)``.
 
-        Metrics: ``reward/<name>/mean`` over scorable rows, ``reward/unscorable`` (rows with a
-        null ``score``), ``reward/errors/<name>`` (exceptions raised by that function) and, with
-        the EOS trick on, ``reward/no_eos`` (responses cut off at the budget).
+        Metrics: ``reward/<key>/mean`` over scorable rows and ``reward/errors/<key>``
+        (exceptions raised by that function).
         """
-        prompts = self._decode(table, S.PROMPT_TOKEN_IDS)
-        responses = self._decode(table, S.RESPONSE_TOKEN_IDS)
-        if self.label_column in table.column_names:
-            labels = [None if v is None else str(v) for v in table[self.label_column].to_pylist()]
-        else:
-            labels = [None] * table.num_rows
+        prompts, responses = decode(self.tokenizer, table)
+        labels = labels_of(table, self.label_column)
         metrics: dict[str, float] = {}
-        columns: dict[str, list[float | None]] = {}
-        for reward in self.rewards:
-            values, errors = _apply(self.functions[reward.name], prompts, responses, labels)
-            columns[S.REWARD_COLUMN_PREFIX + reward.name] = values
-            metrics[f"reward/errors/{reward.name}"] = float(errors)
+        columns = {}
+        for key, fn in self.functions.items():
+            values, errors = _apply(fn, prompts, responses, labels)
+            columns[S.REWARD_COLUMN_PREFIX + key] = pa.array(values, pa.float32())
+            metrics[f"reward/errors/{key}"] = float(errors)
             scored = [v for v in values if v is not None]
             if scored:
-                metrics[f"reward/{reward.name}/mean"] = sum(scored) / len(scored)
-        total = [
-            None
-            if any(columns[S.REWARD_COLUMN_PREFIX + r.name][i] is None for r in self.rewards)
-            else sum(r.weight * columns[S.REWARD_COLUMN_PREFIX + r.name][i] for r in self.rewards)
-            for i in range(table.num_rows)
-        ]
-        if self.no_eos_penalty is not None:
-            cut = S.column_array(table, S.FINISH_REASON).to_pylist()
-            total = [
-                self.no_eos_penalty if f == "length" else v for v, f in zip(total, cut, strict=True)
-            ]
-            metrics["reward/no_eos"] = float(sum(f == "length" for f in cut))
-        metrics["reward/unscorable"] = float(sum(v is None for v in total))
-        new = {name: pa.array(v, pa.float32()) for name, v in columns.items()}
-        new[S.SCORE] = pa.array(total, pa.float32())
-        return append_columns(table, new), metrics
+                metrics[f"reward/{key}/mean"] = sum(scored) / len(scored)
+        return pa.table(columns), metrics
+
+
+class RemoteScorer:
+    """A reward server run elsewhere (``reward_service.remote``) as one reward component.
+
+    Samples the server fails to score (after its retries) are null in ``reward/<name>``: the run
+    goes on without them, and ``reward/<name>/unscorable`` counts them.
+    """
+
+    def __init__(
+        self,
+        spec: RemoteSpec,
+        tokenizer_path: str,
+        *,
+        token: str | None = None,
+        label_column: str = "label",
+        trust_remote_code: bool = False,
+    ):
+        from transformers import AutoTokenizer
+
+        if token and spec.token_env:  # handed over by the driver's process
+            os.environ[spec.token_env] = token
+        self.name = spec.name
+        self.client = RemoteRewardClient(spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path, trust_remote_code=trust_remote_code
+        )
+        self.label_column = label_column
+
+    def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
+        """``(table of one column reward/<name>, metrics)``."""
+        prompts, responses = decode(self.tokenizer, table)
+        values, metrics = self.client.score(prompts, responses, labels_of(table, self.label_column))
+        scored = [v for v in values if v is not None]
+        if scored:
+            metrics[f"reward/{self.name}/mean"] = sum(scored) / len(scored)
+        column = S.REWARD_COLUMN_PREFIX + self.name
+        return pa.table({column: pa.array(values, pa.float32())}), metrics
+
+
+def decode(tokenizer, table: pa.Table) -> tuple[list[str], list[str]]:
+    """The decoded prompts and responses of ``table`` (special tokens dropped)."""
+    return tuple(
+        tokenizer.batch_decode(S.column_array(table, c).to_pylist(), skip_special_tokens=True)
+        for c in (S.PROMPT_TOKEN_IDS, S.RESPONSE_TOKEN_IDS)
+    )
+
+
+def labels_of(table: pa.Table, column: str) -> list[str | None]:
+    """Each row's label as a string, None where missing (or no such column)."""
+    if column not in table.column_names:
+        return [None] * table.num_rows
+    return [None if v is None else str(v) for v in table[column].to_pylist()]
 
 
 def _apply(

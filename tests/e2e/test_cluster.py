@@ -70,7 +70,7 @@ def test_roles_land_where_the_config_says_and_a_short_run_completes(cluster, tmp
     assert len(set(learner_nodes)) == 2  # SPREAD: one rank per learner node
     assert set(learner_nodes) == nodes_with("learner_node")
     assert node_of(actors.reference) in nodes_with("learner_node")
-    assert node_of(actors.scorer) in nodes_with("head_node")
+    assert {node_of(s) for s in actors.scorers} <= nodes_with("head_node")
 
     trainer = Trainer(cfg, actors, PromptSampler(prep.prompts, 0), prep.pad_token_id)
     history = [trainer.iteration() for _ in range(cfg.iterations)]

@@ -31,7 +31,11 @@ def test_resolve_builtin_and_import_path():
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("nope", "unknown reward function 'nope'; use a built-in (exact_integer)"),
+        (
+            "nope",
+            "unknown reward function 'nope'; use a built-in (code_tests, exact_integer, "
+            "length_in_range, math_answer, multiple_choice, regex_match)",
+        ),
         ("no_such_module_xyz:f", "cannot be imported"),
         ("reward_service.rules:missing", "cannot be imported"),
         ("reward_service.rules:REWARD_FUNCTIONS", "is not callable"),

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
-from reward_service.scorer import RuleScorer, WeightedReward
-from rollout import GeneratedSample, build_rollout_table, validate
+from reward_service.scorer import RuleScorer, RuleSpec
+from rollout import GeneratedSample, build_rollout_table
 
 
 def boom(prompt, response, label):
@@ -16,6 +16,13 @@ def boom(prompt, response, label):
 
 def nan_for_two(prompt, response, label):
     return float("nan") if response == "2" else 1.0
+
+
+def scaled(prompt, response, label, *, k=1.0):
+    return k
+
+
+TESTS = "tests.reward_service.test_scorer:"
 
 
 @pytest.fixture
@@ -39,39 +46,36 @@ def table(tiny_model):
 
 
 def scorer(tiny_model, *names, **kwargs):
-    return RuleScorer([WeightedReward(*n) for n in names], tiny_model, **kwargs)
+    return RuleScorer([RuleSpec(n) for n in names], tiny_model, **kwargs)
 
 
-def test_score_is_the_weighted_sum_and_missing_labels_are_unscorable(tiny_model, table):
-    names = [("exact_integer", 2.0), ("tests.reward_service.test_scorer:nan_for_two", 1.0)]
-    out, metrics = scorer(tiny_model, *names).score(table)
-    validate(out, require=["score", "reward/exact_integer"])
-    # Row 0 "3" right: 2*1 + 1*1; row 1 "1" wrong integer: 2*0.1 + 1; row 2 "2": the second
-    # function returns NaN -> unscorable; row 3 has no label -> exact_integer says None.
+def test_each_function_is_its_own_column_and_missing_labels_are_unscorable(tiny_model, table):
+    out, metrics = scorer(tiny_model, "exact_integer", TESTS + "nan_for_two").score(table)
+    assert out.column_names == ["reward/exact_integer", f"reward/{TESTS}nan_for_two"]
+    assert out.num_rows == table.num_rows
+    # Row 0 "3" right; row 1 "1" wrong integer; row 2 "2" wrong; row 3 has no label -> None.
     assert out["reward/exact_integer"].to_pylist()[:3] == pytest.approx([1.0, 0.1, 0.1])
     assert out["reward/exact_integer"].to_pylist()[3] is None
-    score = out["score"].to_pylist()
-    assert score[:2] == pytest.approx([3.0, 1.2])
-    assert score[2] is None and score[3] is None
-    assert metrics["reward/unscorable"] == 2
+    # NaN from a function is unscorable, never a number to train on.
+    assert out[f"reward/{TESTS}nan_for_two"].to_pylist() == [1.0, 1.0, None, 1.0]
+    assert metrics["reward/exact_integer/mean"] == pytest.approx(1.2 / 3)
 
 
 def test_a_raising_function_marks_the_sample_unscorable_and_is_counted(tiny_model, table):
-    out, metrics = scorer(tiny_model, ("tests.reward_service.test_scorer:boom", 1.0)).score(table)
-    assert out["score"].to_pylist() == [0.5, None, 0.5, 0.5]
-    assert metrics["reward/errors/tests.reward_service.test_scorer:boom"] == 1
-    assert metrics["reward/unscorable"] == 1
+    out, metrics = scorer(tiny_model, TESTS + "boom").score(table)
+    assert out[f"reward/{TESTS}boom"].to_pylist() == [0.5, None, 0.5, 0.5]
+    assert metrics[f"reward/errors/{TESTS}boom"] == 1
 
 
-def test_eos_trick_replaces_the_score_of_cut_off_responses(tiny_model, table):
-    fn = ("tests.reward_service.test_scorer:boom", 1.0)
-    out, metrics = scorer(tiny_model, fn, no_eos_penalty=-1.0).score(table)
-    assert out["score"].to_pylist() == [0.5, None, 0.5, -1.0]
-    assert metrics["reward/no_eos"] == 1
+def test_params_and_column_names_come_from_the_spec(tiny_model, table):
+    rules = [RuleSpec("exact_integer", column="answer"), RuleSpec(TESTS + "scaled", {"k": 3.0})]
+    out, _ = RuleScorer(rules, tiny_model).score(table)
+    assert out["reward/answer"].to_pylist()[0] == 1.0
+    assert out[f"reward/{TESTS}scaled"].to_pylist() == [3.0] * 4
 
 
-def test_scores_never_default_to_zero(tiny_model, table):
-    out, _ = scorer(tiny_model, ("exact_integer", 1.0)).score(table)
-    values = out["score"].to_pylist()
+def test_scores_are_float32_and_never_default_to_zero(tiny_model, table):
+    out, _ = scorer(tiny_model, "exact_integer").score(table)
+    values = out["reward/exact_integer"].to_pylist()
     assert values[3] is None and not any(v is not None and math.isnan(v) for v in values)
-    assert out.schema.field("score").type == pa.float32()
+    assert out.schema.field("reward/exact_integer").type == pa.float32()

@@ -1,0 +1,166 @@
+"""The reward stage of an iteration: every reward actor scores the batch, the driver combines
+and shapes the components into ``score``, and (optionally) drops groups that teach nothing.
+
+The reward actors (rule functions, each reward model, each remote service) score the same table
+in parallel and return only their small ``reward/<name>`` columns; the big table stays in the
+object store. The combination and the shaping (``reward_service.shaping``) run here because
+they keep state across iterations: the running statistics and the reference baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from orchestration.config import RunConfig
+from reward_service.shaping import RewardShaper, SafetyGate, ShapingSpec, group_spread
+from rollout import schema as S
+from rollout.ops import append_columns
+
+DATASET_ROW = "dataset_row"  # passthrough column: which dataset prompt a sample answers
+
+
+@ray.remote(num_cpus=0)
+def _reward_inputs(table: pa.Table) -> dict[str, np.ndarray]:
+    """The few per-row values shaping needs, so the driver never pulls the whole table."""
+    rows = table[DATASET_ROW] if DATASET_ROW in table.column_names else table[S.PROMPT_ID]
+    return {
+        "finish_reason": np.asarray(S.column_array(table, S.FINISH_REASON).to_pylist()),
+        "response_length": pc.list_value_length(S.column_array(table, S.RESPONSE_TOKEN_IDS))
+        .to_numpy()
+        .astype(np.int64),
+        "row": rows.to_numpy(),
+        "prompt_id": S.column_array(table, S.PROMPT_ID).to_numpy(),
+    }
+
+
+@ray.remote(num_cpus=0)
+def _finish(table: pa.Table, columns: pa.Table, score: np.ndarray, keep) -> pa.Table:
+    """``table`` with the reward columns and ``score`` appended, then only rows ``keep``."""
+    new = {name: columns[name] for name in columns.column_names}
+    new[S.SCORE] = pa.array([None if not np.isfinite(v) else float(v) for v in score], pa.float32())
+    out = append_columns(table, new)
+    return out if keep is None else out.take(pa.array(keep, pa.int64()))
+
+
+@dataclass
+class Scored:
+    """One batch after the reward actors: the table (ref), its components and shaped score."""
+
+    table: ray.ObjectRef  # the generated table, columns not yet appended
+    columns: pa.Table  # reward/<name> columns
+    score: np.ndarray  # (N,) float32, NaN = unscorable
+    prompt_ids: np.ndarray  # (N,)
+    metrics: dict[str, float]
+
+    def finish(self, keep: np.ndarray | None = None) -> ray.ObjectRef:
+        return _finish.remote(self.table, self.columns, self.score, keep)
+
+
+def shaping_spec(cfg: RunConfig) -> ShapingSpec:
+    rw = cfg.reward
+    gate = rw.safety_gate
+    return ShapingSpec(
+        weights=rw.weights,
+        gate=SafetyGate(gate.component, gate.threshold) if gate else None,
+        reference_baseline=rw.reference_baseline,
+        normalize=rw.normalize,
+        clip=rw.clip,
+        no_eos_penalty=rw.no_eos_penalty,
+        overlong_buffer=rw.overlong.buffer_tokens if rw.overlong else None,
+        overlong_penalty=rw.overlong.penalty if rw.overlong else 1.0,
+        max_new_tokens=cfg.generator.max_new_tokens,
+    )
+
+
+class RewardStage:
+    """Scores batches with the run's reward actors and shapes the result."""
+
+    def __init__(self, cfg: RunConfig, scorers: list, timeout: float):
+        self.scorers, self.timeout = scorers, timeout
+        self.shaper = RewardShaper(shaping_spec(cfg))
+
+    def _components(self, table: ray.ObjectRef) -> tuple[pa.Table, dict, dict[str, float]]:
+        parts = [s.score.options(num_returns=2).remote(table) for s in self.scorers]
+        inputs = _reward_inputs.remote(table)
+        tables = ray.get([c for c, _ in parts], timeout=self.timeout)
+        metrics: dict[str, float] = {}
+        for m in ray.get([m for _, m in parts], timeout=self.timeout):
+            metrics |= m
+        columns = tables[0]
+        for t in tables[1:]:
+            for name in t.column_names:
+                columns = columns.append_column(name, t[name])
+        return columns, ray.get(inputs, timeout=self.timeout), metrics
+
+    def score(self, table: ray.ObjectRef) -> Scored:
+        """Components from every reward actor, then the shaped ``score``."""
+        columns, inputs, metrics = self._components(table)
+        score, shaping = self.shaper(
+            _as_numpy(columns),
+            finish_reasons=inputs["finish_reason"],
+            response_lengths=inputs["response_length"],
+            rows=inputs["row"],
+        )
+        return Scored(table, columns, score, inputs["prompt_id"], metrics | shaping)
+
+    def set_baselines(self, table: ray.ObjectRef) -> dict[str, float]:
+        """Reference baselines from a table of the reference policy's own responses: the
+        combined (unshaped) score of each dataset prompt's responses, averaged."""
+        columns, inputs, _ = self._components(table)
+        raw = self.shaper.raw(_as_numpy(columns))
+        return self.shaper.set_baselines(inputs["row"], raw)
+
+
+def _as_numpy(columns: pa.Table) -> dict[str, np.ndarray]:
+    """``reward/<name>`` columns as name -> (N,) float64 with NaN for null."""
+    prefix = S.REWARD_COLUMN_PREFIX
+    return {
+        name.removeprefix(prefix): np.array(
+            columns[name].combine_chunks().fill_null(float("nan")).to_numpy(zero_copy_only=False),
+            np.float64,
+        )
+        for name in columns.column_names
+    }
+
+
+def select_groups(
+    batches: list[Scored], wanted: int, min_std: float
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """DAPO's dynamic sampling over the rounds generated so far.
+
+    Keeps the first ``wanted`` groups (prompts) whose score spread is above ``min_std``; if
+    fewer exist, fills up with dropped groups, in order. Returns, per batch, the row indices to
+    keep, and the metrics (``rollout/groups_dropped_fraction`` over all groups seen).
+    """
+    informative, flat = [], []
+    for b, batch in enumerate(batches):
+        spread = group_spread(batch.score, batch.prompt_ids)
+        for gid in dict.fromkeys(batch.prompt_ids.tolist()):  # groups in order of appearance
+            (informative if spread[gid] > min_std else flat).append((b, gid))
+    chosen = informative[:wanted]
+    refill = flat[: wanted - len(chosen)]
+    chosen_set = set(chosen + refill)
+    keep = []
+    for b, batch in enumerate(batches):
+        mask = np.array([(b, g) in chosen_set for g in batch.prompt_ids.tolist()], bool)
+        keep.append(np.flatnonzero(mask))
+    seen = len(informative) + len(flat)
+    return keep, {
+        "rollout/groups_dropped_fraction": len(flat) / seen if seen else 0.0,
+        "rollout/sampling_rounds": float(len(batches)),
+        "rollout/groups_refilled_with_dropped": float(len(refill)),
+    }
+
+
+def enough_groups(batches: list[Scored], wanted: int, min_std: float) -> bool:
+    """Whether the rounds so far hold ``wanted`` informative groups."""
+    count = 0
+    for batch in batches:
+        spread = group_spread(batch.score, batch.prompt_ids)
+        count += sum(s > min_std for s in spread.values())
+    return count >= wanted
