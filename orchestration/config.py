@@ -124,6 +124,19 @@ class LearnerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
 
 
+class RoleResources(_Section):
+    """What one actor of a role reserves in Ray's scheduler, and how the role's actors spread."""
+
+    num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per actor (per tensor-parallel worker for generators); a fraction shares a GPU."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per actor, e.g. ``{learner_node: 1}`` to pin a role to nodes that
+    advertise that resource."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Placement-group strategy for the role's bundles (PACK: as few nodes as possible)."""
+
+
 class RewardFunctionConfig(_Section):
     name: str
     """A built-in reward function (see ``reward_service.rules.REWARD_FUNCTIONS``) or
@@ -152,6 +165,8 @@ class RewardModelConfig(_Section):
     micro_batch_tokens: int = Field(4096, ge=16)
     padding_side: Literal["left", "right"] = "right"
     """Scores do not depend on it; left padding can be faster for some attention kernels."""
+    resources: RoleResources | None = None
+    """What this model's actor reserves (e.g. ``{num_gpus: 1}``); None: ``cluster.reward``."""
 
 
 class RemoteRewardConfig(_Section):
@@ -259,19 +274,6 @@ class RewardConfig(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-class RoleResources(_Section):
-    """What one actor of a role reserves in Ray's scheduler, and how the role's actors spread."""
-
-    num_cpus: float = Field(0.25, gt=0)
-    num_gpus: float = Field(0, ge=0)
-    """GPUs per actor (per tensor-parallel worker for generators); a fraction shares a GPU."""
-    resources: dict[str, float] = Field(default_factory=dict)
-    """Custom Ray resources per actor, e.g. ``{learner_node: 1}`` to pin a role to nodes that
-    advertise that resource."""
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """Placement-group strategy for the role's bundles (PACK: as few nodes as possible)."""
 
 
 class ClusterConfig(_Section):
@@ -541,6 +543,17 @@ def _check_paths(config: RunConfig) -> None:
                 f"invalid config:\n  model.path: {e}; give a Hugging Face model directory, "
                 f"a hub name, or {BUILTIN_MODEL}"
             ) from None
+    from reward_service.rules import resolve
+
+    problems = []
+    for section in ("functions", "monitors"):
+        for i, f in enumerate(getattr(config.reward, section)):
+            try:
+                resolve(f.name, dict(f.params))
+            except ValueError as e:
+                problems.append(f"reward.{section}.{i}: {e}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     for m in config.reward.models:
         if m.path != BUILTIN_RM:
             try:

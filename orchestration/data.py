@@ -43,7 +43,7 @@ def addition_corpus(max_operand: int) -> list[str]:
 # ------------------------------------------------------------------------------ files
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         rows = []
         for i, line in enumerate(path.read_text().splitlines()):
@@ -97,7 +97,7 @@ def load_prompts(
             f"unknown built-in dataset {source!r}; the built-in one is builtin:addition"
         )
     else:
-        rows, where = _read_rows(Path(source)), f"dataset {source}"
+        rows, where = read_rows(Path(source)), f"dataset {source}"
     if not rows:
         raise DataError(f"{where}: no rows")
     token_ids, labels = [], []

@@ -239,6 +239,7 @@ class Trainer:
             "reward/score_max": float(scores[scorable].max()) if scorable.any() else float("nan"),
             "actor/kl_ref": kl_ref,
             "actor/kl_coef": self.kl_ctl.value,
+            "rollout/samples": float(table.num_rows),
             "rollout/response_length": float(batch.response_lengths.float().mean()),
             "rollout/stop_fraction": float(pc.mean(pc.equal(finish, "stop")).as_py()),
             "rollout/logprob_mismatch": float(masked_mean(mismatch, mask)),

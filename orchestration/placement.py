@@ -156,6 +156,23 @@ def _engine_spec(cfg: RunConfig, model_path: str, replica: int) -> EngineSpec:
     )
 
 
+def start_generators(cfg: RunConfig, model_path: str, plan, groups) -> list:
+    """One vLLM ``PolicyGenerator`` per replica, in the replica's bundles."""
+    tp = cfg.generator.tensor_parallel_size
+    generators = []
+    for i, (slot, bundles) in enumerate(zip(plan.generators, plan.generator_bundles, strict=True)):
+        env = {"VLLM_LOGGING_LEVEL": "WARNING"}
+        if tp > 1:  # vLLM's Ray workers take these bundles of the group this actor is in
+            env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, bundles))
+            env["VLLM_RAY_PER_WORKER_GPUS"] = str(cfg.cluster.generator.num_gpus)
+        generators.append(
+            ray.remote(PolicyGenerator)
+            .options(**_options(cfg, slot, groups, env))
+            .remote(_engine_spec(cfg, model_path, i))
+        )
+    return generators
+
+
 def start_scorers(
     cfg: RunConfig, model_path: str, reward_model_paths: dict[str, str], plan, groups
 ) -> list:
@@ -227,17 +244,7 @@ def start_actors(
     timeout = cfg.cluster.call_timeout_s
     plan, groups = reserve(cfg)
     tp = cfg.generator.tensor_parallel_size
-    generators = []
-    for i, (slot, bundles) in enumerate(zip(plan.generators, plan.generator_bundles, strict=True)):
-        env = {"VLLM_LOGGING_LEVEL": "WARNING"}
-        if tp > 1:  # vLLM's Ray workers take these bundles of the group this actor is in
-            env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, bundles))
-            env["VLLM_RAY_PER_WORKER_GPUS"] = str(cfg.cluster.generator.num_gpus)
-        generators.append(
-            ray.remote(PolicyGenerator)
-            .options(**_options(cfg, slot, groups, env))
-            .remote(_engine_spec(cfg, model_path, i))
-        )
+    generators = start_generators(cfg, model_path, plan, groups)
     scorers = start_scorers(cfg, model_path, reward_model_paths or {}, plan, groups)
     reference = (
         ray.remote(ReferenceModel)

@@ -85,6 +85,14 @@ def reward_actor_names(cfg: RunConfig) -> list[str]:
     return rules + [m.name for m in rw.models] + [r.name for r in rw.remote]
 
 
+def reward_actor_resources(cfg: RunConfig) -> list[RoleResources]:
+    """What each reward actor reserves, in the order of :func:`reward_actor_names`: a reward
+    model's own ``resources`` where it has them, else ``cluster.reward``."""
+    rw, default = cfg.reward, cfg.cluster.reward
+    rules = [default] if rw.functions or rw.monitors else []
+    return rules + [m.resources or default for m in rw.models] + [default for _ in rw.remote]
+
+
 def plan_placement(cfg: RunConfig) -> PlacementPlan:
     """Placement groups and slots for every actor of the run."""
     cl, gen = cfg.cluster, cfg.generator
@@ -119,13 +127,16 @@ def plan_placement(cfg: RunConfig) -> PlacementPlan:
             reference = _slot("reference", 0, cl.reference)
         groups.append(GroupPlan("learners", cl.learner.strategy, tuple(bundles)))
         learners = tuple(_slot("learners", i, cl.learner) for i in range(ranks))
-    scorers = len(reward_actor_names(cfg))
-    groups.append(GroupPlan("reward", "PACK", (_per_actor(cl.reward),) * scorers))
+    reward_roles = reward_actor_resources(cfg)
+    groups.append(GroupPlan("reward", "PACK", tuple(_per_actor(r) for r in reward_roles)))
     demands = (
         Demand("learner ranks", ranks, _per_actor(cl.learner)),
         Demand("generators", replicas, _per_actor(cl.generator, tp)),
         Demand("reference", 1, _per_actor(cl.reference)),
-        Demand("reward scorers", scorers, _per_actor(cl.reward)),
+        *[
+            Demand(f"reward scorer ({name})", 1, _per_actor(r))
+            for name, r in zip(reward_actor_names(cfg), reward_roles, strict=True)
+        ],
     )
     return PlacementPlan(
         groups=tuple(groups),
@@ -133,7 +144,7 @@ def plan_placement(cfg: RunConfig) -> PlacementPlan:
         generator_bundles=gen_bundles,
         learners=learners,
         reference=reference,
-        reward=tuple(_slot("reward", i, cl.reward) for i in range(scorers)),
+        reward=tuple(_slot("reward", i, r) for i, r in enumerate(reward_roles)),
         demands=demands,
     )
 

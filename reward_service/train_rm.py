@@ -63,14 +63,20 @@ def pairwise_loss(
 
 
 def addition_pairs(
-    tokenizer, examples: list[tuple[str, str]], seed: int = 0, per_prompt: int = 24
+    tokenizer,
+    examples: list[tuple[str, str]],
+    seed: int = 0,
+    junk_per_prompt: int = 8,
+    margin: float = 3.0,
 ) -> list[Pair]:
     """Preference pairs for the built-in task (``examples``: prompt -> integer answer), ordered
     as its verifier orders answers: the right answer then EOS > a wrong integer then EOS >
     anything else (random tokens, with or without EOS).
 
-    ``per_prompt`` pairs for each prompt: half right > wrong, a quarter right > junk, a quarter
-    wrong > junk. Wrong integers are drawn from 0 to the largest answer + 5.
+    Per prompt: the right answer against every wrong integer from 0 to the largest answer + 5,
+    with ``margin`` (Llama 2's margin, here the verifier's gap: without it the format gap
+    dominates and the policy settles on some integer before it finds the answer); and
+    ``junk_per_prompt`` pairs each of right > junk (with the margin) and wrong > junk.
     """
     rng = random.Random(seed)
     eos = tokenizer.eos_token_id
@@ -90,15 +96,11 @@ def addition_pairs(
     for prompt, answer in examples:
         p = ids(prompt)
         right = ids(answer) + (eos,)
-        for k in range(per_prompt):
-            wrong_value = rng.choice([v for v in range(top + 1) if v != int(answer)])
-            wrong = ids(str(wrong_value)) + (eos,)
-            if k % 4 < 2:  # half of the pairs teach the answer, the rest the format
-                pairs.append(Pair(p, right, wrong))
-            elif k % 4 == 2:
-                pairs.append(Pair(p, right, junk()))
-            else:
-                pairs.append(Pair(p, wrong, junk()))
+        wrongs = [ids(str(v)) + (eos,) for v in range(top + 1) if v != int(answer)]
+        pairs += [Pair(p, right, wrong, margin=margin) for wrong in wrongs]
+        for _ in range(junk_per_prompt):
+            pairs.append(Pair(p, right, junk(), margin=margin))
+            pairs.append(Pair(p, rng.choice(wrongs), junk()))
     return [q for q in pairs if q.chosen != q.rejected]
 
 
@@ -165,7 +167,7 @@ def accuracy(model, pairs: list[Pair], pad_token_id: int, batch: int = 256) -> f
 
 @dataclass(frozen=True)
 class TrainSpec:
-    steps: int = 300
+    steps: int = 400
     batch_pairs: int = 64
     lr: float = 1e-3
     reg: float = 0.001

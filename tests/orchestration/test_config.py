@@ -65,3 +65,72 @@ def test_unknown_config_source(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(str(bad))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["reward.functions=[]"], "no reward: give reward.functions, reward.models or"),
+        (
+            ["reward.monitors=[{name: exact_integer}]"],
+            "reward component names ['exact_integer'] are used twice",
+        ),
+        (
+            ["reward.safety_gate={component: safety, threshold: 0.1}"],
+            "reward.safety_gate.component='safety' is not a reward component (exact_integer)",
+        ),
+        (
+            ["reward.remote=[{name: r, url: 'ftp://example.com/score'}]"],
+            "reward.remote[r].url='ftp://example.com/score': give an http(s) URL",
+        ),
+        (
+            ["reward.remote=[{name: r, url: 'https://evil.example/s', allowed_hosts: [rm.corp]}]"],
+            "reward.remote[r].url host 'evil.example' is not in allowed_hosts ['rm.corp']",
+        ),
+        (
+            ["reward.remote=[{name: r, url: 'https://a.b/s', batch_size: 5000}]"],
+            "reward.remote.0.batch_size: Input should be less than or equal to 4096",
+        ),
+        (
+            ["reward.models=[{name: rm, path: 'builtin:addition-rm'}]", "model.path=org/model"],
+            "is trained on the built-in task with the built-in tokenizer",
+        ),
+        (
+            [
+                "reward.dynamic_sampling.enabled=true",
+                "algorithm.estimator=gae",
+                "generator.samples_per_prompt=1",
+            ],
+            "reward.dynamic_sampling drops groups with equal scores",
+        ),
+        (
+            ["reward.overlong={buffer_tokens: 4}"],
+            "reward.overlong.buffer_tokens=4 must be less than generator.max_new_tokens=4",
+        ),
+        (
+            ["reward.models=[{name: rm, path: /no/such/rm}]"],
+            "reward.models[rm].path: model path '/no/such/rm' does not exist",
+        ),
+        (
+            ["reward.functions=[{name: regex_match}]"],
+            "regex_match",
+        ),
+    ],
+)
+def test_reward_config_errors_name_the_field_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", overrides)
+    assert message in str(e.value)
+
+
+def test_reward_weights_cover_every_scored_component_but_not_monitors():
+    cfg = load_config(
+        "demo",
+        [
+            "reward.functions=[{name: exact_integer, weight: 0.5}]",
+            "reward.models=[{name: rm, path: 'builtin:addition-rm', weight: 2}]",
+            "reward.remote=[{name: judge, url: 'http://127.0.0.1:1/score'}]",
+            "reward.monitors=[{name: length_in_range, column: short, params: {max_chars: 3}}]",
+        ],
+    )
+    assert cfg.reward.weights == {"exact_integer": 0.5, "rm": 2.0, "judge": 1.0}

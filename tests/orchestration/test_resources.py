@@ -130,3 +130,26 @@ def test_custom_resources_count_like_any_other():
 def test_scale_settings_that_cannot_work_are_refused_with_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config("demo", overrides)
+
+
+def test_each_reward_actor_has_a_bundle_and_a_reward_model_may_bring_its_own_resources():
+    cfg = load_config(
+        "demo",
+        [
+            *GPU,
+            "reward.models=[{name: helpful, path: 'builtin:addition-rm', "
+            "resources: {num_cpus: 1, num_gpus: 1}}, {name: safety, path: 'builtin:addition-rm'}]",
+            "reward.remote=[{name: judge, url: 'http://127.0.0.1:1/score'}]",
+        ],
+    )
+    plan = plan_placement(cfg)
+    (reward,) = [g for g in plan.groups if g.name == "reward"]
+    # rules, helpful (its own GPU), safety and judge (cluster.reward's 0.25 CPU each)
+    assert reward.bundles == ({"CPU": 0.25}, {"CPU": 1, "GPU": 1}, {"CPU": 0.25}, {"CPU": 0.25})
+    assert [(s.bundle, s.num_gpus) for s in plan.reward] == [(0, 0), (1, 1), (2, 0), (3, 0)]
+    # 3 GPUs for generator, learner, reference + 1 for the reward model.
+    (problem,) = check_fit(plan, [node(8, 3)])
+    assert problem == (
+        "1 learner rank x 1 GPU + 1 generator x 1 GPU + 1 reference x 1 GPU + "
+        "1 reward scorer (helpful) x 1 GPU need 4 GPUs; the cluster has 3"
+    )

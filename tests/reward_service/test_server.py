@@ -160,3 +160,59 @@ def test_the_command_line_help_exits_0():
     )
     assert done.returncode == 0, done.stderr
     assert "--functions" in done.stdout
+
+
+@serve.deployment
+class Hanging:
+    """A reward endpoint that never answers in time."""
+
+    async def __call__(self, request):
+        import asyncio
+
+        await asyncio.sleep(30)
+        return {"scores": []}
+
+
+@serve.deployment
+class Malformed:
+    """A reward endpoint that answers, but not with the protocol's shape."""
+
+    async def __call__(self, request):
+        n = len((await request.json())["samples"])
+        return {"scores": ["high"] * n}
+
+
+def test_a_hanging_serve_endpoint_times_out_and_its_samples_are_unscorable(server, monkeypatch):
+    import time
+
+    serve.run(Hanging.bind(), name="hanging", route_prefix="/hanging")
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    spec = RemoteSpec(
+        name="slow",
+        url=f"{server}/hanging",
+        token_env=TOKEN_ENV,
+        read_timeout_s=1.0,
+        max_retries=1,
+        backoff_s=0.1,
+    )
+    start = time.perf_counter()
+    with RemoteRewardClient(spec) as client:
+        scores, metrics = client.score(["1+1="] * 3, ["2"] * 3, ["2"] * 3)
+    seconds = time.perf_counter() - start
+    assert scores == [None, None, None]
+    assert metrics["reward/slow/failed_batches"] == 1
+    assert metrics["reward/slow/retries"] == 1
+    assert 2.0 <= seconds < 6.0  # two attempts of 1 s each, not the endpoint's 30 s
+    serve.delete("hanging")
+
+
+def test_a_malformed_serve_answer_gives_unscorable_samples(server, monkeypatch):
+    serve.run(Malformed.bind(), name="malformed", route_prefix="/malformed")
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    spec = RemoteSpec(name="odd", url=f"{server}/malformed", token_env=TOKEN_ENV, max_retries=2)
+    with RemoteRewardClient(spec) as client:
+        scores, metrics = client.score(["1+1="] * 2, ["2"] * 2, ["2"] * 2)
+    assert scores == [None, None]
+    assert metrics["reward/odd/failed_batches"] == 1
+    assert metrics["reward/odd/retries"] == 0  # a malformed body is not retried
+    serve.delete("malformed")
