@@ -203,17 +203,8 @@ def start_scorers(
             )
         )
     for r in rw.remote:
-        spec = RemoteSpec(
-            name=r.name,
-            url=r.url,
-            allowed_hosts=tuple(r.allowed_hosts),
-            token_env=r.token_env,
-            connect_timeout_s=r.connect_timeout_s,
-            read_timeout_s=r.read_timeout_s,
-            max_retries=r.max_retries,
-            backoff_s=r.backoff_s,
-            batch_size=r.batch_size,
-        )
+        fields = r.model_dump(exclude={"weight"})  # the config section is the spec plus weight
+        spec = RemoteSpec(**fields | {"allowed_hosts": tuple(r.allowed_hosts)})
         # The token goes as an argument, not in runtime_env (the dashboard shows env vars).
         token = os.environ.get(r.token_env) if r.token_env else None
         scorers.append(

@@ -24,7 +24,6 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from learner.models import DTYPES, check_model_path
 from rollout import schema as S
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -34,9 +33,10 @@ def _load(path: str, dtype: str, trust_remote_code: bool) -> tuple[nn.Module, nn
     """``(body, head)``: the transformer body (hidden states) and the scalar head."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    check_model_path(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kwargs = dict(dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+    kwargs = dict(
+        dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
     architectures = config.architectures or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         if config.num_labels != 1:
@@ -59,7 +59,7 @@ def _load(path: str, dtype: str, trust_remote_code: bool) -> tuple[nn.Module, nn
 
     lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     state = load_file(head_file)
-    head = nn.Linear(state["weight"].shape[1], 1).to(DTYPES[dtype])
+    head = nn.Linear(state["weight"].shape[1], 1).to(getattr(torch, dtype))
     head.load_state_dict(state)
     return lm.get_decoder(), head
 

@@ -85,11 +85,6 @@ def test_a_run_scored_by_the_serve_reward_service_survives_its_outage(
         ray.shutdown()
 
 
-def history_of(root: Path) -> list[dict]:
-    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_reference_baseline_centres_the_reference_policys_own_scores(private_env, tmp_path):
     # The learned reward model scores the untrained policy far below zero; at iteration 0 the
     # policy *is* the reference, so after subtracting the baseline its scores average ~0.
@@ -100,11 +95,11 @@ def test_reference_baseline_centres_the_reference_policys_own_scores(private_env
             "iterations=1",
             "reward.reference_baseline=true",
             "reward.reference_baseline_samples=16",
-            f"logging.root={tmp_path}",
+            f"logging.root={tmp_path / 'runs'}",
         ],
         private_env,
     )
-    summary, (first,) = finished(out, tmp_path)
+    summary, (first,) = finished(out, tmp_path / "runs")
     assert "reference baseline: 25 prompts" in out.stdout
     assert first["reward/raw_mean"] < -1.0
     assert first["reward/baseline_missing"] == 0
@@ -122,11 +117,11 @@ def test_dynamic_sampling_refills_every_batch_to_full_size(private_env, tmp_path
             "iterations=4",
             "generator.samples_per_prompt=4",
             "reward.dynamic_sampling.enabled=true",
-            f"logging.root={tmp_path}",
+            f"logging.root={tmp_path / 'runs'}",
         ],
         private_env,
     )
-    _, history = finished(out, tmp_path)
+    _, history = finished(out, tmp_path / "runs")
     check_run_health(history)
     assert all(h["rollout/samples"] == 16 * 4 for h in history)
     assert sum(h["rollout/groups_dropped_fraction"] for h in history) > 0
@@ -167,3 +162,22 @@ def test_offline_filter_keeps_only_prompts_whose_rewards_vary(private_env, tmp_p
     assert f"kept {len(rows)} of 25 prompts" in out.stdout
     # The kept file is a dataset a run can use as it is.
     assert not np.isnan([s["reward_mean"] for s in stats]).any()
+
+
+def test_a_learned_reward_model_drives_ppo_and_the_rule_metric_it_never_saw_improves(
+    private_env, tmp_path
+):
+    root = tmp_path / "runs"
+    out = train(["--config", "demo-rm", "iterations=150", f"logging.root={root}"], private_env)
+    summary, history = finished(out, root)
+    check_run_health(history)
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    rm = json.loads((run_dir / "reward_model_rm" / "train_metrics.json").read_text())
+    assert rm["held_out_accuracy"] > 0.9  # pairs the reward model was not trained on
+    # Only the reward model is in the score; exact_integer is a monitor.
+    assert all(h["reward/raw_mean"] == pytest.approx(h["reward/rm/mean"]) for h in history)
+    rule = [h["reward/exact_integer/mean"] for h in history]
+    first, last = np.mean(rule[:5]), np.mean(rule[-10:])
+    # Untrained: ~0.07. Stopping with any integer is worth ~0.2; 0.4 needs ~33% right answers.
+    assert first < 0.15
+    assert last > 0.4, rule

@@ -27,3 +27,13 @@ def test_rollout_imports_no_role_and_no_distributed_stack():
     mods = imported_after("import rollout")
     assert {"pyarrow", "torch"} <= mods
     assert mods.isdisjoint(HEAVY + ROLES), mods & set(HEAVY + ROLES)
+
+
+def test_reward_service_imports_no_other_role_and_no_distributed_stack():
+    # DESIGN.md: reward_service may import rollout, torch and transformers; Ray only where it
+    # serves (reward_service.server), which this does not import.
+    mods = imported_after(
+        "import reward_service.scorer, reward_service.reward_model, reward_service.shaping, "
+        "reward_service.train_rm, reward_service.verifiers, reward_service.code_verifier"
+    )
+    assert mods.isdisjoint(HEAVY + ["actors", "orchestration", "learner"]), mods
