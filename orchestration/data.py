@@ -1,14 +1,32 @@
 """Prompt datasets: the built-in task and user files, tokenized and checked before any actor starts.
 
-A dataset row is a prompt (a string, or a list of chat messages rendered with the tokenizer's chat
-template) and an optional label. Bad rows fail at load time with the file and row named.
+Sources: ``builtin:addition``; JSON lines (``.jsonl``, or ``.json`` holding JSON lines); Parquet;
+Arrow IPC, file or stream (``.arrow``, ``.feather``, ``.ipc``); a directory written by the
+``datasets`` library's ``save_to_disk`` (for a ``DatasetDict``, one split of it).
+
+A row is read as the first of these that fits:
+
+1. a prompt under ``prompt_key``: a string, or a list of chat messages ``[{"role", "content"}]``;
+   the label is under ``label_key`` (optional);
+2. chat SFT, ``{"messages": [...]}``: the prompt is the conversation before its last assistant
+   message, whose content is the label;
+3. Alpaca SFT, ``{"instruction", "input", "output", "history": [[user, assistant], ...]}``: the
+   prompt is the history, then the instruction (and input) as a user message; the label is
+   ``output``.
+
+``label_key``, where a row has it, is the label in every case. Chat prompts are rendered with the
+tokenizer's chat template and a generation prompt. A row that cannot be used is skipped, counted
+and described with its file and line (JSON lines) or row (the others); with ``strict=True`` the
+first one is an error. The ``LoadReport`` of the ``PromptSet`` says what was loaded and skipped.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +36,15 @@ from rollout import schema as S
 
 class DataError(ValueError):
     """A dataset that cannot be used; the message names the file and row."""
+
+
+SUPPORTED_FORMATS = (
+    ".jsonl or .json (JSON lines), .parquet, .arrow / .feather / .ipc (Arrow IPC file or stream), "
+    "or a directory written by datasets' save_to_disk"
+)
+_ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
+_MAX_PROBLEMS = 100  # messages kept in a LoadReport; the counts stay exact
+Overlong = Literal["skip", "truncate", "error"]
 
 
 # ------------------------------------------------------------------------------ built-in task
@@ -43,36 +70,270 @@ def addition_corpus(max_operand: int) -> list[str]:
 # ------------------------------------------------------------------------------ files
 
 
-def read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"dataset {path}, line {i + 1}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"dataset {path}, line {i + 1}: expected a JSON object")
-            rows.append(row)
-        return rows
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+class _Record(NamedTuple):
+    """One row of a source: where it is (``line 7``, ``row 3``), the row, or why there is none."""
 
-        return pq.read_table(path).to_pylist()
-    raise DataError(f"dataset {path}: unsupported format '{path.suffix}'; use .jsonl or .parquet")
+    location: str
+    row: dict | None
+    problem: str | None = None
+
+
+def _json_lines(path: Path) -> list[_Record]:
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise DataError(f"dataset {path}: not UTF-8 text, so not JSON lines ({e})") from None
+    if text.lstrip().startswith("["):
+        raise DataError(
+            f"dataset {path}: holds a JSON array; write one JSON object per line (JSON lines)"
+        )
+    records = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        location = f"line {i + 1}"  # the file's own line number, blank lines included
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            records.append(_Record(location, None, f"not valid JSON ({e})"))
+            continue
+        if isinstance(row, dict):
+            records.append(_Record(location, row))
+        else:
+            records.append(
+                _Record(location, None, f"expected a JSON object, got a {type(row).__name__}")
+            )
+    return records
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+        with pa.OSFile(str(path)) as file:
+            try:
+                return pa.ipc.open_file(file).read_all()
+            except pa.ArrowInvalid:
+                # No IPC file footer: try the stream format (what datasets' cache files use).
+                file.seek(0)
+                return pa.ipc.open_stream(file).read_all()
+    except pa.ArrowInvalid as e:
+        raise DataError(f"dataset {path}: cannot be read as {path.suffix} ({e})") from None
+
+
+def _saved_dataset(path: Path, split: str) -> tuple[str, pa.Table]:
+    markers = ("dataset_dict.json", "dataset_info.json", "state.json")
+    if not any((path / m).is_file() for m in markers):
+        raise DataError(
+            f"dataset {path}: a directory without {', '.join(markers)}, so not one written by "
+            f"datasets' save_to_disk; supported formats: {SUPPORTED_FORMATS}"
+        )
+    import datasets  # slow to import, and only this format needs it
+
+    loaded, where = datasets.load_from_disk(str(path)), f"dataset {path}"
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"{where}: no split {split!r}; it has {', '.join(sorted(loaded))}; choose one"
+            )
+        loaded, where = loaded[split], f"dataset {path} (split {split})"
+    return where, loaded.with_format("arrow")[:]
+
+
+def _open_source(path: Path, split: str) -> tuple[str, list[_Record]]:
+    """The name messages give ``path``, and its rows; problems of the whole file raise here."""
+    where, suffix = f"dataset {path}", path.suffix.lower()
+    if path.is_dir():
+        where, table = _saved_dataset(path, split)
+    elif not path.exists():
+        raise DataError(
+            f"{where}: no such file or directory; supported formats: {SUPPORTED_FORMATS}"
+        )
+    elif suffix in (".jsonl", ".json"):
+        return where, _json_lines(path)
+    elif suffix in (".parquet", *_ARROW_SUFFIXES):
+        table = _read_table(path)
+    else:
+        raise DataError(
+            f"{where}: unsupported format {suffix or 'without a suffix'}; "
+            f"supported formats: {SUPPORTED_FORMATS}"
+        )
+    return where, [_Record(f"row {i}", row) for i, row in enumerate(table.to_pylist())]
+
+
+def read_rows(path: Path, *, split: str = "train") -> list[dict]:
+    """Every row of a dataset file or ``datasets`` directory, in order, as dicts.
+
+    Strict: a JSON line that is not a JSON object is an error.
+
+    Raises:
+        DataError: a missing or unsupported source, or a bad JSON line (naming the line).
+    """
+    where, records = _open_source(Path(path), split)
+    for record in records:
+        if record.problem is not None:
+            raise DataError(f"{where}, {record.location}: {record.problem}")
+    return [record.row for record in records]
+
+
+# ------------------------------------------------------------------------------ prompts
+
+
+@dataclass
+class LoadReport:
+    """What ``load_prompts`` made of a source: rows read, loaded and skipped, and why.
+
+    ``problems`` holds the message of every malformed row, the first ``100`` of them; the counts
+    are exact.
+    """
+
+    source: str = ""
+    max_prompt_tokens: int = 0
+    rows: int = 0
+    loaded: int = 0
+    malformed: int = 0
+    overlong_skipped: int = 0
+    truncated: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        return (
+            f"loaded {self.loaded} of {self.rows} rows from {self.source}; skipped "
+            f"{self.malformed} malformed, {self.overlong_skipped} over {self.max_prompt_tokens} "
+            f"tokens; truncated {self.truncated}"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """The counts as ``data/`` metrics."""
+        counts = ("rows", "loaded", "malformed", "overlong_skipped", "truncated")
+        return {f"data/{name}": float(getattr(self, name)) for name in counts}
 
 
 @dataclass(frozen=True)
 class PromptSet:
-    """Tokenized prompts with their labels (None where a row has none)."""
+    """Tokenized prompts with their labels (None where a row has none).
+
+    ``rows[i]`` is the source row prompt ``i`` came from (its index among the source's rows; for
+    JSON lines, among the non-blank lines); empty means prompt ``i`` is row ``i``.
+    """
 
     token_ids: list[list[int]]
     labels: list[str | None]
+    rows: list[int] = field(default_factory=list)
+    report: LoadReport = field(default_factory=LoadReport)
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def source_row(self, index: int) -> int:
+        """The source row of prompt ``index``."""
+        return self.rows[index] if self.rows else index
+
+
+class _BadRow(Exception):
+    """A malformed row; the message says why, without the location."""
+
+
+def _messages(value, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise _BadRow(f"'{key}' is not a non-empty list of chat messages")
+    for i, message in enumerate(value):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise _BadRow(
+                f"'{key}' item {i} is not a chat message with string role and content: "
+                f"{message!r:.80}"
+            )
+    return value
+
+
+def _alpaca(row: dict) -> list[dict]:
+    instruction, text, history = row["instruction"], row.get("input"), row.get("history") or []
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise _BadRow("'instruction' is not a non-empty string")
+    if text is not None and not isinstance(text, str):
+        raise _BadRow(f"'input' is a {type(text).__name__}; expected a string")
+    if not isinstance(history, list) or not all(
+        isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(s, str) for s in turn)
+        for turn in history
+    ):
+        raise _BadRow("'history' is not a list of [user, assistant] string pairs")
+    messages = []
+    for user, assistant in history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    content = instruction + ("\n\n" + text if text else "")
+    return [*messages, {"role": "user", "content": content}]
+
+
+def _prompt_and_label(
+    row: dict, prompt_key: str, label_key: str
+) -> tuple[str | list[dict], object]:
+    """The prompt (a string or chat messages) of a row and its label (None if it has none)."""
+    label = row.get(label_key)
+    prompt = row.get(prompt_key)
+    if prompt is not None:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise _BadRow(f"'{prompt_key}' is empty")
+            return prompt, label
+        if isinstance(prompt, list):
+            return _messages(prompt, prompt_key), label
+        raise _BadRow(
+            f"'{prompt_key}' is a {type(prompt).__name__}; "
+            "expected a string or a list of chat messages"
+        )
+    if row.get("messages") is not None:
+        messages = _messages(row["messages"], "messages")
+        if messages[-1]["role"] != "assistant":
+            return messages, label
+        if len(messages) == 1:
+            raise _BadRow("'messages' has nothing before its last assistant message")
+        return messages[:-1], messages[-1]["content"] if label is None else label
+    if row.get("instruction") is not None:
+        return _alpaca(row), row.get("output") if label is None else label
+    raise _BadRow(f"no '{prompt_key}' (every row needs a prompt, 'messages' or 'instruction')")
+
+
+def _token_ids(prompt: str | list[dict], tokenizer, at: str) -> list[int]:
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        if getattr(tokenizer, "chat_template", None) is None:
+            # Not the row's fault: every chat row would fail the same way.
+            raise DataError(
+                f"{at}: the prompt is a chat conversation, but the tokenizer has no chat "
+                "template; give string prompts, or a tokenizer that has one"
+            )
+        from jinja2 import TemplateError
+
+        try:
+            out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        except TemplateError as e:
+            raise _BadRow(f"the chat template rejects the messages ({e})") from None
+        # transformers 5 returns a BatchEncoding; older versions the ids.
+        ids = out["input_ids"] if isinstance(out, Mapping) else out
+    if not ids:
+        raise _BadRow("the prompt tokenizes to nothing")
+    return [int(t) for t in ids]
+
+
+def _source_records(
+    source: str, addition_max_operand: int, split: str
+) -> tuple[str, list[_Record]]:
+    if source == "builtin:addition":
+        rows = [{"prompt": p, "label": a} for p, a in addition_examples(addition_max_operand)]
+        return source, [_Record(f"row {i}", row) for i, row in enumerate(rows)]
+    if source.startswith("builtin:"):
+        raise DataError(
+            f"unknown built-in dataset {source!r}; the built-in one is builtin:addition"
+        )
+    return _open_source(Path(source), split)
 
 
 def load_prompts(
@@ -83,74 +344,119 @@ def load_prompts(
     label_key: str = "label",
     max_prompt_tokens: int,
     addition_max_operand: int = 9,
+    overlong: Overlong = "skip",
+    strict: bool = False,
+    split: str = "train",
 ) -> PromptSet:
-    """Read and tokenize every prompt of ``source``, checking each row.
+    """Read and tokenize every prompt of ``source`` (see the module docstring for formats).
+
+    Args:
+        source: ``builtin:addition``, a file path, or a ``datasets`` directory.
+        tokenizer: a Hugging Face tokenizer; its chat template renders chat prompts.
+        prompt_key, label_key: the fields holding the prompt and the label.
+        max_prompt_tokens: the longest prompt kept whole.
+        addition_max_operand: ``builtin:addition`` only.
+        overlong: a longer prompt is skipped, truncated to its last ``max_prompt_tokens`` tokens
+            (the end holds the question and the generation prompt), or an error.
+        strict: a malformed row is an error rather than skipped.
+        split: the split of a saved ``DatasetDict``.
 
     Raises:
-        DataError: a row without a prompt, an empty or over-long prompt, an empty dataset.
+        DataError: an unreadable source, an empty one or one without a usable row; with
+            ``strict``, a malformed row; with ``overlong="error"``, an overlong prompt; a chat
+            prompt and a tokenizer without a chat template.
     """
-    if source == "builtin:addition":
-        rows = [{"prompt": p, "label": a} for p, a in addition_examples(addition_max_operand)]
-        prompt_key, label_key, where = "prompt", "label", "builtin:addition"
-    elif source.startswith("builtin:"):
-        raise DataError(
-            f"unknown built-in dataset {source!r}; the built-in one is builtin:addition"
-        )
-    else:
-        rows, where = read_rows(Path(source)), f"dataset {source}"
-    if not rows:
+    if overlong not in ("skip", "truncate", "error"):
+        raise ValueError(f"overlong={overlong!r}; expected 'skip', 'truncate' or 'error'")
+    where, records = _source_records(source, addition_max_operand, split)
+    if source.startswith("builtin:"):
+        prompt_key, label_key = "prompt", "label"
+    if not records:
         raise DataError(f"{where}: no rows")
-    token_ids, labels = [], []
-    for i, row in enumerate(rows):
-        prompt = row.get(prompt_key)
-        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
-            raise DataError(f"{where}, row {i}: no '{prompt_key}' (every row needs a prompt)")
-        if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        elif isinstance(prompt, str):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            raise DataError(
-                f"{where}, row {i}: '{prompt_key}' is a {type(prompt).__name__}; "
-                "expected a string or a list of chat messages"
-            )
-        if not ids:
-            raise DataError(f"{where}, row {i}: the prompt tokenizes to nothing")
+    report = LoadReport(source=source, max_prompt_tokens=max_prompt_tokens, rows=len(records))
+    token_ids, labels, rows = [], [], []
+    for index, record in enumerate(records):
+        at = f"{where}, {record.location}"
+        try:
+            if record.problem is not None:
+                raise _BadRow(record.problem)
+            prompt, label = _prompt_and_label(record.row, prompt_key, label_key)
+            ids = _token_ids(prompt, tokenizer, at)
+        except _BadRow as bad:
+            if strict:
+                raise DataError(f"{at}: {bad}") from None
+            report.malformed += 1
+            if len(report.problems) < _MAX_PROBLEMS:
+                report.problems.append(f"{at}: {bad}")
+            continue
         if len(ids) > max_prompt_tokens:
-            raise DataError(
-                f"{where}, row {i}: prompt has {len(ids)} tokens, more than "
-                f"data.max_prompt_tokens={max_prompt_tokens}"
-            )
-        label = row.get(label_key)
-        token_ids.append(list(ids))
+            if overlong == "error":
+                raise DataError(
+                    f"{at}: prompt has {len(ids)} tokens, more than data.max_prompt_tokens="
+                    f"{max_prompt_tokens}; raise it, or skip or truncate overlong prompts"
+                )
+            if overlong == "skip":
+                report.overlong_skipped += 1
+                continue
+            ids, report.truncated = ids[-max_prompt_tokens:], report.truncated + 1
+        token_ids.append(ids)
         labels.append(None if label is None else str(label))
-    return PromptSet(token_ids=token_ids, labels=labels)
+        rows.append(index)
+    report.loaded = len(token_ids)
+    if not token_ids:
+        first = "; ".join(report.problems[:3])
+        raise DataError(
+            f"{where}: no usable rows: {report.rows} read, {report.malformed} malformed, "
+            f"{report.overlong_skipped} over data.max_prompt_tokens={max_prompt_tokens}"
+            + (f"; first problems: {first}" if first else "")
+        )
+    return PromptSet(token_ids=token_ids, labels=labels, rows=rows, report=report)
+
+
+# ------------------------------------------------------------------------------ sampling
 
 
 class PromptSampler:
-    """Draws prompt batches in shuffled passes over the prompt set (each pass a new order).
+    """Draws prompt batches in passes (epochs) over the prompt set, each pass in a new order.
 
-    ``prompt_id`` counts draws over the run, so it is unique even when a prompt comes twice in a
-    batch; ``dataset_row`` says which prompt it was.
+    The order of epoch ``e`` is a pure function of ``(seed, e, len(prompts))``, so the position
+    (``state_dict``) is all a resumed run needs; nothing is replayed. ``prompt_id`` counts draws
+    over the run, so it is unique even when a prompt comes twice in a batch; ``dataset_row`` says
+    which prompt (index into the ``PromptSet``) it was.
     """
 
-    def __init__(self, prompts: PromptSet, seed: int):
-        self.prompts = prompts
-        self._rng = np.random.default_rng(seed)
-        self._order = self._rng.permutation(len(prompts))
-        self._pos = 0
+    def __init__(self, prompts: PromptSet, seed: int, *, shuffle: bool = True):
+        if not len(prompts):
+            raise ValueError("PromptSampler needs at least one prompt")
+        self.prompts, self.seed, self.shuffle = prompts, seed, shuffle
         self.epoch = 0
+        self.position = 0  # draws into the current epoch, always < len(prompts)
         self.drawn = 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.prompts))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+
+    @property
+    def progress(self) -> float:
+        """Epochs drawn, fractional: ``epoch + position / len(prompts)``."""
+        return self.epoch + self.position / len(self.prompts)
 
     def next_batch(self, size: int) -> pa.Table:
         """The next ``size`` prompts: prompt_id, prompt_token_ids, label, dataset_row."""
-        rows = []
-        while len(rows) < size:
-            if self._pos == len(self._order):
-                self._order = self._rng.permutation(len(self.prompts))
-                self._pos, self.epoch = 0, self.epoch + 1
-            rows.append(int(self._order[self._pos]))
-            self._pos += 1
+        if size < 0:
+            raise ValueError(f"batch size {size} < 0")
+        parts, need = [], size
+        while need > 0:
+            part = self._order[self.position : self.position + need]
+            parts.append(part)
+            need, self.position = need - len(part), self.position + len(part)
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+        rows = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
         ids = np.arange(self.drawn, self.drawn + size, dtype=np.int64)
         self.drawn += size
         return pa.table(
@@ -163,6 +469,41 @@ class PromptSampler:
                 "dataset_row": pa.array(rows, pa.int64()),
             }
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the sampler is: ``epoch``, ``position``, ``drawn`` and ``seed``."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "drawn": self.drawn,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue from ``state``: the next batches are those the saved sampler would draw.
+
+        Raises:
+            ValueError: a state with missing keys, another seed, a position outside the prompt
+                set, or counts that disagree with this prompt set's size.
+        """
+        missing = {"epoch", "position", "drawn", "seed"} - set(state)
+        if missing:
+            raise ValueError(f"sampler state lacks {sorted(missing)}")
+        if state["seed"] != self.seed:
+            raise ValueError(f"sampler state has seed {state['seed']}, this sampler {self.seed}")
+        n = len(self.prompts)
+        epoch, position, drawn = int(state["epoch"]), int(state["position"]), int(state["drawn"])
+        if not 0 <= position < n:
+            raise ValueError(f"sampler state position {position} is outside 0..{n - 1}")
+        # Every draw advances the position, so a state from a prompt set of another size
+        # (a changed dataset) almost always fails this.
+        if epoch < 0 or drawn != epoch * n + position:
+            raise ValueError(
+                f"sampler state (epoch {epoch}, position {position}, drawn {drawn}) does not fit "
+                f"a prompt set of {n} prompts; was the dataset changed?"
+            )
+        self.epoch, self.position, self.drawn = epoch, position, drawn
+        self._order = self._epoch_order(epoch)
 
 
 def all_prompts(prompts: PromptSet) -> pa.Table:

@@ -91,13 +91,16 @@ def filter_prompts(cfg, source: str, samples: int, min_std: float, batch: int, o
             print(f"filter: {done}/{prompts.num_rows} prompts scored ({seconds:.0f} s)", flush=True)
     finally:
         ray.shutdown()
-    row, score = np.concatenate(rows), np.concatenate(scores).astype(np.float64)
+    score = np.concatenate(scores).astype(np.float64)
+    # Prompt-set index -> the dataset's own row (skipped rows are not in the prompt set, and
+    # are not kept: they cannot be trained on either).
+    row = np.array([prep.prompts.source_row(int(i)) for i in np.concatenate(rows)], np.int64)
     if cfg.data.source == "builtin:addition":
         originals = [
             {"prompt": p, "label": a} for p, a in addition_examples(cfg.data.addition_max_operand)
         ]
     else:
-        originals = read_rows(Path(cfg.data.source))
+        originals = read_rows(Path(cfg.data.source), split=cfg.data.split)
     kept = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as kept_file, open(f"{out}.stats.jsonl", "w") as stats_file:

@@ -5,7 +5,14 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from orchestration.data import DataError, PromptSampler, addition_examples, load_prompts
+from orchestration.data import (
+    DataError,
+    PromptSampler,
+    PromptSet,
+    addition_examples,
+    load_prompts,
+    read_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +27,10 @@ def test_builtin_addition(tokenizer):
     )
     assert len(prompts) == 25 and prompts.labels[-1] == "8"
     assert tokenizer.decode(prompts.token_ids[-1]) == "4+4="
+    assert prompts.report.summary() == (
+        "loaded 25 of 25 rows from builtin:addition; skipped 0 malformed, 0 over 8 tokens; "
+        "truncated 0"
+    )
 
 
 def write_jsonl(path, rows):
@@ -43,25 +54,38 @@ def test_jsonl_and_parquet_rows(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
-        ([{"prompt": "1+2="}, {"label": 3}], "row 1: no 'prompt' (every row needs a prompt)"),
-        ([{"prompt": "  "}], "row 0: no 'prompt'"),
-        ([{"prompt": 5}], "row 0: 'prompt' is a int; expected a string or a list of chat"),
-        ([{"prompt": "1+2=1+2=1+2=1+2="}], "prompt has 16 tokens, more than data.max_prompt"),
+        (
+            [{"prompt": "1+2="}, {"label": 3}],
+            "line 2: no 'prompt' (every row needs a prompt, 'messages' or 'instruction')",
+        ),
+        ([{"prompt": "  "}], "line 1: 'prompt' is empty"),
+        ([{"prompt": 5}], "line 1: 'prompt' is a int; expected a string or a list of chat"),
         ([], "no rows"),
     ],
 )
-def test_bad_rows_are_named(tmp_path, tokenizer, rows, message):
+def test_bad_rows_are_named_in_strict_mode(tmp_path, tokenizer, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError) as err:
-        load_prompts(path, tokenizer, max_prompt_tokens=8)
+        load_prompts(path, tokenizer, max_prompt_tokens=8, strict=True)
     assert message in str(err.value) and path in str(err.value)
+
+
+def test_overlong_prompt_is_named_when_an_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1+2="}, {"prompt": "1+2=" * 4}])
+    with pytest.raises(DataError) as err:
+        load_prompts(path, tokenizer, max_prompt_tokens=8, overlong="error")
+    assert f"{path}, line 2: prompt has 16 tokens, more than data.max_prompt_tokens=8" in str(
+        err.value
+    )
 
 
 def test_invalid_json_line_is_named(tmp_path, tokenizer):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "1+2="}\n{oops\n')
     with pytest.raises(DataError, match="line 2: not valid JSON"):
-        load_prompts(str(path), tokenizer, max_prompt_tokens=8)
+        load_prompts(str(path), tokenizer, max_prompt_tokens=8, strict=True)
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
+        read_rows(path)  # read_rows stays strict
 
 
 def test_sampler_ids_are_unique_and_passes_cover_every_prompt(tokenizer):
@@ -79,3 +103,70 @@ def test_sampler_ids_are_unique_and_passes_cover_every_prompt(tokenizer):
         3,
     ]
     assert sampler.epoch == 1
+
+
+# ------------------------------------------------------------------------------ sampler state
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return load_prompts("builtin:addition", tokenizer, max_prompt_tokens=8, addition_max_operand=4)
+
+
+def draws(sampler, batches, size):
+    return [sampler.next_batch(size)["dataset_row"].to_pylist() for _ in range(batches)]
+
+
+def test_sampler_order_depends_on_seed_only(prompts):
+    assert draws(PromptSampler(prompts, 3), 4, 10) == draws(PromptSampler(prompts, 3), 4, 10)
+    assert draws(PromptSampler(prompts, 3), 1, 25) != draws(PromptSampler(prompts, 4), 1, 25)
+
+
+def test_each_epoch_is_a_new_permutation(prompts):
+    sampler = PromptSampler(prompts, 0)
+    first, second = draws(sampler, 2, 25)
+    assert sorted(first) == sorted(second) == list(range(25))
+    assert first != second
+    assert sampler.epoch == 2 and sampler.position == 0
+
+
+def test_unshuffled_sampler_walks_the_dataset_in_order(prompts):
+    sampler = PromptSampler(prompts, 0, shuffle=False)
+    assert draws(sampler, 2, 15) == [list(range(15)), list(range(15, 25)) + list(range(5))]
+    assert (sampler.epoch, sampler.position, sampler.progress) == (1, 5, 1.2)
+
+
+def test_state_dict_round_trip_across_an_epoch_boundary(prompts):
+    original = PromptSampler(prompts, 7)
+    draws(original, 3, 7)  # 21 of 25 drawn: the next batch crosses into epoch 1
+    state = original.state_dict()
+    assert state == {"epoch": 0, "position": 21, "drawn": 21, "seed": 7}
+    assert original.progress == 21 / 25
+    restored = PromptSampler(prompts, 7)
+    restored.load_state_dict(state)
+    for _ in range(4):  # 28 more draws: epoch 1 and into epoch 2
+        assert original.next_batch(7).equals(restored.next_batch(7))
+    assert restored.state_dict() == {"epoch": 1, "position": 24, "drawn": 49, "seed": 7}
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"epoch": 0, "position": 3, "drawn": 3, "seed": 8}, "seed 8, this sampler 7"),
+        ({"epoch": 0, "position": 25, "drawn": 25, "seed": 7}, "position 25 is outside 0..24"),
+        ({"epoch": 0, "position": -1, "drawn": 0, "seed": 7}, "position -1 is outside"),
+        ({"epoch": 1, "position": 3, "drawn": 3, "seed": 7}, "does not fit a prompt set of 25"),
+        ({"epoch": 0, "position": 3, "seed": 7}, "lacks ['drawn']"),
+    ],
+)
+def test_bad_sampler_state_is_refused(prompts, state, message):
+    sampler = PromptSampler(prompts, 7)
+    with pytest.raises(ValueError) as err:
+        sampler.load_state_dict(state)
+    assert message in str(err.value)
+    assert sampler.state_dict() == {"epoch": 0, "position": 0, "drawn": 0, "seed": 7}
+
+
+def test_empty_prompt_set_cannot_be_sampled():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        PromptSampler(PromptSet(token_ids=[], labels=[]), 0)
