@@ -1,0 +1,151 @@
+"""`python -m orchestration.submit` against a local Ray head with token auth: a job that fails
+fast, Ctrl-C while following, `--no-follow` then `status` and `stop`, and a refused token.
+
+No run trains here: the failing job stops at its dataset check, and the demo runs are stopped
+during their setup, so the module stays under about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent  # the environment running the tests
+SUBMIT = [sys.executable, "-m", "orchestration.submit"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def address(tmp_path_factory) -> str:
+    """One Ray head for the module, with token auth (conftest's RAY_AUTH_MODE and token file),
+    its own HOME and short TMPDIR, and this environment's python on PATH for the jobs."""
+    tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # Ray's socket paths must fit in 107 bytes
+    env = dict(os.environ) | {
+        "HOME": str(tmp_path_factory.mktemp("head-home")),
+        "TMPDIR": tmp,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    ray = [str(VENV_BIN / "ray")]
+    start = ray + ["start", "--head", "--port", "0", "--dashboard-host", "127.0.0.1"]
+    start += ["--dashboard-port", str(port), "--num-cpus", "2", "--disable-usage-stats"]
+    try:
+        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run(ray + ["stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def cli(private_env):
+    """Run the command in the test's private environment (the session's token, by path);
+    check that the token never reaches its output."""
+    token = Path(private_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+
+    def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        out = subprocess.run(
+            SUBMIT + list(args),
+            cwd=REPO,
+            env=env or private_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert token not in out.stdout + out.stderr
+        return out
+
+    return run
+
+
+def test_a_failing_job_exits_1_with_its_error(cli, address, tmp_path):
+    bad = tmp_path / "bad.jsonl"  # passes the config check; the job's dataset check fails
+    bad.write_text('{"prompt": "1+1=", "label": "2"}\n{"no_prompt": 1}\n')
+    overrides = [f"data.source={bad}", "data.strict=true", f"logging.root={tmp_path}"]
+    out = cli("--address", address, "--name", "failing", *overrides)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"dashboard:  {address}/#/jobs/failing" in out.stdout
+    assert f"error: dataset {bad}, line 2" in out.stdout  # the job's own error line
+    assert "job failing: FAILED (Job entrypoint command failed with exit code 2)" in out.stdout
+    status = cli("status", "failing", "--address", address)
+    assert status.returncode == 0 and "status:      FAILED" in status.stdout
+    logs = cli("logs", "failing", "--address", address)
+    assert f"error: dataset {bad}, line 2" in logs.stdout
+
+
+def test_ctrl_c_while_following_stops_the_job(private_env, address, tmp_path):
+    token = Path(private_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    argv = SUBMIT + ["--address", address, "--name", "interrupted", f"logging.root={tmp_path}"]
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=private_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("Running entrypoint for job interrupted" in x for x in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, "".join(lines)
+    finally:
+        proc.kill()
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert "interrupted: stopping job interrupted" in out
+    assert "job interrupted: STOPPED (stopped on Ctrl-C)" in out
+    assert token not in out
+
+
+def test_no_follow_then_status_and_stop(cli, address, tmp_path):
+    out = cli("--address", address, "--name", "detached", "--no-follow", f"logging.root={tmp_path}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == [
+        "job:        detached",
+        f"dashboard:  {address}/#/jobs/detached",
+        f"logs:       ray job logs --address {address} --follow detached",
+        f"stop:       ray job stop --address {address} detached",
+    ]
+    status = cli("status", "detached", "--address", address)
+    assert status.returncode == 0
+    assert "status:      PENDING" in status.stdout or "status:      RUNNING" in status.stdout
+    assert (
+        "entrypoint:  python -m orchestration.train --config demo logging.progress_bar=false"
+        in (status.stdout)
+    )
+    stop = cli("stop", "detached", "--address", address)
+    assert (stop.returncode, stop.stdout) == (0, "job detached: STOPPED\n"), stop.stderr
+    assert "status:      STOPPED" in cli("status", "detached", "--address", address).stdout
+
+
+def test_the_cluster_refuses_a_wrong_or_missing_token(cli, private_env, address, tmp_path):
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("not-the-token")
+    out = cli("status", "any", "--address", address, "--token-file", str(wrong))
+    assert out.returncode == 2
+    refused = f"error: the cluster at {address} refused the token from --token-file {wrong} (403)"
+    assert refused in out.stderr
+    assert "ray get-auth-token" in out.stderr and "not-the-token" not in out.stderr
+    no_token = {k: v for k, v in private_env.items() if not k.startswith("RAY_AUTH")}
+    out = cli("status", "any", "--address", address, env=no_token)
+    assert out.returncode == 2
+    assert f"error: the cluster at {address} refused the request (401)" in out.stderr
