@@ -129,6 +129,29 @@ def _deepspeed_engine(model: torch.nn.Module, spec: OptimizerSpec, zero_stage: i
     return engine
 
 
+def export_hf(model, weights: dict[str, torch.Tensor], spec: LearnerSpec, path: str) -> None:
+    """``model``'s config and generation config, ``weights`` as safetensors and the tokenizer of
+    ``spec.model_path``, into ``path`` (replacing what is there) via a temporary directory."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    final = Path(path)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+    if not (tmp / "generation_config.json").exists():  # a model class that cannot generate
+        GenerationConfig.from_model_config(model.config).save_pretrained(str(tmp))
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.model_path, trust_remote_code=spec.trust_remote_code
+    )
+    tokenizer.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
 def _record_grad_norm(engine) -> None:
     """Without ZeRO, fp32 DeepSpeed clips the reduced gradient but drops its norm. Keep it, so
     ``get_global_grad_norm`` reports the norm of the gradient of the whole batch on every rank."""
@@ -385,10 +408,13 @@ class Learner:
         return weights if self.rank == 0 else None
 
     def save_policy(self, path: str) -> None:
-        """Write the policy as a Hugging Face directory (safetensors) from rank 0."""
+        """Write the policy as a Hugging Face directory from rank 0: safetensors weights, config,
+        generation config and the tokenizer, loadable as is by transformers and vLLM. Written
+        beside ``path`` and renamed into place, so ``path`` is never half written. Every rank
+        calls it (under ZeRO-3 the weights are gathered collectively)."""
         weights = self.policy_weights()
         if self.rank == 0:
-            self.policy.module.save_pretrained(path, state_dict=weights, safe_serialization=True)
+            export_hf(self.policy.module, weights, self.spec, path)
 
     # ------------------------------------------------------------------ collective weight sync
 

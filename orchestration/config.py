@@ -44,7 +44,11 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     source: str = "builtin:addition"
-    """Prompts: ``builtin:addition`` or a .jsonl / .parquet file with one prompt per row."""
+    """Prompts: ``builtin:addition``, a .jsonl / .parquet / .arrow file, or a directory saved by
+    the ``datasets`` library. A row holds a prompt (``prompt_key``), chat ``messages``, or an
+    Alpaca ``instruction`` (+ ``input``, ``history``); see ``orchestration.data``."""
+    split: str = "train"
+    """The split to read from a ``datasets`` directory holding several."""
     prompt_key: str = "prompt"
     """Field holding the prompt (a string, or a list of chat messages)."""
     label_key: str = "label"
@@ -52,10 +56,19 @@ class DataConfig(_Section):
     prompts_per_iteration: int = Field(16, ge=1)
     """Prompts drawn per iteration; each gets ``generator.samples_per_prompt`` samples."""
     max_prompt_tokens: int = Field(256, ge=1)
-    """Longest prompt accepted; a longer one is an error naming its row."""
+    """Longest prompt; what happens to a longer one is ``overlong``."""
+    overlong: Literal["skip", "truncate", "error"] = "skip"
+    """A prompt over ``max_prompt_tokens``: skipped and counted, truncated to its last
+    ``max_prompt_tokens`` tokens and counted, or an error naming its row."""
+    strict: bool = False
+    """A malformed row stops the run (with its file and line) instead of being skipped and
+    counted."""
+    shuffle: bool = True
+    """Draw prompts in a new seeded order each epoch; off: file order."""
     addition_max_operand: int = Field(9, ge=1, le=999)
     """builtin:addition: operands run from 0 to this value."""
     seed: int = 0
+    """Seed of the prompt order (the order of epoch e depends only on seed and e)."""
 
 
 class GeneratorConfig(_Section):
@@ -66,17 +79,20 @@ class GeneratorConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; the learner and reference divide logits by the same value."""
     max_new_tokens: int = Field(16, ge=1)
+    """Longest response sampled, in tokens."""
     max_model_len: int = Field(512, ge=8)
     """Longest prompt + response the engine accepts."""
     kv_cache_mib: int = Field(256, ge=16)
     """KV cache size on CPU (on GPU, ``gpu_memory_utilization`` sizes it)."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
+    """Fraction of the GPU's memory vLLM takes for weights and KV cache (GPU only)."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM tensor-parallel workers per replica (GPU only; one GPU bundle each)."""
     chunks_per_replica: int = Field(2, ge=1)
     """With several replicas, prompts go out in ``num_replicas x chunks_per_replica`` chunks,
     each to whichever replica is free."""
     seed: int = 0
+    """Sampling seed; replica i uses seed + i."""
 
 
 class AlgorithmConfig(_Section):
@@ -89,13 +105,22 @@ class AlgorithmConfig(_Section):
     kl_target: float | None = Field(None, gt=0)
     """With a target, the KL coefficient adapts (InstructGPT controller); else it is fixed."""
     kl_horizon: int = Field(10000, ge=1)
+    """With ``kl_target``: the adaptive controller's horizon, in samples."""
     gamma: float = Field(1.0, ge=0, le=1)
+    """gae: discount factor over response tokens."""
     lam: float = Field(0.95, ge=0, le=1)
+    """gae: GAE lambda."""
     clip_low: float = Field(0.2, gt=0, lt=1)
+    """PPO ratio clip below 1: the ratio is clipped to ``1 - clip_low``."""
     clip_high: float = Field(0.2, gt=0)
+    """PPO ratio clip above 1 (larger than ``clip_low``: DAPO's clip-higher)."""
     dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip PPO: for negative advantages the loss is bounded at ``dual_clip x |A|``;
+    None: off."""
     entropy_coef: float = Field(0.0, ge=0)
+    """Weight of the entropy bonus in the policy loss; 0: off."""
     value_clip: float | None = Field(0.2, gt=0)
+    """gae: clip the critic's new values to within this of the old ones; None: unclipped."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] | None = None
     """Loss aggregation; default is the estimator's own (see learner.algorithms)."""
     whiten_advantages: bool = True
@@ -110,24 +135,32 @@ class LearnerConfig(_Section):
     num_ranks: int = Field(1, ge=1)
     """Data-parallel DeepSpeed ranks (one Ray actor each)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage (0: none; 3: shard parameters, gradients and optimizer state)."""
     ppo_epochs: int = Field(1, ge=1)
+    """Passes over each iteration's samples."""
     num_mini_batches: int = Field(1, ge=1)
     """Optimizer steps per epoch; the iteration's samples are split evenly into them."""
     micro_batch_tokens: int = Field(4096, ge=16)
     """Most prompt + response tokens per forward/backward."""
     lr: float = Field(1e-6, gt=0)
+    """Policy learning rate (AdamW)."""
     critic_lr: float = Field(1e-5, gt=0)
+    """gae: critic learning rate."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(0, ge=0)
     """Optimizer steps of linear learning-rate warm-up."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant, or cosine decay to 0 over the run's optimizer steps."""
     grad_clip: float = Field(1.0, gt=0)
+    """Clip the gradient's global norm to this."""
 
 
 class RoleResources(_Section):
     """What one actor of a role reserves in Ray's scheduler, and how the role's actors spread."""
 
     num_cpus: float = Field(0.25, gt=0)
+    """CPUs per actor reserved in Ray's scheduler."""
     num_gpus: float = Field(0, ge=0)
     """GPUs per actor (per tensor-parallel worker for generators); a fraction shares a GPU."""
     resources: dict[str, float] = Field(default_factory=dict)
@@ -142,6 +175,7 @@ class RewardFunctionConfig(_Section):
     """A built-in reward function (see ``reward_service.rules.REWARD_FUNCTIONS``) or
     ``package.module:function``."""
     weight: float = 1.0
+    """Weight of this component in the score."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the function, e.g. ``{pattern: '^\\d+$'}`` for regex_match."""
     column: str | None = None
@@ -162,7 +196,9 @@ class RewardModelConfig(_Section):
     ``value_head.safetensors``, or ``builtin:addition-rm`` (the demo's, trained at start by
     ``reward_service.train_rm`` on preference pairs built from the task)."""
     weight: float = 1.0
+    """Weight of this component in the score."""
     micro_batch_tokens: int = Field(4096, ge=16)
+    """Most prompt + response tokens per scoring forward pass."""
     padding_side: Literal["left", "right"] = "right"
     """Scores do not depend on it; left padding can be faster for some attention kernels."""
     resources: RoleResources | None = None
@@ -173,19 +209,24 @@ class RemoteRewardConfig(_Section):
     """A reward server run elsewhere (``python -m reward_service.server`` speaks its protocol)."""
 
     name: str
+    """Component name: its scores are the ``reward/<name>`` column and metrics."""
     url: str
     """The one URL called (http or https); redirects are never followed."""
     weight: float = 1.0
+    """Weight of this component in the score."""
     allowed_hosts: list[str] = Field(default_factory=list)
     """Hosts the URL may name; empty: the URL's own host. Guards against a typo'd or edited URL
     sending prompts to an unexpected place."""
     token_env: str | None = "RAYLIGN_REWARD_TOKEN"
     """Environment variable holding the bearer token (the token never goes in the config)."""
     connect_timeout_s: float = Field(3.0, gt=0)
+    """Seconds to wait for the TCP/TLS connection."""
     read_timeout_s: float = Field(30.0, gt=0)
+    """Seconds to wait for the whole response."""
     max_retries: int = Field(2, ge=0, le=10)
     """Extra attempts after a connection error, timeout, 429 or 5xx, with exponential backoff."""
     backoff_s: float = Field(0.5, ge=0)
+    """First retry's wait (plus jitter), doubling with each retry."""
     batch_size: int = Field(64, ge=1, le=4096)
     """Samples per request (the server takes at most 4096)."""
 
@@ -195,7 +236,9 @@ class SafetyGateConfig(_Section):
     component's score instead of the weighted sum."""
 
     component: str
+    """The reward component that gates (e.g. a safety reward model's name)."""
     threshold: float
+    """Below this score of ``component``, the score is that component's score."""
 
 
 class OverlongConfig(_Section):
@@ -203,7 +246,9 @@ class OverlongConfig(_Section):
     falling linearly to ``-penalty`` at ``generator.max_new_tokens``."""
 
     buffer_tokens: int = Field(ge=1)
+    """Length of the penalty ramp before ``generator.max_new_tokens``, in tokens."""
     penalty: float = Field(1.0, ge=0)
+    """Penalty at ``generator.max_new_tokens``."""
 
 
 class DynamicSamplingConfig(_Section):
@@ -211,7 +256,9 @@ class DynamicSamplingConfig(_Section):
     generate more prompts until ``data.prompts_per_iteration`` groups are kept."""
 
     enabled: bool = False
+    """Drop groups whose scores do not vary and sample more prompts."""
     min_std: float = Field(0.0, ge=0)
+    """A group is dropped when its scores' spread is at most this."""
     max_rounds: int = Field(4, ge=1)
     """Generation rounds per iteration at most; if the batch is still short after them, it is
     filled with dropped groups (counted in ``rollout/groups_refilled_with_dropped``)."""
@@ -235,6 +282,7 @@ class RewardConfig(_Section):
     prompt (``reference_baseline_samples`` of them, averaged) and subtract it from every score of
     that prompt."""
     reference_baseline_samples: int = Field(1, ge=1)
+    """Reference responses per prompt averaged into the baseline."""
     normalize: bool = False
     """Running normalisation: ``(score - mean) / std`` over every score so far."""
     clip: float | None = Field(None, gt=0)
@@ -311,28 +359,107 @@ class WeightSyncConfig(_Section):
     """Check that every generator worker received bit-identical bytes (hashes every sync)."""
 
 
+class WandbConfig(_Section):
+    """Weights & Biases logging (needs ``pip install wandb`` and a login, or mode offline)."""
+
+    enabled: bool = False
+    """Log metrics to Weights & Biases."""
+    project: str = "raylign"
+    """W&B project."""
+    entity: str | None = None
+    """Team or user; None: your default entity."""
+    mode: Literal["online", "offline"] = "online"
+    """offline: write the run under the run directory, ``wandb sync`` it later."""
+    tags: list[str] = []
+    """W&B run tags."""
+
+
 class LoggingConfig(_Section):
     root: str = "runs"
     """Directory under which each run gets its own directory."""
     name: str | None = None
     """Run directory name; default ``<preset>-<timestamp>``."""
     progress_bar: bool = True
-    save_rollouts: bool = False
-    """Write each iteration's rollout table to ``rollouts/iter_<k>.parquet``."""
+    """A progress bar over the iterations on stderr (off under ``ray job submit``: one line per
+    iteration is printed either way)."""
+    ray_metrics: bool = True
+    """Export every metric as a Ray gauge (``ray_raylign_<name>``) to Ray's Prometheus endpoint
+    and the dashboard's metrics view."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``<run_dir>/tensorboard``."""
+    wandb: WandbConfig = WandbConfig()
+    rollouts_every: int = Field(10, ge=0)
+    """Write the rollout table to ``rollouts/iter_<k>.parquet`` on the first and last iteration
+    and every this many; 0: never."""
+    report: bool = True
+    """Write ``report.html`` (plots and sample responses) at the end of the run."""
+
+
+class EvalConfig(_Section):
+    """Evaluation on a held-out prompt set with its own sampling, scored by the run's rule
+    functions (``reward.functions`` and ``reward.monitors``), without reward shaping."""
+
+    source: str | None = None
+    """Eval prompts, in any format ``data.source`` takes; None: no evaluation."""
+    split: str = "test"
+    """The split to read from a ``datasets`` directory holding several."""
+    prompt_key: str = "prompt"
+    """Field holding the prompt in the eval set."""
+    label_key: str = "label"
+    """Field holding the label in the eval set."""
+    every: int = Field(10, ge=1)
+    """Evaluate before iterations 0, every, 2 x every, ... and after the last one."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Evaluate on the first this many prompts only."""
+    samples: int = Field(1, ge=1)
+    """Samples per prompt; with more than one, ``eval/pass@k`` for k = 1, 2, 4, ... up to it."""
+    temperature: float = Field(0.0, ge=0)
+    """0: greedy decoding."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """None: ``generator.max_new_tokens``."""
+    correct_component: str | None = None
+    """The rule component whose score decides a correct sample (pass@k); None: the first of
+    ``reward.functions`` and ``reward.monitors``."""
+    correct_threshold: float = 1.0
+    """A sample is correct when that component scores at least this."""
+
+
+class ExportConfig(_Section):
+    """The policy as a Hugging Face directory (safetensors, config, tokenizer, generation
+    config), loadable by transformers and vLLM. The final one is always ``<run_dir>/policy``."""
+
+    every: int = Field(0, ge=0)
+    """Also export to ``exports/iter_<k>`` after every this many iterations; 0: only at the
+    end."""
+    keep: int | None = Field(3, ge=1)
+    """Periodic exports kept (the oldest removed first); None: all."""
 
 
 class RunConfig(_Section):
     iterations: int = Field(20, ge=1)
+    """Training iterations (generate -> score -> train -> sync each)."""
     seed: int = 0
+    """Seed of the learner's initialisation, eval sampling and the demo reward model's training."""
     model: ModelConfig = ModelConfig()
+    """The policy checkpoint."""
     data: DataConfig = DataConfig()
+    """The prompt set and how prompts are drawn."""
     generator: GeneratorConfig = GeneratorConfig()
+    """vLLM sampling engines."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    """Advantage estimator, KL and the clipped policy loss."""
     learner: LearnerConfig = LearnerConfig()
+    """DeepSpeed learner ranks and the optimizer."""
     reward: RewardConfig = RewardConfig()
+    """What scores a response: rule functions, reward models, remote services, shaping."""
     cluster: ClusterConfig = ClusterConfig()
+    """The Ray cluster, the resources of each role and their placement."""
     weight_sync: WeightSyncConfig = WeightSyncConfig()
+    """How new policy weights reach the generators after each iteration."""
     logging: LoggingConfig = LoggingConfig()
+    """The run directory, and where metrics, rollouts and the report go."""
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunConfig:
@@ -361,7 +488,7 @@ class RunConfig(_Section):
                 f"data.max_prompt_tokens + generator.max_new_tokens = {longest} exceeds "
                 f"generator.max_model_len = {self.generator.max_model_len}; raise it"
             )
-        problems += self._scale_problems() + self._reward_problems()
+        problems += self._scale_problems() + self._reward_problems() + self._eval_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -399,6 +526,40 @@ class RunConfig(_Section):
                     f"{r.allowed_hosts}"
                 )
         return problems
+
+    def _eval_problems(self) -> list[str]:
+        ev = self.eval
+        if ev.source is None:
+            return []
+        rules = [f.key for f in self.reward.functions] + [f.key for f in self.reward.monitors]
+        if not rules:
+            return [
+                "eval scores samples with rule functions: add one to reward.functions or "
+                "reward.monitors (e.g. {name: exact_integer})"
+            ]
+        if ev.correct_component is not None and ev.correct_component not in rules:
+            return [
+                f"eval.correct_component={ev.correct_component!r} is not a rule component "
+                f"({', '.join(rules)})"
+            ]
+        if ev.samples > 1 and ev.temperature == 0:
+            return [
+                f"eval.samples={ev.samples} with eval.temperature=0 repeats one greedy response; "
+                "set eval.temperature > 0 for pass@k, or eval.samples=1"
+            ]
+        longest = self.data.max_prompt_tokens + (ev.max_new_tokens or 0)
+        if longest > self.generator.max_model_len:
+            return [
+                f"data.max_prompt_tokens + eval.max_new_tokens = {longest} exceeds "
+                f"generator.max_model_len = {self.generator.max_model_len}"
+            ]
+        return []
+
+    @property
+    def eval_component(self) -> str | None:
+        """The rule component that decides a correct eval sample."""
+        rules = [f.key for f in self.reward.functions] + [f.key for f in self.reward.monitors]
+        return self.eval.correct_component or (rules[0] if rules else None)
 
     def _scale_problems(self) -> list[str]:
         gen, cl = self.generator, self.cluster
@@ -563,9 +724,17 @@ def _check_paths(config: RunConfig) -> None:
                     f"invalid config:\n  reward.models[{m.name}].path: {e}; give a reward model "
                     f"directory, a hub name, or {BUILTIN_RM}"
                 ) from None
-    source = config.data.source
-    if not source.startswith("builtin:") and not os.path.isfile(source):
-        raise ConfigError(
-            f"invalid config:\n  data.source: file {source!r} does not exist; give a .jsonl or "
-            ".parquet file, or builtin:addition"
-        )
+    if config.logging.wandb.enabled:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "invalid config:\n  logging.wandb.enabled: wandb is not installed; "
+                "pip install wandb, or set logging.wandb.enabled=false"
+            )
+    for key, source in (("data.source", config.data.source), ("eval.source", config.eval.source)):
+        if source is not None and not source.startswith("builtin:") and not os.path.exists(source):
+            raise ConfigError(
+                f"invalid config:\n  {key}: {source!r} does not exist; give a .jsonl, .parquet "
+                "or .arrow file, a directory saved by datasets, or builtin:addition"
+            )

@@ -79,6 +79,7 @@ class Trainer:
         self.rewards = RewardStage(cfg, actors.scorers, self.timeout)
         ds = cfg.reward.dynamic_sampling
         self.dynamic = ds if ds.enabled else None
+        self.last_batch: pa.Table | None = None
 
     # ------------------------------------------------------------------ one iteration
 
@@ -88,7 +89,7 @@ class Trainer:
         with timer("iteration"):
             rollout = self.rollout(timer)
             metrics = rollout.metrics | self.update(rollout.table, timer)
-        return metrics | timer.timings
+        return metrics | timer.timings | throughput(metrics, timer.timings)
 
     def rollout(self, timer: StageTimer) -> Rollout:
         """Generate, score, and add reference and old log-probabilities."""
@@ -116,6 +117,7 @@ class Trainer:
         """Advantages, training, and pushing the new weights to the generators."""
         with timer("advantages"):
             batch, metrics = self.advantages(table)
+        self.last_batch = batch  # the iteration's whole table, for rollouts/iter_<k>.parquet
         with timer("train"):
             metrics |= self.train(batch)
         with timer("sync"):
@@ -183,6 +185,17 @@ class Trainer:
         generated = self.generate(prompts, sampling)
         return self.rewards.set_baselines(generated)
 
+    def evaluate(self, prompts: pa.Table, sampling: Sampling) -> pa.Table:
+        """The current policy's responses to ``prompts`` with ``sampling``, with one
+        ``reward/<name>`` column per reward component (unshaped: no running statistics or
+        baselines move)."""
+        generated = self.generate(prompts, sampling)
+        columns, _ = self.rewards.components(generated)
+        table = self._wait(generated)
+        for name in columns.column_names:
+            table = table.append_column(name, columns[name])
+        return table
+
     def reference(self, table: ray.ObjectRef) -> ray.ObjectRef:
         """Frozen reference policy -> ``ref_logprobs``."""
         return self._ready(self.actors.reference.logprobs.remote(table))
@@ -234,14 +247,20 @@ class Trainer:
         scorable = torch.isfinite(scores)
         mismatch = (t[S.ROLLOUT_LOGPROBS] - t[S.OLD_LOGPROBS]).abs()
         finish = S.column_array(table, S.FINISH_REASON)
+        lengths = batch.response_lengths
+        prompt_tokens = pc.sum(pc.list_value_length(S.column_array(table, S.PROMPT_TOKEN_IDS)))
         metrics = {
             "reward/score_mean": float(scores[scorable].mean()) if scorable.any() else float("nan"),
             "reward/score_max": float(scores[scorable].max()) if scorable.any() else float("nan"),
             "actor/kl_ref": kl_ref,
             "actor/kl_coef": self.kl_ctl.value,
             "rollout/samples": float(table.num_rows),
-            "rollout/response_length": float(batch.response_lengths.float().mean()),
+            "rollout/response_length": float(lengths.float().mean()),
+            "rollout/response_tokens": float(lengths.sum()),
+            "rollout/prompt_tokens": float(prompt_tokens.as_py()),
             "rollout/stop_fraction": float(pc.mean(pc.equal(finish, "stop")).as_py()),
+            "rollout/truncated_fraction": float(pc.mean(pc.equal(finish, "length")).as_py()),
+            "reward/zero_spread_groups": zero_spread_fraction(scores.numpy(), inputs.group_ids),
             "rollout/logprob_mismatch": float(masked_mean(mismatch, mask)),
             "rollout/logprob_mismatch_max": float(torch.where(mask, mismatch, 0).max()),
             "rollout/weight_version": float(self.version),
@@ -301,3 +320,30 @@ class Trainer:
             "sync/seconds": seconds,
             "sync/gbytes_per_s": sent / seconds / 1e9,
         }
+
+
+def zero_spread_fraction(scores: np.ndarray, groups: torch.Tensor) -> float:
+    """Fraction of prompt groups whose finite scores are all equal: with group baselines (GRPO,
+    RLOO) they get zero advantage and teach nothing. Groups with fewer than two finite scores
+    are left out; NaN when no group has two."""
+    gid = groups.numpy()
+    flat, total = 0, 0
+    for g in np.unique(gid):
+        s = scores[(gid == g) & np.isfinite(scores)]
+        if len(s) >= 2:
+            total += 1
+            flat += bool(np.ptp(s) == 0)
+    return flat / total if total else float("nan")
+
+
+def throughput(metrics: dict[str, float], timings: dict[str, float]) -> dict[str, float]:
+    """``perf/``: samples and tokens (prompt + response) per second of the whole iteration, and
+    generated tokens per second of the generate stage."""
+    seconds = timings["timing/iteration"]
+    tokens = metrics["rollout/prompt_tokens"] + metrics["rollout/response_tokens"]
+    return {
+        "perf/samples_per_s": metrics["rollout/samples"] / seconds,
+        "perf/tokens_per_s": tokens / seconds,
+        "perf/generated_tokens_per_s": metrics["rollout/response_tokens"]
+        / timings["timing/generate"],
+    }

@@ -181,12 +181,14 @@ def start_scorers(
     rw, trust = cfg.reward, cfg.model.trust_remote_code
     slots = iter(plan.reward)
     scorers = []
+    # Labels travel in the prompt table's "label" column whatever the dataset calls its field
+    # (data.label_key names the field only when the dataset is read).
     if rw.functions or rw.monitors:
         rules = [RuleSpec(f.name, f.params, f.column) for f in [*rw.functions, *rw.monitors]]
         scorers.append(
             ray.remote(RuleScorer)
             .options(**_options(cfg, next(slots), groups))
-            .remote(rules, model_path, label_column=cfg.data.label_key, trust_remote_code=trust)
+            .remote(rules, model_path, label_column="label", trust_remote_code=trust)
         )
     for m in rw.models:
         scorers.append(
@@ -214,7 +216,7 @@ def start_scorers(
                 spec,
                 model_path,
                 token=token,
-                label_column=cfg.data.label_key,
+                label_column="label",
                 trust_remote_code=trust,
             )
         )

@@ -97,6 +97,11 @@ class RewardStage:
                 columns = columns.append_column(name, t[name])
         return columns, ray.get(inputs, timeout=self.timeout), metrics
 
+    def components(self, table: ray.ObjectRef) -> tuple[pa.Table, dict[str, float]]:
+        """Every component's ``reward/<name>`` column and the scorers' metrics, unshaped."""
+        columns, _, metrics = self._components(table)
+        return columns, metrics
+
     def score(self, table: ray.ObjectRef) -> Scored:
         """Components from every reward actor, then the shaped ``score``."""
         columns, inputs, metrics = self._components(table)

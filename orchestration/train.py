@@ -5,18 +5,25 @@
 
 With no cluster address (``cluster.address`` or ``RAY_ADDRESS``, which ``ray job submit`` sets)
 it starts an embedded local Ray; otherwise it joins that cluster. Everything is checked (config,
-model path, dataset rows) before any actor starts. Per-iteration metrics are printed and written
-to ``<run_dir>/metrics.jsonl``; the final policy is saved to ``<run_dir>/policy`` (safetensors)
-and a summary to ``<run_dir>/summary.json``.
+model path, dataset rows) before any actor starts. ``--help`` lists every config field.
+
+The run directory (``logging.root/logging.name``) holds what a person looks at:
+
+- ``metrics.jsonl`` (one JSON line per iteration), ``tensorboard/`` event files, and the same
+  metrics as Ray gauges on the cluster's Prometheus endpoint (``ray_raylign_*``);
+- ``rollouts/iter_<k>.parquet`` (the iteration's Arrow table) and ``eval/iter_<k>.parquet``;
+- ``policy/`` (the final policy, a Hugging Face directory) and ``exports/iter_<k>/``;
+- ``report.html`` (plots and sample responses) and ``summary.json``.
 
 The run:
 
-1. load and validate the config, then the tokenizer and every prompt;
+1. load and validate the config, then the tokenizer and every prompt (and eval prompt);
 2. start the actors: vLLM generators, the reward actors (rule functions, reward models, remote
    services), the frozen reference, the DeepSpeed learner ranks (and critic for PPO); with
    ``reward.reference_baseline``, score the reference policy's responses to every prompt;
-3. run ``iterations`` synchronous iterations (see ``orchestration.driver``);
-4. save the policy and the summary.
+3. run ``iterations`` synchronous iterations (see ``orchestration.driver``), evaluating,
+   writing rollouts and exporting as configured;
+4. save the policy, the summary and the report.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -53,9 +61,13 @@ FIRST_LAST = 5  # iterations averaged for the "first" and "last" reward in the s
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from orchestration.config_doc import describe_config
+
     parser = argparse.ArgumentParser(
         prog="python -m orchestration.train",
         description="Run PPO or GRPO on Ray with vLLM generators and a DeepSpeed learner.",
+        epilog="config fields (set any with key=value):\n\n" + describe_config(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", default="demo", help=f"a preset ({', '.join(presets())}) or a YAML file"
@@ -98,6 +110,8 @@ def init_ray(cfg: RunConfig) -> None:
 
 
 def summarize(history: list[dict], run_dir: Path, wall_s: float) -> dict:
+    evals = [h for h in history if any(k.startswith("eval/") for k in h)]
+    history = [h for h in history if "reward/score_mean" in h]  # not the final evaluation
     rewards = [h["reward/score_mean"] for h in history]
     n = min(FIRST_LAST, len(rewards))
     timings = sorted({k for h in history for k in h if k.startswith("timing/")})
@@ -108,7 +122,13 @@ def summarize(history: list[dict], run_dir: Path, wall_s: float) -> dict:
         "reward_first": sum(rewards[:n]) / n,
         "reward_last": sum(rewards[-n:]) / n,
         "reward_curve": rewards,
-        "mean_timings_s": {k: sum(h[k] for h in history) / len(history) for k in timings},
+        "mean_timings_s": {
+            k: sum(h[k] for h in history if k in h) / sum(k in h for h in history) for k in timings
+        },
+        "eval": {
+            str(e["iteration"]): {k: v for k, v in e.items() if k.startswith("eval/")}
+            for e in evals
+        },
     }
 
 
@@ -145,6 +165,7 @@ class Prepared:
     prompts: PromptSet
     pad_token_id: int
     reward_model_paths: dict[str, str]
+    eval_prompts: PromptSet | None = None
 
 
 def prepare(cfg: RunConfig, source: str) -> Prepared:
@@ -162,14 +183,35 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, trust_remote_code=cfg.model.trust_remote_code
     )
+    data = cfg.data
     prompts = load_prompts(
-        cfg.data.source,
+        data.source,
         tokenizer,
-        prompt_key=cfg.data.prompt_key,
-        label_key=cfg.data.label_key,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        addition_max_operand=cfg.data.addition_max_operand,
+        prompt_key=data.prompt_key,
+        label_key=data.label_key,
+        max_prompt_tokens=data.max_prompt_tokens,
+        addition_max_operand=data.addition_max_operand,
+        overlong=data.overlong,
+        strict=data.strict,
+        split=data.split,
     )
+    print(f"prompts: {prompts.report.summary()}", flush=True)
+    for problem in prompts.report.problems[:5]:
+        print(f"  skipped: {problem}", flush=True)
+    eval_prompts = None
+    if cfg.eval.source is not None:
+        eval_prompts = load_prompts(
+            cfg.eval.source,
+            tokenizer,
+            prompt_key=cfg.eval.prompt_key,
+            label_key=cfg.eval.label_key,
+            max_prompt_tokens=data.max_prompt_tokens,
+            addition_max_operand=data.addition_max_operand,
+            overlong=data.overlong,
+            strict=data.strict,
+            split=cfg.eval.split,
+        )
+        print(f"eval prompts: {eval_prompts.report.summary()}", flush=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Prepared(
         run_dir=run_dir,
@@ -177,14 +219,112 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
         prompts=prompts,
         pad_token_id=pad,
         reward_model_paths=prepare_reward_models(cfg, run_dir, model_path),
+        eval_prompts=eval_prompts,
     )
+
+
+def make_sinks(cfg: RunConfig, run_dir: Path) -> list:
+    """Where metrics go besides ``metrics.jsonl``, as configured."""
+    from orchestration.metrics import RayMetricsSink, TensorBoardSink, WandbSink
+
+    sinks: list = []
+    if cfg.logging.ray_metrics:
+        sinks.append(RayMetricsSink(run_dir.name, cfg.algorithm.estimator.value))
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+    wb = cfg.logging.wandb
+    if wb.enabled:
+        config = cfg.model_dump(mode="json")
+        sinks.append(
+            WandbSink(
+                run_dir,
+                run_dir.name,
+                config,
+                project=wb.project,
+                entity=wb.entity,
+                mode=wb.mode,
+                tags=wb.tags,
+            )
+        )
+    return sinks
+
+
+class Loop:
+    """The iterations, with evaluation, rollout files and exports on their schedules."""
+
+    def __init__(self, cfg: RunConfig, trainer, sampler: PromptSampler, prep: Prepared):
+        from actors.vllm_engine import Sampling
+
+        self.cfg, self.trainer, self.sampler, self.prep = cfg, trainer, sampler, prep
+        self.run_dir = prep.run_dir
+        self.eval_table = None
+        if prep.eval_prompts is not None:
+            table = all_prompts(prep.eval_prompts)
+            limit = cfg.eval.max_prompts
+            self.eval_table = table.slice(0, limit) if limit else table
+            ev = cfg.eval
+            self.eval_sampling = Sampling(
+                n=ev.samples,
+                temperature=ev.temperature,
+                max_new_tokens=ev.max_new_tokens or cfg.generator.max_new_tokens,
+                seed=cfg.seed,
+            )
+
+    def run(self, log) -> None:
+        cfg, last = self.cfg, self.cfg.iterations - 1
+        for k in range(cfg.iterations):
+            metrics: dict[str, float] = {}
+            if self.eval_table is not None and k % cfg.eval.every == 0:
+                metrics |= self.evaluate(k)
+            metrics |= self.trainer.iteration()
+            metrics["data/epoch"] = self.sampler.progress
+            every = cfg.logging.rollouts_every
+            if every and (k == 0 or k == last or k % every == 0):
+                from orchestration.evaluation import write_table
+
+                path = self.run_dir / "rollouts" / f"iter_{k:06d}.parquet"
+                write_table(self.trainer.last_batch, path)
+            if cfg.export.every and (k + 1) % cfg.export.every == 0 and k != last:
+                start = time.perf_counter()
+                self.export(self.run_dir / "exports" / f"iter_{k:06d}")
+                self.prune_exports()
+                metrics["timing/export"] = time.perf_counter() - start
+            log.log(k, metrics)
+        if self.eval_table is not None:  # the final weights, as their own record
+            log.log(cfg.iterations, self.evaluate(cfg.iterations))
+
+    def evaluate(self, k: int) -> dict[str, float]:
+        """The eval set under the current weights -> ``eval/*`` metrics and
+        ``eval/iter_<k>.parquet``."""
+        from orchestration.evaluation import eval_metrics, write_table
+
+        start = time.perf_counter()
+        table = self.trainer.evaluate(self.eval_table, self.eval_sampling)
+        write_table(table, self.run_dir / "eval" / f"iter_{k:06d}.parquet")
+        metrics = eval_metrics(table, self.cfg.eval_component, self.cfg.eval.correct_threshold)
+        return metrics | {"timing/eval": time.perf_counter() - start}
+
+    def export(self, path: Path) -> None:
+        """The learner's current policy as a Hugging Face directory (every rank takes part
+        under ZeRO-3; rank 0 writes)."""
+        import ray
+
+        learners = self.trainer.actors.learners
+        timeout = self.cfg.cluster.call_timeout_s
+        ray.get([a.save_policy.remote(str(path)) for a in learners], timeout=timeout)
+
+    def prune_exports(self) -> None:
+        keep = self.cfg.export.keep
+        exports = sorted((self.run_dir / "exports").glob("iter_*[0-9]"))
+        for old in exports[:-keep] if keep else []:
+            shutil.rmtree(old)
 
 
 def run(cfg: RunConfig, source: str) -> dict:
     """Everything after the config: checks, actors, the loop, the policy and the summary."""
     start = time.perf_counter()
     prep = prepare(cfg, source)
-    print(f"run directory: {prep.run_dir}\nprompts: {len(prep.prompts)} from {cfg.data.source}")
+    print(f"run directory: {prep.run_dir}", flush=True)
 
     import ray
 
@@ -195,7 +335,7 @@ def run(cfg: RunConfig, source: str) -> dict:
     init_ray(cfg)
     try:
         actors = start_actors(cfg, prep.model_path, prep.pad_token_id, prep.reward_model_paths)
-        sampler = PromptSampler(prep.prompts, cfg.data.seed)
+        sampler = PromptSampler(prep.prompts, cfg.data.seed, shuffle=cfg.data.shuffle)
         trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
         if cfg.reward.reference_baseline:
             baseline = trainer.reference_baselines(all_prompts(prep.prompts))
@@ -204,18 +344,26 @@ def run(cfg: RunConfig, source: str) -> dict:
                 f"mean score {baseline['reward/baseline_mean']:.4f}",
                 flush=True,
             )
-        log = MetricsLog(prep.run_dir, cfg.iterations, progress_bar=cfg.logging.progress_bar)
+        log = MetricsLog(
+            prep.run_dir,
+            cfg.iterations,
+            progress_bar=cfg.logging.progress_bar,
+            sinks=make_sinks(cfg, prep.run_dir),
+        )
+        loop = Loop(cfg, trainer, sampler, prep)
         try:
-            for k in range(cfg.iterations):
-                log.log(k, trainer.iteration())
+            loop.run(log)
         finally:
             log.close()
-        policy_dir = str(prep.run_dir / "policy")  # all ranks take part (ZeRO-3); rank 0 writes
-        ray.get([a.save_policy.remote(policy_dir) for a in actors.learners], timeout=600)
+        loop.export(prep.run_dir / "policy")
         summary = summarize(log.history, prep.run_dir, time.perf_counter() - start)
     finally:
         ray.shutdown()
     (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.logging.report:
+        from orchestration.report import write_report
+
+        print(f"report: {write_report(prep.run_dir)}", flush=True)
     return summary
 
 

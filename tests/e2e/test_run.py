@@ -87,7 +87,10 @@ def test_demo_learns(private_env, tmp_path, preset, extra, present, absent):
         (["learner.lrr=1e-3"], "learner.lrr: unknown key; did you mean 'lr'?"),
         (["generator.temperature=-1"], "generator.temperature: Input should be greater than 0"),
         (["model.path=/no/such/model"], "model.path: model path '/no/such/model' does not exist"),
-        (["data.source={rows}"], "row 1: no 'prompt' (every row needs a prompt)"),
+        (
+            ["data.source={rows}", "data.strict=true"],
+            "prompts.jsonl, line 2: no 'prompt' (every row needs a prompt, 'messages' or",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_actor_starts(private_env, tmp_path, args, message):

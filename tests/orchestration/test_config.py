@@ -41,15 +41,43 @@ def test_config_is_frozen():
         (["learner.num_mini_batches=3"], "do not split evenly into learner.num_ranks"),
         (["generator.max_model_len=8"], "exceeds generator.max_model_len = 8; raise it"),
         (["model.path=/no/such/model"], "model.path: model path '/no/such/model' does not exist"),
-        (["data.source=/no/such.jsonl"], "data.source: file '/no/such.jsonl' does not exist"),
+        (["data.source=/no/such.jsonl"], "data.source: '/no/such.jsonl' does not exist"),
         (["learner.lr"], "override 'learner.lr' is not key=value"),
         (["learner.lr=[1"], "learner.lr: value '[1' is not valid YAML"),
+        (["eval.source=/no/such"], "eval.source: '/no/such' does not exist"),
+        (
+            ["eval.source=builtin:addition", "eval.correct_component=rm"],
+            "eval.correct_component='rm' is not a rule component (exact_integer)",
+        ),
+        (
+            ["eval.source=builtin:addition", "eval.samples=4"],
+            "eval.samples=4 with eval.temperature=0 repeats one greedy response",
+        ),
+        (["data.overlong=cut"], "data.overlong: Input should be 'skip', 'truncate' or 'error'"),
     ],
 )
 def test_bad_config_names_the_field_and_the_fix(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config("demo", overrides)
     assert message in str(err.value)
+
+
+def test_wandb_turned_on_without_wandb_installed_is_refused_at_load(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="logging.wandb.enabled: wandb is not installed; pip"):
+        load_config("demo", ["logging.wandb.enabled=true"])
+
+
+def test_eval_needs_a_rule_function_to_score_with():
+    with pytest.raises(ConfigError, match="eval scores samples with rule functions"):
+        load_config("demo-rm", ["eval.source=builtin:addition", "reward.monitors=[]"])
+    cfg = load_config("demo-rm", ["eval.source=builtin:addition"])
+    assert cfg.eval_component == "exact_integer"  # the monitor
 
 
 def test_every_problem_is_listed_at_once():
