@@ -167,7 +167,7 @@ def _plot_timing(ax: Axes, m: Metrics) -> bool:
 def _plot_eval(ax: Axes, m: Metrics) -> bool:
     """Rates in [0, 1] (scores, pass@k, fractions) on the left axis; the rest (lengths, counts)
     dashed on a twin right axis. Sparse: markers at the evaluated iterations."""
-    names = m.names(r"eval/.+")
+    names = [n for n in m.names(r"eval/.+") if n != "eval/prompts"]  # a constant: the set size
     rates = [n for n in names if np.nanmin(m.columns[n]) >= 0 and np.nanmax(m.columns[n]) <= 1]
     other = [n for n in names if n not in rates]
     right = ax.twinx() if rates and other else ax

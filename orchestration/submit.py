@@ -23,6 +23,7 @@ import logging
 import os
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ EXCLUDES = [
 HTTP_TIMEOUT_S = (10.0, 120.0)  # (connect, read); the read covers the working dir's upload
 STOP_TIMEOUT_S = 60.0  # Ray sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s)
 POLL_S = 0.5
+STATUS_EVERY_S = 5.0  # while following logs, how often the job's status is checked
+STREAM_GRACE_S = 10.0  # how long the log stream may trail the job's end
 HOW_TO_GET_A_TOKEN = (
     "on the head node `ray get-auth-token` prints the cluster's token (it is also in the head's "
     "~/.ray/auth_token); pass it with --token-file PATH, RAY_AUTH_TOKEN_PATH=PATH or "
@@ -207,12 +210,28 @@ async def _print_logs(client: Client, job_id: str) -> None:
 def follow(client: Client, job_id: str) -> JobDetails:
     """Print the job's logs as they come until it ends; its final details.
 
-    Unbounded by design (a run takes as long as it takes); Ctrl-C raises KeyboardInterrupt.
+    The log stream (a websocket) runs in a daemon thread; this thread only waits, checking the
+    job's status every few seconds, so Ctrl-C always lands here at once (KeyboardInterrupt) and
+    a stream that stalls cannot outlive its job by more than ``STREAM_GRACE_S``. Unbounded by
+    design otherwise: a run takes as long as it takes.
     """
-    try:
-        asyncio.run(_print_logs(client, job_id))
-    except (aiohttp.ClientError, RuntimeError) as e:
-        print(f"warning: the log stream broke ({e})", file=sys.stderr, flush=True)
+    done = threading.Event()
+
+    def stream() -> None:
+        try:
+            asyncio.run(_print_logs(client, job_id))
+        except (aiohttp.ClientError, RuntimeError) as e:
+            print(f"warning: the log stream broke ({e})", file=sys.stderr, flush=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=stream, name="job-logs", daemon=True).start()
+    ended_at = None
+    while not done.wait(STATUS_EVERY_S):
+        if ended_at is None and job_info(client, job_id).status.is_terminal():
+            ended_at = time.monotonic()  # let the stream deliver the last lines
+        if ended_at is not None and time.monotonic() - ended_at > STREAM_GRACE_S:
+            break
     # The stream ends when the job does; its status can trail by a moment.
     return wait_until_terminal(client, job_id, timeout_s=10)
 

@@ -49,5 +49,8 @@ def test_quickstart_submits_the_demo_as_a_ray_job(private_env):
     assert summary["iterations"] == 8
     assert f"final reward:   {summary['reward_last']:.3f}" in out.stdout
     assert "dashboard:      http://127.0.0.1:" in out.stdout
+    assert f"report:         {run_dir}/report.html" in out.stdout
+    assert (run_dir / "report.html").stat().st_size > 10_000  # plots inlined
+    assert list((run_dir / "tensorboard").iterdir())
     # The job's token file was made for this test's HOME: auth was on.
     assert (Path(env["HOME"]) / ".ray" / "auth_token").is_file()
