@@ -184,34 +184,31 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
         model_path, trust_remote_code=cfg.model.trust_remote_code
     )
     data = cfg.data
-    prompts = load_prompts(
-        data.source,
-        tokenizer,
-        prompt_key=data.prompt_key,
-        label_key=data.label_key,
-        max_prompt_tokens=data.max_prompt_tokens,
-        addition_max_operand=data.addition_max_operand,
-        overlong=data.overlong,
-        strict=data.strict,
-        split=data.split,
-    )
-    print(f"prompts: {prompts.report.summary()}", flush=True)
-    for problem in prompts.report.problems[:5]:
-        print(f"  skipped: {problem}", flush=True)
-    eval_prompts = None
-    if cfg.eval.source is not None:
-        eval_prompts = load_prompts(
-            cfg.eval.source,
+
+    def load(what: str, source: str, prompt_key: str, label_key: str, split: str) -> PromptSet:
+        prompts = load_prompts(
+            source,
             tokenizer,
-            prompt_key=cfg.eval.prompt_key,
-            label_key=cfg.eval.label_key,
+            prompt_key=prompt_key,
+            label_key=label_key,
             max_prompt_tokens=data.max_prompt_tokens,
             addition_max_operand=data.addition_max_operand,
             overlong=data.overlong,
             strict=data.strict,
-            split=cfg.eval.split,
+            split=split,
         )
-        print(f"eval prompts: {eval_prompts.report.summary()}", flush=True)
+        print(f"{what}: {prompts.report.summary()}", flush=True)
+        for problem in prompts.report.problems[:5]:
+            print(f"  skipped: {problem}", flush=True)
+        return prompts
+
+    prompts = load("prompts", data.source, data.prompt_key, data.label_key, data.split)
+    ev = cfg.eval
+    eval_prompts = (
+        load("eval prompts", ev.source, ev.prompt_key, ev.label_key, ev.split)
+        if ev.source is not None
+        else None
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Prepared(
         run_dir=run_dir,
@@ -357,6 +354,7 @@ def run(cfg: RunConfig, source: str) -> dict:
             log.close()
         loop.export(prep.run_dir / "policy")
         summary = summarize(log.history, prep.run_dir, time.perf_counter() - start)
+        summary["data"] = prep.prompts.report.metrics()  # rows read, loaded, skipped, truncated
     finally:
         ray.shutdown()
     (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -57,8 +57,9 @@ def run(tmp_path_factory):
     tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # Ray's socket paths must stay short
     env = dict(os.environ, HOME=str(home), TMPDIR=tmp)
     env.pop("RAY_ADDRESS", None)
-    # A user's dataset: Parquet with its own field names.
+    # A user's dataset: Parquet with its own field names, and one row without a prompt.
     rows = [{"question": p, "answer": a} for p, a in addition_examples(4)]
+    rows.insert(3, {"question": None, "answer": "1"})
     pq.write_table(pa.Table.from_pylist(rows), root / "addition.parquet")
     ray = str(VENV / "bin" / "ray")
     gcs, metrics_port = free_port(), free_port()
@@ -170,6 +171,19 @@ def test_evaluation_runs_on_schedule_and_reports_pass_at_1(run):
     correct = pc.greater_equal(table["reward/exact_integer"], 1.0)
     assert evals[ITERATIONS]["eval/pass@1"] == pytest.approx(pc.mean(correct).as_py())
     assert "eval pass@1=" in stdout
+
+
+def test_the_malformed_row_is_reported_by_number_and_the_rest_train(run):
+    run_dir, _, stdout = run
+    assert "skipped: " in stdout and "row 3: no 'question'" in stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data"] == {
+        "data/rows": 26.0,
+        "data/loaded": 25.0,
+        "data/malformed": 1.0,
+        "data/overlong_skipped": 0.0,
+        "data/truncated": 0.0,
+    }
 
 
 def test_rollouts_are_written_as_parquet_with_the_rollout_schema(run):

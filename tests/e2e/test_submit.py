@@ -95,7 +95,16 @@ def test_ctrl_c_while_following_stops_the_job(private_env, address, tmp_path):
     token = Path(private_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     argv = SUBMIT + ["--address", address, "--name", "interrupted", f"logging.root={tmp_path}"]
     proc = subprocess.Popen(
-        argv, cwd=REPO, env=private_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv,
+        cwd=REPO,
+        env=private_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A shell without job control (CI under nohup, `cmd &`) starts its background commands
+        # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler: give the
+        # command the terminal's default, as a person pressing Ctrl-C has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
