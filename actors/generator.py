@@ -17,6 +17,12 @@ from learner import weight_sync
 from rollout import schema as S
 from rollout.build import build_rollout_table
 
+SAMPLE_SEED = "sample_seed"  # optional prompt-table column: the prompt's sampling seed
+
+
+class StaleWeightsError(RuntimeError):
+    """Asked to generate with weights this generator does not serve (it was restarted)."""
+
 
 class PolicyGenerator:
     """Generates with vLLM; ``update_weights`` swaps in a new policy version.
@@ -30,20 +36,33 @@ class PolicyGenerator:
         self.engine = VLLMEngine(spec)
         self._version = initial_version
 
-    def generate(self, prompts: pa.Table, sampling: Sampling) -> pa.Table:
+    def generate(
+        self, prompts: pa.Table, sampling: Sampling, expected_version: int | None = None
+    ) -> pa.Table:
         """``sampling.n`` samples for each row of ``prompts``.
 
         Args:
-            prompts: ``prompt_id`` (int64) and ``prompt_token_ids`` (list<int32>) columns; any
-                other column (``label``, ...) is copied onto each of the prompt's samples.
+            prompts: ``prompt_id`` (int64) and ``prompt_token_ids`` (list<int32>) columns; an
+                optional ``sample_seed`` (int64) seeds each prompt's sampling; any other column
+                (``label``, ...) is copied onto each of the prompt's samples.
+            expected_version: refuse (:class:`StaleWeightsError`) unless serving this version;
+                a generator Ray restarted serves its initial weights until it is re-synced.
         Returns:
             A validated rollout table, prompt-major, stamped with the served weight version.
         """
+        if expected_version is not None and expected_version != self._version:
+            raise StaleWeightsError(
+                f"generator serves weight version {self._version}, the driver expects "
+                f"{expected_version}"
+            )
         for name in (S.PROMPT_ID, S.PROMPT_TOKEN_IDS):
             if name not in prompts.column_names:
                 raise ValueError(f"prompt table has no '{name}' column")
         ids = S.column_array(prompts, S.PROMPT_TOKEN_IDS).to_pylist()
-        samples = self.engine.generate(ids, range(len(ids)), sampling)
+        seeds = None
+        if SAMPLE_SEED in prompts.column_names:
+            seeds = S.column_array(prompts, SAMPLE_SEED).to_pylist()
+        samples = self.engine.generate(ids, range(len(ids)), sampling, seeds)
         rows = pa.array([s.prompt_id for s in samples], pa.int64())  # row of prompts per sample
         prompt_ids = S.column_array(prompts, S.PROMPT_ID).take(rows).to_pylist()
         samples = [replace(s, prompt_id=pid) for s, pid in zip(samples, prompt_ids, strict=True)]
@@ -53,14 +72,26 @@ class PolicyGenerator:
         metadata = {c: S.column_array(prompts, c).take(rows) for c in passthrough}
         return build_rollout_table(samples, weight_version=self._version, metadata=metadata)
 
+    def generate_checked(
+        self, prompts: pa.Table, sampling: Sampling, expected_version: int
+    ) -> tuple[pa.Table, int]:
+        """:meth:`generate` plus the version served, as two return values (call it with
+        ``num_returns=2``): the driver waits on the small one to learn whether the call failed
+        without pulling the table."""
+        return self.generate(prompts, sampling, expected_version), self._version
+
     def update_weights(
-        self, version: int, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+        self,
+        version: int,
+        weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        reset: bool = False,
     ) -> int:
         """Serve ``weights`` (full policy state, Hugging Face names) as ``version`` from now on.
 
-        Versions only move forward. Returns the version now served.
+        Versions only move forward, except with ``reset`` (a run rolled back to a checkpoint).
+        Returns the version now served.
         """
-        self._check_newer(version)
+        self._check_newer(version, reset)
         items = weights.items() if isinstance(weights, Mapping) else weights
         self.engine.load_weights(items)
         self._version = version
@@ -96,9 +127,15 @@ class PolicyGenerator:
     def wake_up(self) -> None:
         self.engine.wake_up()
 
-    def _check_newer(self, version: int) -> None:
-        if version <= self._version:
+    def _check_newer(self, version: int, reset: bool = False) -> None:
+        if version <= self._version and not reset:
             raise ValueError(f"weight version {version} is not newer than {self._version}")
+
+    def process_id(self) -> int:
+        """This actor's process (a new one after Ray restarts it)."""
+        import os
+
+        return os.getpid()
 
     def weight_version(self) -> int:
         """The version of the weights this generator serves."""

@@ -55,6 +55,12 @@ class LearnerActor:
     def save_policy(self, path: str) -> None:
         self.learner.save_policy(path)
 
+    def save_checkpoint(self, path: str) -> None:
+        self.learner.save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.learner.load_checkpoint(path)
+
     def sync_plan(self, bucket_bytes: int) -> weight_sync.SyncPlan:
         return self.learner.sync_plan(bucket_bytes)
 

@@ -93,19 +93,31 @@ class VLLMEngine:
         )
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], prompt_indices: Sequence[int], sampling: Sampling
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        prompt_indices: Sequence[int],
+        sampling: Sampling,
+        seeds: Sequence[int] | None = None,
     ) -> list[GeneratedSample]:
         """``sampling.n`` samples per prompt, prompt-major; ``prompt_id`` is ``prompt_indices[i]``
-        for the samples of prompt ``i`` (the caller maps them back to its ids)."""
+        for the samples of prompt ``i`` (the caller maps them back to its ids). With ``seeds``,
+        prompt ``i`` samples from its own generator seeded ``seeds[i]`` (vLLM gives its j-th
+        sample ``seeds[i] + j``): the same tokens whichever replica, batch or restart serves it."""
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            max_tokens=sampling.max_new_tokens,
-            logprobs=0,  # the sampled token's log-probability only
-            seed=sampling.seed,
-        )
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,  # the sampled token's log-probability only
+                seed=seed,
+            )
+
+        if seeds is None:
+            params = params(sampling.seed)
+        else:
+            params = [params(int(s)) for s in seeds]
         requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         samples = []

@@ -211,6 +211,8 @@ class Learner:
         if self.critic is not None:
             self.critic.eval()
         self.skipped_steps = {"actor": 0, "critic": 0}
+        self.skipped_in_a_row = 0  # mini-batches in a row whose update was dropped
+        self._bad_step = False
         self._sync_group = None  # rank 0 only: the collective weight-sync group
         self._send_buffers, self._send_plan = None, None  # rank 0: reused packing buffers
 
@@ -269,6 +271,7 @@ class Learner:
             engine.zero_grad()
             engine.optimizer.zero_grad()
             self.skipped_steps[name] += 1
+            self._bad_step = True
             return {}
         engine.step()
         norm = engine.get_global_grad_norm()
@@ -318,6 +321,7 @@ class Learner:
                 if n_tok == 0:  # nothing to learn from (say, all unscorable): no update at all
                     continue
                 bad_actor = bad_critic = False
+                self._bad_step = False
                 for batch, mask in zip(padded, masks, strict=True):
                     metrics, bad = self._actor_micro(batch, mask, n_tok, n_seq)
                     bad_actor |= bad
@@ -329,6 +333,7 @@ class Learner:
                 record(self._step("actor", self.policy, bad_actor))
                 if self.critic is not None:
                     record(self._step("critic", self.critic, bad_critic))
+                self.skipped_in_a_row = self.skipped_in_a_row + 1 if self._bad_step else 0
                 names = sorted(partial)
                 for k, v in zip(names, self._all_reduce([partial[k] for k in names]), strict=True):
                     sums[k] += v  # the whole mini-batch's loss, over every rank
@@ -337,6 +342,7 @@ class Learner:
         out = {k: sums[k] / counts[k] for k in sums}
         for name in ("actor", "critic") if self.critic is not None else ("actor",):
             out[f"{name}/skipped_steps"] = float(self.skipped_steps[name])  # a count, not a mean
+        out["learner/skipped_in_a_row"] = float(self.skipped_in_a_row)
         return out
 
     def _actor_micro(self, batch: PaddedBatch, mask, n_tok, n_seq) -> tuple[dict, bool]:
@@ -415,6 +421,59 @@ class Learner:
         weights = self.policy_weights()
         if self.rank == 0:
             export_hf(self.policy.module, weights, self.spec, path)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str) -> None:
+        """The engines' state (weights, optimizer, scheduler) and this rank's RNG states and
+        counters under ``path`` (see ``learner.checkpoint``). Every rank calls it."""
+        from pathlib import Path
+
+        from learner import checkpoint
+
+        root = Path(path)
+        checkpoint.save_engine(self.policy, root / "policy")
+        if self.critic is not None:
+            checkpoint.save_engine(self.critic, root / "critic")
+        state = {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "zero_stage": self.spec.zero_stage,
+            "critic": self.critic is not None,
+            "skipped_steps": self.skipped_steps,
+            "skipped_in_a_row": self.skipped_in_a_row,
+            "rng": checkpoint.rng_state(self._rng),
+        }
+        checkpoint.write_json(root / f"rank_{self.rank}.json", state)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore what :meth:`save_checkpoint` wrote. The checkpoint must come from as many
+        ranks at the same ZeRO stage (DeepSpeed's partitions are per rank)."""
+        import json
+        from pathlib import Path
+
+        from learner import checkpoint
+
+        root = Path(path)
+        state = json.loads((root / f"rank_{self.rank}.json").read_text())
+        wrote = (state["world_size"], state["zero_stage"], state["critic"])
+        have = (self.world_size, self.spec.zero_stage, self.critic is not None)
+        if wrote != have:
+            raise ValueError(
+                f"checkpoint {root.parent}: written by {wrote[0]} learner ranks at ZeRO stage "
+                f"{wrote[1]} (critic: {wrote[2]}); this run has {have[0]} at stage {have[1]} "
+                f"(critic: {have[2]}). Resume with the same learner.num_ranks, "
+                "learner.zero_stage and algorithm"
+            )
+        checkpoint.load_engine(self.policy, root / "policy")
+        if self.critic is not None:
+            checkpoint.load_engine(self.critic, root / "critic")
+        self.policy.eval()
+        if self.critic is not None:
+            self.critic.eval()
+        self.skipped_steps = dict(state["skipped_steps"])
+        self.skipped_in_a_row = int(state["skipped_in_a_row"])
+        checkpoint.set_rng_state(self._rng, state["rng"])
 
     # ------------------------------------------------------------------ collective weight sync
 

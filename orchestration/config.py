@@ -154,6 +154,9 @@ class LearnerConfig(_Section):
     """After warm-up: constant, or cosine decay to 0 over the run's optimizer steps."""
     grad_clip: float = Field(1.0, gt=0)
     """Clip the gradient's global norm to this."""
+    max_skipped_in_a_row: int = Field(8, ge=1)
+    """Updates dropped in a row for a non-finite loss or gradient norm before the run stops
+    (with a checkpoint of the last good state); single ones are skipped and counted."""
 
 
 class RoleResources(_Section):
@@ -345,6 +348,12 @@ class ClusterConfig(_Section):
     """Longest wait for any remote call before the run fails."""
     placement_timeout_s: float = Field(300, gt=0)
     """Longest wait for the placement groups' resources before the run fails."""
+    max_actor_restarts: int = Field(3, ge=0)
+    """Times Ray restarts each generator, reward or reference actor that dies (its in-flight
+    work is re-issued; a generator is re-synced to the current weights before it serves)."""
+    max_failures: int = Field(3, ge=0)
+    """Times the learner group is rebuilt after a rank dies, each time resuming from the last
+    committed checkpoint; one more failure stops the run."""
 
 
 class WeightSyncConfig(_Section):
@@ -435,11 +444,27 @@ class ExportConfig(_Section):
     """Periodic exports kept (the oldest removed first); None: all."""
 
 
+class CheckpointConfig(_Section):
+    """Run checkpoints in ``<run_dir>/checkpoints/iter_<k>``: learner engines (weights,
+    optimizer, scheduler), RNGs, data position, KL controller, reward statistics, weight
+    version and config, committed by a marker written last."""
+
+    every: int = Field(10, ge=0)
+    """Checkpoint after every this many iterations (and always after the last one, and when a
+    run stops on numerical faults); 0: only then."""
+    keep: int = Field(2, ge=1)
+    """Committed checkpoints kept (the oldest removed first)."""
+
+
 class RunConfig(_Section):
     iterations: int = Field(20, ge=1)
     """Training iterations (generate -> score -> train -> sync each)."""
     seed: int = 0
     """Seed of the learner's initialisation, eval sampling and the demo reward model's training."""
+    resume: str = "never"
+    """never: a new run (its directory must not exist). auto: continue the run in
+    ``logging.root/logging.name`` from its newest committed checkpoint, or start it if there is
+    none. A path: continue from that checkpoint directory."""
     model: ModelConfig = ModelConfig()
     """The policy checkpoint."""
     data: DataConfig = DataConfig()
@@ -460,6 +485,7 @@ class RunConfig(_Section):
     """The run directory, and where metrics, rollouts and the report go."""
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunConfig:
@@ -487,6 +513,11 @@ class RunConfig(_Section):
             problems.append(
                 f"data.max_prompt_tokens + generator.max_new_tokens = {longest} exceeds "
                 f"generator.max_model_len = {self.generator.max_model_len}; raise it"
+            )
+        if self.resume != "never" and not self.logging.name:
+            problems.append(
+                f"resume={self.resume} continues a named run: set logging.name to its directory "
+                "name under logging.root"
             )
         problems += self._scale_problems() + self._reward_problems() + self._eval_problems()
         if problems:

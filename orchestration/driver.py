@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from actors.generator import SAMPLE_SEED, StaleWeightsError
 from actors.vllm_engine import Sampling
 from learner.algorithms import (
     AdaptiveKLController,
@@ -33,7 +34,7 @@ from learner.algorithms import (
 from orchestration.config import RunConfig
 from orchestration.data import PromptSampler
 from orchestration.metrics import StageTimer
-from orchestration.placement import Actors, kl_kind
+from orchestration.placement import Actors, kl_kind, open_sync_group
 from orchestration.reward_stage import RewardStage, Scored, enough_groups, select_groups
 from rollout import schema as S
 from rollout.ops import append_columns, concat, group_ids, split_rows
@@ -80,16 +81,21 @@ class Trainer:
         ds = cfg.reward.dynamic_sampling
         self.dynamic = ds if ds.enabled else None
         self.last_batch: pa.Table | None = None
+        self.requests = 0  # prompts sent for sampling so far: seeds each prompt's sampling
+        self._generator_pids: list[int] | None = None
+        self.faults: dict[str, float] = {}  # faults/* counters of recoveries, and their seconds
 
     # ------------------------------------------------------------------ one iteration
 
     def iteration(self) -> dict[str, float]:
         """One synchronous step; returns its metrics (including ``timing/*``)."""
+        if self._generator_pids is None:
+            self._restarted()  # the processes a restart would replace
         timer = StageTimer()
         with timer("iteration"):
             rollout = self.rollout(timer)
             metrics = rollout.metrics | self.update(rollout.table, timer)
-        return metrics | timer.timings | throughput(metrics, timer.timings)
+        return metrics | timer.timings | throughput(metrics, timer.timings) | self.faults
 
     def rollout(self, timer: StageTimer) -> Rollout:
         """Generate, score, and add reference and old log-probabilities."""
@@ -105,7 +111,7 @@ class Trainer:
             if enough_groups(rounds, wanted, self.dynamic.min_std):
                 break
         if self.colocated:  # the learner and reference need the GPUs until the next sync
-            self._wait([g.sleep.remote() for g in self.actors.generators])
+            self._wait([g.sleep.remote() for g in self.actors.generators], "sleep generators")
         scored, reward_metrics = self.select(rounds, wanted)
         with timer("reference"):
             with_ref = self.reference(scored)
@@ -127,40 +133,150 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
 
-    def _wait(self, refs):
-        return ray.get(refs, timeout=self.timeout)
+    def _wait(self, refs, stage: str):
+        """``ray.get`` with the call timeout; a hang becomes an error naming ``stage``."""
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"{stage}: no answer within cluster.call_timeout_s={self.timeout:g}"
+            ) from None
 
-    def _ready(self, ref: ray.ObjectRef) -> ray.ObjectRef:
+    def _ready(self, ref: ray.ObjectRef, stage: str) -> ray.ObjectRef:
         """Wait until ``ref`` is computed, without pulling it here; the stage timer needs it."""
         done, _ = ray.wait([ref], timeout=self.timeout, fetch_local=False)
         if not done:
-            raise TimeoutError(f"a stage took longer than cluster.call_timeout_s={self.timeout}")
+            raise TimeoutError(f"{stage}: no answer within cluster.call_timeout_s={self.timeout:g}")
         return ref
 
-    def generate(self, prompts: pa.Table, sampling: Sampling | None = None) -> ray.ObjectRef:
+    def _count(self, fault: str, seconds: float) -> None:
+        self.faults[f"faults/{fault}"] = self.faults.get(f"faults/{fault}", 0.0) + 1
+        key = f"faults/{fault}_seconds"
+        self.faults[key] = self.faults.get(key, 0.0) + seconds
+
+    def seeds(self, rows: int, n: int) -> np.ndarray:
+        """Sampling seeds for the next ``rows`` prompts: prompt r of the run's stream samples
+        from seeds ``base + r*n ... base + r*n + n-1`` (vLLM adds the sample index), so its
+        tokens depend on the run's seed and its place in the stream only, never on which
+        replica served it or whether the run was resumed."""
+        first = self.requests
+        self.requests += rows
+        base = (self.cfg.generator.seed * 1_000_003) % 2**40 * 2**20
+        return base + (first + np.arange(rows, dtype=np.int64)) * n
+
+    def generate(
+        self, prompts: pa.Table, sampling: Sampling | None = None, seeds: np.ndarray | None = None
+    ) -> ray.ObjectRef:
         """Prompts in chunks to whichever replica is free (a slow replica takes fewer chunks
-        instead of stalling the batch); one rollout table (ref) back, in prompt order."""
+        instead of stalling the batch); one rollout table (ref) back, in prompt order.
+
+        Each prompt samples with its own seed (``seeds``, else the next of :meth:`seeds`). A
+        replica that died (Ray restarts it) or serves other weights is re-synced to the current
+        version and its chunk re-issued; the tokens come out the same."""
         gens, sampling = self.actors.generators, sampling or self.sampling
-        if len(gens) == 1:
-            return self._ready(gens[0].generate.remote(prompts, sampling))
-        chunks = len(gens) * self.cfg.generator.chunks_per_replica
-        parts = split_rows(prompts, -(-prompts.num_rows // chunks))
+        if seeds is None:
+            seeds = self.seeds(prompts.num_rows, sampling.n)
+        prompts = prompts.append_column(SAMPLE_SEED, pa.array(seeds, pa.int64()))
+        chunks = 1 if len(gens) == 1 else len(gens) * self.cfg.generator.chunks_per_replica
+        parts = split_rows(prompts, max(1, -(-prompts.num_rows // chunks)))
         results: list[ray.ObjectRef | None] = [None] * len(parts)
-        idle, busy, todo = list(gens), {}, list(enumerate(parts))[::-1]
+        idle, busy, todo = list(range(len(gens))), {}, list(range(len(parts)))[::-1]
+        retries = 0
         while todo or busy:
             while idle and todo:
-                k, part = todo.pop()
-                gen = idle.pop()
-                busy[gen.generate.remote(part, sampling)] = (gen, k)
-            done, _ = ray.wait(list(busy), timeout=self.timeout, fetch_local=False)
+                k, i = todo.pop(), idle.pop()
+                call = gens[i].generate_checked.options(num_returns=2)
+                table, version = call.remote(parts[k], sampling, self.version)
+                busy[version] = (i, k, table)
+            done, _ = ray.wait(list(busy), timeout=self.timeout)
             if not done:
                 raise TimeoutError(
-                    f"generate: no replica answered within cluster.call_timeout_s={self.timeout}"
+                    f"generate: no replica answered within cluster.call_timeout_s={self.timeout:g}"
                 )
-            gen, k = busy.pop(done[0])
-            results[k] = done[0]
-            idle.append(gen)
-        return self._ready(_concat.remote(*results))
+            i, k, table = busy.pop(done[0])
+            try:
+                ray.get(done[0], timeout=self.timeout)
+            except (ray.exceptions.RayActorError, StaleWeightsError) as e:
+                retries += 1
+                if retries > self.cfg.cluster.max_actor_restarts * len(gens):
+                    raise
+                print(
+                    f"generator {i}: {type(e).__name__} during generate; re-syncing it to weight "
+                    f"version {self.version} and re-issuing its {parts[k].num_rows} prompts",
+                    flush=True,
+                )
+                self.recover_generators(self.version)
+                todo.append(k)
+            else:
+                results[k] = table
+            idle.append(i)
+        if len(results) == 1:
+            return results[0]
+        return self._ready(_concat.remote(*results), "generate")
+
+    def _restarted(self) -> bool:
+        """Whether any generator process changed since the last look (Ray restarted it)."""
+        pids = self._wait([g.process_id.remote() for g in self.actors.generators], "generator pids")
+        changed = self._generator_pids is not None and pids != self._generator_pids
+        self._generator_pids = pids
+        return changed
+
+    def recover_generators(self, version: int) -> None:
+        """Bring every generator to ``version`` after one died: wait for Ray to restart it
+        (calls queue until it is back), push the learner's current weights to each generator
+        serving another version, and, for collective sync, rebuild the sync group (the old one
+        lost a member)."""
+        start = time.perf_counter()
+        gens, learners = self.actors.generators, self.actors.learners
+        try:
+            served = self._wait([g.weight_version.remote() for g in gens], "restart generator")
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(
+                "a generator died and Ray did not restart it (cluster.max_actor_restarts="
+                f"{self.cfg.cluster.max_actor_restarts}): {e}"
+            ) from e
+        behind = [g for g, v in zip(gens, served, strict=True) if v != version]
+        if behind:
+            weights = [r.policy_weights.remote() for r in learners]  # collective (ZeRO-3)
+            refs = [g.update_weights.remote(version, weights[0], True) for g in behind]
+            self._wait(refs, "re-sync generator")
+            self._wait(weights[1:], "re-sync generator")
+        if self.cfg.weight_sync.method == "collective":
+            open_sync_group(self.actors, self.cfg.generator.tensor_parallel_size, self.timeout)
+        self._restarted()  # remember the new processes
+        self._count("generator_recoveries", time.perf_counter() - start)
+
+    def push_weights(self, version: int) -> None:
+        """Every generator serves the learner's current weights as ``version`` (after a resume
+        or a rollback: versions may go back)."""
+        gens, learners = self.actors.generators, self.actors.learners
+        weights = [r.policy_weights.remote() for r in learners]
+        served = self._wait(
+            [g.update_weights.remote(version, weights[0], True) for g in gens], "resume sync"
+        )
+        self._wait(weights[1:], "resume sync")
+        if set(served) != {version}:
+            raise RuntimeError(f"generators serve versions {served} after restoring {version}")
+        self.version = version
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """What the driver holds that the next iteration depends on."""
+        return {
+            "weight_version": self.version,
+            "requests": self.requests,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "reward_shaper": self.rewards.shaper.state_dict(),
+            "sampler": self.prompts.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the generators are not touched (see :meth:`push_weights`)."""
+        self.requests = int(state["requests"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.rewards.shaper.load_state_dict(state["reward_shaper"])
+        self.prompts.load_state_dict(state["sampler"])
 
     def select(self, rounds: list[Scored], wanted: int) -> tuple[ray.ObjectRef, dict[str, float]]:
         """The scored batch: the one round as it is, or under dynamic sampling ``wanted``
@@ -173,7 +289,7 @@ class Trainer:
             return rounds[0].finish(), metrics
         keep, selection = select_groups(rounds, wanted, self.dynamic.min_std)
         parts = [r.finish(k) for r, k in zip(rounds, keep, strict=True) if len(k)]
-        return self._ready(_concat.remote(*parts)), metrics | selection
+        return self._ready(_concat.remote(*parts), "select"), metrics | selection
 
     def reference_baselines(self, prompts: pa.Table) -> dict[str, float]:
         """ChatGLM-RLHF's baseline: the generators still serve the initial (reference) weights;
@@ -189,28 +305,28 @@ class Trainer:
         """The current policy's responses to ``prompts`` with ``sampling``, with one
         ``reward/<name>`` column per reward component (unshaped: no running statistics or
         baselines move)."""
-        generated = self.generate(prompts, sampling)
+        seeds = self.cfg.seed * 2**20 + np.arange(prompts.num_rows, dtype=np.int64) * sampling.n
+        generated = self.generate(prompts, sampling, seeds)  # the same seeds every evaluation
         columns, _ = self.rewards.components(generated)
-        table = self._wait(generated)
+        table = self._wait(generated, "evaluate")
         for name in columns.column_names:
             table = table.append_column(name, columns[name])
         return table
 
     def reference(self, table: ray.ObjectRef) -> ray.ObjectRef:
         """Frozen reference policy -> ``ref_logprobs``."""
-        return self._ready(self.actors.reference.logprobs.remote(table))
+        return self._ready(self.actors.reference.logprobs.remote(table), "reference")
 
     def learner_forward(self, table: ray.ObjectRef) -> pa.Table:
         """The learner's own log-probabilities (and values) for the batch, rows split over ranks.
         The batch is pulled here: the advantage math runs in the driver."""
         learners = self.actors.learners
         if len(learners) == 1:
-            return self._wait(learners[0].compute_old.remote(table))
-        whole = self._wait(table)
+            return self._wait(learners[0].compute_old.remote(table), "learner_forward")
+        whole = self._wait(table, "learner_forward")
         parts = split_rows(whole, -(-whole.num_rows // len(learners)))
-        return concat(
-            self._wait([r.compute_old.remote(p) for r, p in zip(learners, parts, strict=True)])
-        )
+        refs = [r.compute_old.remote(p) for r, p in zip(learners, parts, strict=True)]
+        return concat(self._wait(refs, "learner_forward"))
 
     def advantages(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
         """Pure math from ``learner.algorithms``: KL, token rewards, the estimator."""
@@ -277,22 +393,49 @@ class Trainer:
         """PPO epochs x mini-batches on every learner rank; metrics averaged over ranks."""
         learners = self.actors.learners
         parts = split_rows(table, table.num_rows // len(learners))
-        results = self._wait([r.train.remote(p) for r, p in zip(learners, parts, strict=True)])
+        refs = [r.train.remote(p) for r, p in zip(learners, parts, strict=True)]
+        results = self._wait(refs, "train")
         return {k: float(np.mean([m[k] for m in results])) for k in results[0]}
 
     def sync_weights(self) -> dict[str, float]:
-        """Learner weights -> every generator as version+1, by the configured path."""
-        gens, learners = self.actors.generators, self.actors.learners
-        plan, version = self.actors.sync_plan, self.version + 1
-        if self.colocated:
-            self._wait([g.wake_up.remote() for g in gens])
+        """Learner weights -> every generator as version+1, by the configured path. A generator
+        that dies on the way is restarted by Ray and given the new weights through the object
+        store (``recover_generators``)."""
+        version = self.version + 1
         start = time.perf_counter()
+        try:
+            sent = self._sync(version)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            # A generator that died mid-sync breaks the learner's send too; anything else is a
+            # real error.
+            if not isinstance(e, ray.exceptions.RayActorError) and not self._restarted():
+                raise
+            print(
+                f"weight sync {version}: {type(e).__name__}; re-syncing the generators",
+                flush=True,
+            )
+            self.recover_generators(version)
+            sent = float("nan")
+        seconds = time.perf_counter() - start
+        self.version = version
+        return {
+            "sync/bytes": float(sent),
+            "sync/seconds": seconds,
+            "sync/gbytes_per_s": sent / seconds / 1e9,
+        }
+
+    def _sync(self, version: int) -> float:
+        gens, learners, plan = self.actors.generators, self.actors.learners, self.actors.sync_plan
+        if self.colocated:
+            self._wait([g.wake_up.remote() for g in gens], "wake generators")
         method = self.cfg.weight_sync.method
         if method == "collective":
             verify = self.cfg.weight_sync.verify_checksum
             sends = [r.broadcast_weights.remote(plan, verify) for r in learners]  # ZeRO-3 gathers
-            received = self._wait([g.receive_weights.remote(version, plan, verify) for g in gens])
-            sent, digest = self._wait(sends)[0]
+            received = self._wait(
+                [g.receive_weights.remote(version, plan, verify) for g in gens], "sync (receive)"
+            )
+            sent, digest = self._wait(sends, "sync (send)")[0]
             served = [v for v, _ in received]
             digests = {d for _, worker_digests in received for d in worker_digests}
             if verify and digests != {digest}:
@@ -300,26 +443,26 @@ class Trainer:
                     f"weight sync {version}: checksums differ: sent {digest}, got {digests}"
                 )
         elif method == "cuda_ipc":  # learner rank i and generator i share GPU i
-            handles = self._wait([r.share_ipc.remote(plan) for r in learners])
+            handles = self._wait([r.share_ipc.remote(plan) for r in learners], "sync (share)")
             served = self._wait(
-                [g.receive_ipc.remote(version, plan, h) for g, h in zip(gens, handles, strict=True)]
+                [
+                    g.receive_ipc.remote(version, plan, h)
+                    for g, h in zip(gens, handles, strict=True)
+                ],
+                "sync (receive)",
             )
-            self._wait([r.release_ipc.remote() for r in learners])
+            self._wait([r.release_ipc.remote() for r in learners], "sync (release)")
             sent = plan.num_bytes * len(gens)
         else:  # the object store: rank 0's state dict, put once, read by every replica
             weights = [r.policy_weights.remote() for r in learners]  # collective (ZeRO-3)
-            served = self._wait([g.update_weights.remote(version, weights[0]) for g in gens])
-            self._wait(weights[1:])
+            served = self._wait(
+                [g.update_weights.remote(version, weights[0]) for g in gens], "sync (receive)"
+            )
+            self._wait(weights[1:], "sync (send)")
             sent = plan.num_bytes
-        seconds = time.perf_counter() - start
         if set(served) != {version}:
             raise RuntimeError(f"generators serve versions {served} after syncing {version}")
-        self.version = version
-        return {
-            "sync/bytes": float(sent),
-            "sync/seconds": seconds,
-            "sync/gbytes_per_s": sent / seconds / 1e9,
-        }
+        return float(sent)
 
 
 def zero_spread_fraction(scores: np.ndarray, groups: torch.Tensor) -> float:

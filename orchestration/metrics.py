@@ -100,6 +100,14 @@ class TensorBoardSink:
         self.log_dir = Path(log_dir)
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
+    def rewind(self, keep_through: int) -> None:
+        """Later steps are dropped by TensorBoard's readers once a write at ``purge_step``
+        follows."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer.close()
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=keep_through + 1)
+
     def write(self, iteration: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self._writer.add_scalar(key, value, global_step=iteration)
@@ -152,13 +160,44 @@ class MetricsLog:
     progress over ``total`` iterations."""
 
     def __init__(
-        self, run_dir: Path, total: int, *, progress_bar: bool = True, sinks: list[Sink] = ()
+        self,
+        run_dir: Path,
+        total: int,
+        *,
+        progress_bar: bool = True,
+        sinks: list[Sink] = (),
+        keep_through: int | None = None,
     ):
+        """``keep_through``: a resumed run keeps the records of iterations up to this one from
+        an existing ``metrics.jsonl`` (later ones are recomputed) and drops the rest."""
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = self.path.open("a")
-        self._bar = tqdm(total=total, desc="iterations", disable=not progress_bar, file=sys.stderr)
-        self.sinks = list(sinks)
         self.history: list[dict[str, float]] = []
+        self._file = None
+        self.sinks = list(sinks)
+        if keep_through is not None:
+            self.rewind(keep_through)
+        self._file = self.path.open("a")
+        done = sum("reward/score_mean" in r for r in self.history)
+        self._bar = tqdm(
+            total=total, initial=done, desc="iterations", disable=not progress_bar, file=sys.stderr
+        )
+
+    def rewind(self, keep_through: int) -> None:
+        """Forget iterations after ``keep_through`` (the run went back to a checkpoint): in
+        ``metrics.jsonl``, the history, and sinks that can (TensorBoard)."""
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        records = [json.loads(line) for line in lines if line.strip()]
+        self.history = [r for r in records if r["iteration"] <= keep_through]
+        if self._file is not None:
+            self._file.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        tmp.replace(self.path)
+        if self._file is not None:
+            self._file = self.path.open("a")
+        for sink in self.sinks:
+            if hasattr(sink, "rewind"):
+                sink.rewind(keep_through)
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         """One iteration's metrics; an iteration without ``reward/score_mean`` (the final

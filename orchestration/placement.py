@@ -33,6 +33,7 @@ class Actors:
     learners: list
     placement_groups: dict = field(default_factory=dict)
     sync_plan: SyncPlan | None = None  # bucket layout of the learner's weights
+    plan: PlacementPlan | None = None  # which bundle each actor has
 
     def all(self) -> list:
         return [*self.generators, *self.scorers, self.reference, *self.learners]
@@ -124,8 +125,22 @@ def reserve(cfg: RunConfig) -> tuple[PlacementPlan, dict]:
     return plan, groups
 
 
-def _options(cfg: RunConfig, slot: Slot, groups: dict, env: dict[str, str] | None = None) -> dict:
+def _options(
+    cfg: RunConfig,
+    slot: Slot,
+    groups: dict,
+    env: dict[str, str] | None = None,
+    *,
+    restarts: bool = True,
+    retry_calls: bool = True,
+) -> dict:
+    """Ray options of one actor in its bundle. With ``restarts`` Ray restarts it (up to
+    ``cluster.max_actor_restarts``) when it dies; with ``retry_calls`` it also re-runs the calls
+    that were in flight (only for actors whose calls are idempotent: the scorers and the
+    reference; the driver re-issues a generator's after re-syncing it)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    n = cfg.cluster.max_actor_restarts if restarts else 0
 
     env_vars = {"OMP_NUM_THREADS": str(cfg.cluster.torch_threads), **(env or {})}
     return {
@@ -133,6 +148,8 @@ def _options(cfg: RunConfig, slot: Slot, groups: dict, env: dict[str, str] | Non
         "num_gpus": slot.num_gpus,
         "resources": slot.resources,
         "runtime_env": {"env_vars": env_vars},
+        "max_restarts": n,
+        "max_task_retries": n if retry_calls else 0,
         "scheduling_strategy": PlacementGroupSchedulingStrategy(
             groups[slot.group],
             placement_group_bundle_index=slot.bundle,
@@ -167,7 +184,7 @@ def start_generators(cfg: RunConfig, model_path: str, plan, groups) -> list:
             env["VLLM_RAY_PER_WORKER_GPUS"] = str(cfg.cluster.generator.num_gpus)
         generators.append(
             ray.remote(PolicyGenerator)
-            .options(**_options(cfg, slot, groups, env))
+            .options(**_options(cfg, slot, groups, env, retry_calls=False))
             .remote(_engine_spec(cfg, model_path, i))
         )
     return generators
@@ -223,6 +240,24 @@ def start_scorers(
     return scorers
 
 
+def start_learners(cfg: RunConfig, model_path: str, pad_token_id: int, plan, groups) -> list:
+    """The learner ranks in their bundles, their process group joined (a collective: every
+    rank connects to rank 0). Not restarted by Ray: a rank that dies takes the group down, and
+    the driver rebuilds it from the last checkpoint (``orchestration.train``)."""
+    timeout = cfg.cluster.call_timeout_s
+    steps = cfg.iterations * cfg.learner.ppo_epochs * cfg.learner.num_mini_batches
+    spec = learner_spec(cfg, model_path, pad_token_id, total_steps=steps)
+    world = cfg.learner.num_ranks
+    ds_env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.learner.num_gpus > 0 else "cpu"}
+    options = [_options(cfg, slot, groups, ds_env, restarts=False) for slot in plan.learners]
+    learners = [
+        ray.remote(LearnerActor).options(**o).remote(spec, r, world) for r, o in enumerate(options)
+    ]
+    addr, port = ray.get(learners[0].endpoint.remote(), timeout=timeout)
+    ray.get([learner.setup.remote(addr, port) for learner in learners], timeout=timeout)
+    return learners
+
+
 def start_actors(
     cfg: RunConfig,
     model_path: str,
@@ -251,18 +286,7 @@ def start_actors(
             trust_remote_code=cfg.model.trust_remote_code,
         )
     )
-    steps = cfg.iterations * cfg.learner.ppo_epochs * cfg.learner.num_mini_batches
-    spec = learner_spec(cfg, model_path, pad_token_id, total_steps=steps)
-    world = cfg.learner.num_ranks
-    ds_env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.learner.num_gpus > 0 else "cpu"}
-    learners = [
-        ray.remote(LearnerActor)
-        .options(**_options(cfg, slot, groups, ds_env))
-        .remote(spec, r, world)
-        for r, slot in enumerate(plan.learners)
-    ]
-    addr, port = ray.get(learners[0].endpoint.remote(), timeout=timeout)
-    ray.get([learner.setup.remote(addr, port) for learner in learners], timeout=timeout)
+    learners = start_learners(cfg, model_path, pad_token_id, plan, groups)
     ray.get([g.weight_version.remote() for g in generators], timeout=timeout)
     ray.get([a.__ray_ready__.remote() for a in [*scorers, reference]], timeout=timeout)
     actors = Actors(
@@ -271,6 +295,7 @@ def start_actors(
         reference=reference,
         learners=learners,
         placement_groups=groups,
+        plan=plan,
     )
     bucket_bytes = int(cfg.weight_sync.bucket_mib * 2**20)
     actors.sync_plan = ray.get(learners[0].sync_plan.remote(bucket_bytes), timeout=timeout)
@@ -289,3 +314,18 @@ def open_sync_group(actors: Actors, tp: int, timeout: float) -> None:
         for i, g in enumerate(actors.generators)
     ]
     ray.get(refs, timeout=timeout)
+
+
+def rebuild_learners(cfg: RunConfig, actors: Actors, model_path: str, pad_token_id: int) -> None:
+    """Replace the whole learner group after a rank died: kill every rank (the survivors may be
+    blocked in a collective with the dead one), start new ones in the same bundles (Ray moves a
+    dead node's bundles to a live node when one has room), and rejoin the weight-sync group.
+    The new ranks hold the initial weights until a checkpoint is loaded into them."""
+    for rank in actors.learners:
+        ray.kill(rank, no_restart=True)
+    actors.learners = start_learners(
+        cfg, model_path, pad_token_id, actors.plan, actors.placement_groups
+    )
+    if cfg.weight_sync.method == "collective":
+        tp = cfg.generator.tensor_parallel_size
+        open_sync_group(actors, tp, cfg.cluster.call_timeout_s)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from orchestration.checkpoint import CheckpointError
 from orchestration.config import (
     BUILTIN_MODEL,
     BUILTIN_RM,
@@ -78,19 +79,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class NumericalFault(RuntimeError):
+    """Too many updates in a row were dropped for non-finite losses or gradients."""
+
+
 def make_run_dir(cfg: RunConfig, source: str) -> Path:
+    """A new run's directory (it must not exist), or with ``resume`` the named run's."""
     name = cfg.logging.name or f"{Path(source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.logging.root).expanduser().resolve() / name
-    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=cfg.resume != "never")
+    except FileExistsError:
+        raise ConfigError(
+            f"run directory {run_dir} exists: continue that run with resume=auto, or choose "
+            "another logging.name"
+        ) from None
     return run_dir
 
 
+def resume_point(cfg: RunConfig, run_dir: Path):
+    """The checkpoint to continue from (None: start), after checking it fits this config."""
+    from orchestration import checkpoint
+
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        path, ignored = checkpoint.find_latest(run_dir)
+        for p in ignored:
+            print(f"resume: ignoring {p}: not committed (its write was interrupted)", flush=True)
+        if path is None:
+            print(f"resume: no committed checkpoint in {run_dir}; starting the run", flush=True)
+            return None
+    else:
+        path = Path(cfg.resume).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"resume={cfg.resume}: no such checkpoint directory")
+    checkpoint.check_compatible(path, cfg.model_dump(mode="json"))
+    return path
+
+
 def prepare_model(cfg: RunConfig, run_dir: Path) -> str:
-    """The policy's path; ``builtin:tiny`` is built now, into the run directory."""
+    """The policy's path; ``builtin:tiny`` is built now, into the run directory (a resumed run
+    reuses the one it built)."""
     if cfg.model.path != BUILTIN_MODEL:
         return cfg.model.path
     from orchestration.tiny_model import build_tiny_model
 
+    if (run_dir / "base_model" / "config.json").is_file():
+        return str(run_dir / "base_model")
     return build_tiny_model(
         str(run_dir / "base_model"), addition_corpus(cfg.data.addition_max_operand)
     )
@@ -143,6 +179,9 @@ def prepare_reward_models(cfg: RunConfig, run_dir: Path, model_path: str) -> dic
             paths[m.name] = m.path
             continue
         out = run_dir / f"reward_model_{m.name}"
+        if (out / "config.json").is_file():  # a resumed run: the model it trained
+            paths[m.name] = str(out)
+            continue
         print(f"reward model {m.name}: training {BUILTIN_RM} into {out}", flush=True)
         examples = addition_examples(cfg.data.addition_max_operand)
         metrics = build_addition_rm(str(out), model_path, examples, seed=cfg.seed)
@@ -162,6 +201,7 @@ class Prepared:
 
     run_dir: Path
     model_path: str
+    resume_from: Path | None
     prompts: PromptSet
     pad_token_id: int
     reward_model_paths: dict[str, str]
@@ -177,6 +217,7 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
     from transformers import AutoTokenizer
 
     run_dir = make_run_dir(cfg, source)
+    resume_from = resume_point(cfg, run_dir)
     config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     (run_dir / "config.yaml").write_text(config_text)
     model_path = prepare_model(cfg, run_dir)
@@ -213,6 +254,7 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
     return Prepared(
         run_dir=run_dir,
         model_path=model_path,
+        resume_from=resume_from,
         prompts=prompts,
         pad_token_id=pad,
         reward_model_paths=prepare_reward_models(cfg, run_dir, model_path),
@@ -254,6 +296,8 @@ class Loop:
 
         self.cfg, self.trainer, self.sampler, self.prep = cfg, trainer, sampler, prep
         self.run_dir = prep.run_dir
+        self.failures = 0  # learner group rebuilds so far
+        self.initial_state: dict | None = None  # what a rollback with no checkpoint restores
         self.eval_table = None
         if prep.eval_prompts is not None:
             table = all_prompts(prep.eval_prompts)
@@ -267,28 +311,144 @@ class Loop:
                 seed=cfg.seed,
             )
 
-    def run(self, log) -> None:
-        cfg, last = self.cfg, self.cfg.iterations - 1
-        for k in range(cfg.iterations):
-            metrics: dict[str, float] = {}
-            if self.eval_table is not None and k % cfg.eval.every == 0:
-                metrics |= self.evaluate(k)
-            metrics |= self.trainer.iteration()
-            metrics["data/epoch"] = self.sampler.progress
-            every = cfg.logging.rollouts_every
-            if every and (k == 0 or k == last or k % every == 0):
-                from orchestration.evaluation import write_table
+    def run(self, log, start: int = 0) -> None:
+        """Iterations ``start`` .. ``iterations - 1``, then the final evaluation. A learner rank
+        that dies sends the run back to its last committed checkpoint (``rollback``)."""
+        from orchestration.checkpoint import rng_states
 
-                path = self.run_dir / "rollouts" / f"iter_{k:06d}.parquet"
-                write_table(self.trainer.last_batch, path)
-            if cfg.export.every and (k + 1) % cfg.export.every == 0 and k != last:
-                start = time.perf_counter()
-                self.export(self.run_dir / "exports" / f"iter_{k:06d}")
-                self.prune_exports()
-                metrics["timing/export"] = time.perf_counter() - start
+        cfg = self.cfg
+        if start == 0:
+            self.initial_state = self.trainer.state_dict() | {"rng": rng_states()}
+        k = start
+        while k < cfg.iterations:
+            try:
+                metrics = self.step(k)
+            except Exception as e:  # noqa: BLE001 - only a dead learner rank is handled
+                if not self.learner_died(e):
+                    raise
+                k = self.rollback(log, e)
+                continue
             log.log(k, metrics)
+            bad = metrics.get("learner/skipped_in_a_row", 0)
+            if bad >= cfg.learner.max_skipped_in_a_row:
+                path = self.save_checkpoint(k)
+                raise NumericalFault(
+                    f"iteration {k}: {bad:.0f} updates in a row were dropped for a non-finite "
+                    f"loss or gradient norm (learner.max_skipped_in_a_row="
+                    f"{cfg.learner.max_skipped_in_a_row}); the run stopped. {path} holds the "
+                    "last good state (dropped updates changed nothing): look at the rewards and "
+                    "advantages in the rollouts, lower learner.lr, then resume=auto"
+                )
+            every = cfg.checkpoint.every
+            if k == cfg.iterations - 1 or (every and (k + 1) % every == 0):
+                self.save_checkpoint(k)
+            k += 1
         if self.eval_table is not None:  # the final weights, as their own record
             log.log(cfg.iterations, self.evaluate(cfg.iterations))
+
+    def step(self, k: int) -> dict[str, float]:
+        """Iteration ``k`` with its evaluation, rollout file and export as scheduled."""
+        cfg, last = self.cfg, self.cfg.iterations - 1
+        metrics: dict[str, float] = {}
+        if self.eval_table is not None and k % cfg.eval.every == 0:
+            metrics |= self.evaluate(k)
+        metrics |= self.trainer.iteration()
+        metrics["data/epoch"] = self.sampler.progress
+        every = cfg.logging.rollouts_every
+        if every and (k == 0 or k == last or k % every == 0):
+            from orchestration.evaluation import write_table
+
+            path = self.run_dir / "rollouts" / f"iter_{k:06d}.parquet"
+            write_table(self.trainer.last_batch, path)
+        if cfg.export.every and (k + 1) % cfg.export.every == 0 and k != last:
+            start = time.perf_counter()
+            self.export(self.run_dir / "exports" / f"iter_{k:06d}")
+            self.prune_exports()
+            metrics["timing/export"] = time.perf_counter() - start
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, k: int) -> Path:
+        """Checkpoint after iteration ``k`` (committed), keeping the newest
+        ``checkpoint.keep``."""
+        from orchestration import checkpoint
+
+        state = self.trainer.state_dict() | {"rng": checkpoint.rng_states()}
+        config = self.cfg.model_dump(mode="json")
+        timeout = self.cfg.cluster.call_timeout_s
+        path = checkpoint.save(
+            self.run_dir, k, state, config, self.trainer.actors.learners, timeout
+        )
+        checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
+        return path
+
+    def restore(self, path: Path) -> int:
+        """Load checkpoint ``path`` into the learner ranks and the driver, and give the
+        generators its weights before they generate again. Returns its iteration."""
+        import ray
+
+        from orchestration import checkpoint
+
+        state = checkpoint.check_compatible(path, self.cfg.model_dump(mode="json"))
+        learners = self.trainer.actors.learners
+        timeout = self.cfg.cluster.call_timeout_s
+        ray.get(
+            [r.load_checkpoint.remote(str(path / "learner")) for r in learners], timeout=timeout
+        )
+        self.trainer.load_state_dict(state)
+        checkpoint.set_rng_states(state["rng"])
+        self.trainer.push_weights(state["weight_version"])
+        return int(state["iteration"])
+
+    def learner_died(self, error: Exception) -> bool:
+        """Whether ``error`` came with a dead learner rank (ranks are never restarted: one
+        that died is gone)."""
+        import ray
+
+        if not isinstance(error, ray.exceptions.RayError):
+            return False
+        for rank in self.trainer.actors.learners:
+            try:
+                ray.get(rank.__ray_ready__.remote(), timeout=self.cfg.cluster.call_timeout_s)
+            except ray.exceptions.RayActorError:
+                return True
+        return False
+
+    def rollback(self, log, error: Exception) -> int:
+        """Rebuild the learner group and continue from the last committed checkpoint (or the
+        start); returns the next iteration. Past ``cluster.max_failures`` the error stands."""
+        from orchestration import checkpoint
+        from orchestration.placement import rebuild_learners
+
+        self.failures += 1
+        limit = self.cfg.cluster.max_failures
+        if self.failures > limit:
+            raise RuntimeError(
+                f"the learner group failed {self.failures} times (cluster.max_failures={limit})"
+            ) from error
+        start = time.perf_counter()
+        path, _ = checkpoint.find_latest(self.run_dir)
+        print(
+            f"learner: a rank died ({type(error).__name__}); rebuilding the group "
+            f"(failure {self.failures} of at most {limit}) and resuming from "
+            f"{path or 'the start'}",
+            flush=True,
+        )
+        rebuild_learners(
+            self.cfg, self.trainer.actors, self.prep.model_path, self.prep.pad_token_id
+        )
+        if path is not None:
+            k = self.restore(path)
+        else:
+            self.trainer.load_state_dict(self.initial_state)
+            checkpoint.set_rng_states(self.initial_state["rng"])
+            self.trainer.push_weights(0)
+            k = -1
+        log.rewind(k)
+        self.trainer._count("learner_rebuilds", time.perf_counter() - start)
+        print(f"learner: rebuilt in {time.perf_counter() - start:.1f} s", flush=True)
+        return k + 1
 
     def evaluate(self, k: int) -> dict[str, float]:
         """The eval set under the current weights -> ``eval/*`` metrics and
@@ -334,7 +494,16 @@ def run(cfg: RunConfig, source: str) -> dict:
         actors = start_actors(cfg, prep.model_path, prep.pad_token_id, prep.reward_model_paths)
         sampler = PromptSampler(prep.prompts, cfg.data.seed, shuffle=cfg.data.shuffle)
         trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
-        if cfg.reward.reference_baseline:
+        loop = Loop(cfg, trainer, sampler, prep)
+        start = 0
+        if prep.resume_from is not None:
+            start = loop.restore(prep.resume_from) + 1
+            print(
+                f"resume: continuing after iteration {start - 1} from {prep.resume_from} "
+                f"(weight version {trainer.version}, data epoch {sampler.progress:.3f})",
+                flush=True,
+            )
+        elif cfg.reward.reference_baseline:  # (a resumed run has them in the reward shaper)
             baseline = trainer.reference_baselines(all_prompts(prep.prompts))
             print(
                 f"reference baseline: {baseline['reward/baseline_prompts']:.0f} prompts, "
@@ -346,10 +515,10 @@ def run(cfg: RunConfig, source: str) -> dict:
             cfg.iterations,
             progress_bar=cfg.logging.progress_bar,
             sinks=make_sinks(cfg, prep.run_dir),
+            keep_through=start - 1 if cfg.resume != "never" else None,
         )
-        loop = Loop(cfg, trainer, sampler, prep)
         try:
-            loop.run(log)
+            loop.run(log, start)
         finally:
             log.close()
         loop.export(prep.run_dir / "policy")
@@ -374,9 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(cfg, args.config)
-    except DataError as e:
+    except (DataError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NumericalFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(
         f"done: {summary['iterations']} iterations in {summary['wall_time_s']:.0f} s; reward "
         f"{summary['reward_first']:.3f} (first {FIRST_LAST}) -> {summary['reward_last']:.3f} "

@@ -112,3 +112,76 @@ def test_every_zero_stage_trains_and_hands_out_full_weights(tiny_model, learner,
     assert before.keys() == after.keys() == learner.policy_weights().keys()
     assert all(after[k].shape == before[k].shape for k in before)  # gathered, not shards
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def fresh(tiny_model, stage: int, critic: bool = True, cosine: bool = True) -> Learner:
+    optim = OptimizerSpec(lr=1e-3, warmup_steps=2, total_steps=10, schedule="cosine")
+    spec = LearnerSpec(
+        model_path=tiny_model,
+        policy_optim=optim if cosine else OptimizerSpec(lr=1e-3),
+        critic_optim=OptimizerSpec(lr=1e-2) if critic else None,
+        loss=LossSpec(),
+        micro_batch_tokens=16,
+        num_mini_batches=2,
+        zero_stage=stage,
+    )
+    return Learner(spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
+
+
+@pytest.mark.parametrize(("stage", "critic"), [(0, True), (2, False), (3, False)])
+def test_a_restored_checkpoint_trains_exactly_as_the_original_would(
+    tiny_model, tmp_path, stage, critic
+):
+    """Weights, Adam moments, the LR schedule's position and the mini-batch RNG all come back:
+    the next step after loading equals the next step of the learner that was saved."""
+    a = fresh(tiny_model, stage, critic)
+    a.train(batch(a, 1.0))
+    a.save_checkpoint(str(tmp_path / "ckpt"))
+    step = batch(a, -0.5)
+    expected = a.train(step)
+    expected_weights = a.policy_weights()
+
+    b = fresh(tiny_model, stage, critic)
+    b.load_checkpoint(str(tmp_path / "ckpt"))
+    got = b.train(step)
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)  # lr, losses, grad norms
+    got_weights = b.policy_weights()
+    assert all(torch.equal(got_weights[k], expected_weights[k]) for k in expected_weights)
+    # And without the optimizer state the same step differs (Adam's moments matter):
+    c = fresh(tiny_model, stage, critic)
+    c.train(step)
+    c_weights = c.policy_weights()
+    assert not all(torch.equal(c_weights[k], expected_weights[k]) for k in expected_weights)
+
+
+def test_a_checkpoint_from_other_learner_settings_is_refused(tiny_model, tmp_path):
+    a = fresh(tiny_model, 0, critic=True)
+    a.save_checkpoint(str(tmp_path / "ckpt"))
+    b = fresh(tiny_model, 0, critic=False)
+    expected = r"ZeRO stage 0 \(critic: True\); this run has 1 at stage 0 \(critic: False\)"
+    with pytest.raises(ValueError, match=expected):
+        b.load_checkpoint(str(tmp_path / "ckpt"))
+
+
+def test_a_checkpoint_loads_with_weights_only_unpickling(tiny_model, tmp_path, monkeypatch):
+    """Every file DeepSpeed reads back goes through torch.load(weights_only=True)."""
+    a = fresh(tiny_model, 2, critic=False)
+    a.save_checkpoint(str(tmp_path / "ckpt"))
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    fresh(tiny_model, 2, critic=False).load_checkpoint(str(tmp_path / "ckpt"))
+    assert calls and all(w is True for w in calls)
+
+
+def test_consecutive_skipped_updates_are_counted_and_reset_by_a_good_one(tiny_model):
+    a = fresh(tiny_model, 0, critic=False, cosine=False)
+    bad = batch(a, float("nan"))
+    assert a.train(bad)["learner/skipped_in_a_row"] == 2  # two mini-batches, both dropped
+    assert a.train(bad)["learner/skipped_in_a_row"] == 4
+    assert a.train(batch(a, 1.0))["learner/skipped_in_a_row"] == 0
