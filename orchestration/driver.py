@@ -228,13 +228,7 @@ class Trainer:
         lost a member)."""
         start = time.perf_counter()
         gens, learners = self.actors.generators, self.actors.learners
-        try:
-            served = self._wait([g.weight_version.remote() for g in gens], "restart generator")
-        except ray.exceptions.RayActorError as e:
-            raise RuntimeError(
-                "a generator died and Ray did not restart it (cluster.max_actor_restarts="
-                f"{self.cfg.cluster.max_actor_restarts}): {e}"
-            ) from e
+        served = [self._when_back(g) for g in gens]
         behind = [g for g, v in zip(gens, served, strict=True) if v != version]
         if behind:
             weights = [r.policy_weights.remote() for r in learners]  # collective (ZeRO-3)
@@ -245,6 +239,30 @@ class Trainer:
             open_sync_group(self.actors, self.cfg.generator.tensor_parallel_size, self.timeout)
         self._restarted()  # remember the new processes
         self._count("generator_recoveries", time.perf_counter() - start)
+
+    def _when_back(self, generator) -> int:
+        """The weight version ``generator`` serves, once it answers (Ray may be restarting it:
+        calls fail as unavailable until it is back)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return ray.get(generator.weight_version.remote(), timeout=self.timeout)
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        "restart generator: not back within cluster.call_timeout_s="
+                        f"{self.timeout:g}"
+                    ) from None
+                time.sleep(0.5)
+            except ray.exceptions.ActorDiedError as e:
+                raise RuntimeError(
+                    "a generator died and Ray did not restart it (cluster.max_actor_restarts="
+                    f"{self.cfg.cluster.max_actor_restarts}): {e}"
+                ) from e
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(
+                    f"restart generator: no answer within cluster.call_timeout_s={self.timeout:g}"
+                ) from None
 
     def push_weights(self, version: int) -> None:
         """Every generator serves the learner's current weights as ``version`` (after a resume
