@@ -16,8 +16,10 @@ import time
 
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
+from learner.checkpoint import _safe_globals
 from orchestration.config import load_config
 from orchestration.data import PromptSampler
 from orchestration.driver import Trainer
@@ -28,6 +30,12 @@ from orchestration.train import Loop, prepare
 pytestmark = pytest.mark.slow
 
 ITERATIONS = 10
+
+
+def torch_safe():
+    return torch.serialization.safe_globals(_safe_globals())
+
+
 FAST_FAILURE_DETECTION = {  # a dead node is declared dead in about 2 s instead of 30
     "health_check_initial_delay_ms": 1000,
     "health_check_period_ms": 1000,
@@ -168,10 +176,81 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys)
     assert node_of(gen) != first_gen_node  # moved to the surviving generator node
     # For the record (pytest -s): what each fault cost.
     seconds = {h["iteration"]: h["timing/iteration"] for h in history}
-    print(
-        f"chaos: {ITERATIONS} iterations in {wall:.1f} s; s/it by iteration "
-        + " ".join(f"{k}:{v:.1f}" for k, v in seconds.items())
-        + f"; generator recoveries {last['faults/generator_recoveries_seconds']:.1f} s in all, "
-        f"learner rebuild {last['faults/learner_rebuilds_seconds']:.1f} s\n"
-        + "\n".join(line for line in out.splitlines() if line.startswith(("generator", "learner")))
-    )
+    with capsys.disabled():
+        print(
+            f"chaos: {ITERATIONS} iterations in {wall:.1f} s; s/it by iteration "
+            + " ".join(f"{k}:{v:.1f}" for k, v in seconds.items())
+            + f"; generator recoveries {last['faults/generator_recoveries_seconds']:.1f} s in all, "
+            f"learner rebuild {last['faults/learner_rebuilds_seconds']:.1f} s\n"
+            + "\n".join(
+                line for line in out.splitlines() if line.startswith(("generator", "learner"))
+            )
+        )
+
+
+def test_updates_dropped_in_a_row_stop_the_run_with_a_checkpoint_of_the_last_good_state(
+    private_env, tmp_path
+):
+    """From iteration 2 on, every loss on the (real) learner comes out non-finite (injected
+    into the running actor): each update is dropped and counted, and at
+    ``learner.max_skipped_in_a_row`` the run stops with a checkpoint whose weights are those
+    of before the fault."""
+
+    from orchestration.train import NumericalFault
+
+    ray.init(address="local", include_dashboard=False)
+    try:
+        cfg = load_config(
+            "demo",
+            [
+                "iterations=6",
+                "checkpoint.every=2",
+                "learner.max_skipped_in_a_row=3",  # 2 mini-batches an iteration: stops in the 2nd
+                "data.prompts_per_iteration=4",
+                "generator.samples_per_prompt=4",
+                f"logging.root={tmp_path}",
+                "logging.name=nan",
+            ],
+        )
+        prep = prepare(cfg, "demo")
+        actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
+        sampler = PromptSampler(prep.prompts, cfg.data.seed)
+        trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
+        loop = Loop(cfg, trainer, sampler, prep)
+
+        def poison(self):  # every backward from now on sees a non-finite loss
+            self.learner._backward = lambda engine, loss: True
+
+        class Fault:
+            def write(self, iteration, metrics):
+                if iteration == 1:
+                    ray.get(actors.learners[0].__ray_call__.remote(poison), timeout=60)
+
+            def close(self):
+                pass
+
+        log = MetricsLog(prep.run_dir, cfg.iterations, progress_bar=False, sinks=[Fault()])
+        with pytest.raises(NumericalFault) as stop:
+            loop.run(log)
+        log.close()
+    finally:
+        ray.shutdown()
+    message = str(stop.value)
+    assert message.startswith("iteration 3: 4 updates in a row were dropped")
+    assert "learner.max_skipped_in_a_row=3" in message and "resume=auto" in message
+    history = log.history
+    assert [h["actor/skipped_steps"] for h in history] == [0, 0, 2, 4]
+    checkpoints = prep.run_dir / "checkpoints"
+    assert str(checkpoints / "iter_000003") in message
+    assert (checkpoints / "iter_000003" / "COMMITTED").is_file()
+
+    def weights(k: int) -> dict:
+        (path,) = (checkpoints / f"iter_{k:06d}" / "learner" / "policy" / "state").glob(
+            "*model_states.pt"
+        )
+        with torch_safe():
+            return torch.load(path, weights_only=True)["module"]
+
+    good, stopped = weights(1), weights(3)
+    assert good.keys() == stopped.keys()
+    assert all(torch.equal(good[k], stopped[k]) for k in good)
