@@ -266,8 +266,11 @@ class Trainer:
 
     def push_weights(self, version: int) -> None:
         """Every generator serves the learner's current weights as ``version`` (after a resume
-        or a rollback: versions may go back)."""
+        or a rollback: versions may go back). Waits for generators Ray is restarting."""
+        start = time.perf_counter()
         gens, learners = self.actors.generators, self.actors.learners
+        for g in gens:
+            self._when_back(g)
         weights = [r.policy_weights.remote() for r in learners]
         served = self._wait(
             [g.update_weights.remote(version, weights[0], True) for g in gens], "resume sync"
@@ -276,6 +279,11 @@ class Trainer:
         if set(served) != {version}:
             raise RuntimeError(f"generators serve versions {served} after restoring {version}")
         self.version = version
+        if self._generator_pids is not None and self._restarted():  # one died meanwhile
+            if self.cfg.weight_sync.method == "collective":
+                tp = self.cfg.generator.tensor_parallel_size
+                open_sync_group(self.actors, tp, self.timeout)
+            self._count("generator_recoveries", time.perf_counter() - start)
 
     # ------------------------------------------------------------------ state
 

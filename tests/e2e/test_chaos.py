@@ -1,7 +1,8 @@
-"""Chaos on a simulated multi-node cluster (``ray.cluster_utils.Cluster``): during one short run,
-SIGKILL the generator, the reward actor and a learner rank, then take down the generator's whole
-node. The run finishes with every iteration once, the final weight version and data position
-of an undisturbed run, and generators that served the learner's weights throughout.
+"""Chaos on a simulated multi-node cluster (``ray.cluster_utils.Cluster``): each role lands on
+the nodes the config points it to (custom resources); then, during one short run, SIGKILL the
+generator, the reward actor and a learner rank, and take down the generator's whole node. The
+run finishes with every iteration once, the final weight version and data position of an
+undisturbed run, and generators that served the learner's weights throughout.
 
 Each kill is timed to land inside the next iteration (a short delay after the previous one was
 logged), so work is in flight when it happens.
@@ -55,7 +56,8 @@ def cluster(private_env):
         },
     )
     gen_nodes = [c.add_node(num_cpus=1, resources={"gen_node": 1}) for _ in range(2)]
-    c.add_node(num_cpus=2, resources={"learner_node": 1})
+    for _ in range(2):
+        c.add_node(num_cpus=1, resources={"learner_node": 1})
     c.wait_for_nodes()
     ray.init(address=c.address)
     yield c, gen_nodes
@@ -72,6 +74,10 @@ def node_of(actor) -> str:
         actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()),
         timeout=120,
     )
+
+
+def nodes_with(resource: str) -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]}
 
 
 class Chaos:
@@ -101,6 +107,7 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys)
             "cluster.learner.resources={learner_node: 0.01}",
             "cluster.reference.resources={head_node: 0.01}",
             "cluster.reward.resources={head_node: 0.01}",
+            "cluster.learner.strategy=SPREAD",
             "cluster.torch_threads=1",
             "learner.num_ranks=2",
             "data.addition_max_operand=3",
@@ -118,6 +125,12 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys)
     sampler = PromptSampler(prep.prompts, cfg.data.seed)
     trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
     loop = Loop(cfg, trainer, sampler, prep)
+    # Every role landed where the config points it (custom resources), ranks spread out.
+    assert node_of(actors.generators[0]) in nodes_with("gen_node")
+    learner_nodes = [node_of(r) for r in actors.learners]
+    assert len(set(learner_nodes)) == 2 and set(learner_nodes) == nodes_with("learner_node")
+    assert {node_of(a) for a in [*actors.scorers, actors.reference]} <= nodes_with("head_node")
+
     gen, scorer, rank1 = actors.generators[0], actors.scorers[0], actors.learners[1]
     first_gen_node = node_of(gen)
     pids = {"generator": pid_of(gen), "reward": pid_of(scorer), "learner rank 1": pid_of(rank1)}
@@ -134,9 +147,9 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys)
     chaos = Chaos(
         {
             1: ("generator", kill("generator")),
-            3: ("reward", kill("reward")),
-            5: ("learner rank 1", kill("learner rank 1")),  # back to checkpoint 5
-            7: ("generator node", lose_gen_node),
+            3: ("generator node", lose_gen_node),
+            5: ("reward", kill("reward")),
+            7: ("learner rank 1", kill("learner rank 1")),  # back to the checkpoint after 7
         }
     )
     log = MetricsLog(prep.run_dir, cfg.iterations, progress_bar=False, sinks=[chaos])
@@ -147,11 +160,19 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys)
         log.close()
     wall = time.perf_counter() - start
     out = capsys.readouterr().out
+    with capsys.disabled():
+        print(
+            "\n".join(
+                line
+                for line in out.splitlines()
+                if line.startswith(("generator", "learner", "weight sync"))
+            )
+        )
     assert [name for name, _ in chaos.struck] == [
         "generator",
+        "generator node",
         "reward",
         "learner rank 1",
-        "generator node",
     ]
 
     # Nothing lost or repeated: iterations 0..9 once each (the rolled-back ones rewritten),
@@ -167,11 +188,11 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys)
     assert max(h["rollout/logprob_mismatch"] for h in history) < 1e-3
 
     # Who recovered how: the generator twice (its process, then its node), the learner group
-    # once (from the checkpoint after iteration 5), the reward actor by Ray alone.
+    # once (from the checkpoint after iteration 7), the reward actor by Ray alone.
     last = history[-1]
     assert last["faults/generator_recoveries"] == 2
     assert last["faults/learner_rebuilds"] == 1
-    assert "resuming from" in out and "iter_000005" in out
+    assert "resuming from" in out and "iter_000007" in out
     assert pid_of(scorer) != pids["reward"]  # restarted, and its in-flight call re-run
     assert node_of(gen) != first_gen_node  # moved to the surviving generator node
     # For the record (pytest -s): what each fault cost.
