@@ -80,6 +80,7 @@ class LearnerSpec:
     num_mini_batches: int = 1
     pad_token_id: int = 0
     seed: int = 0
+    collective_timeout_s: float = 600.0  # a collective waiting longer (a dead rank) fails
 
 
 # Metrics that are this micro-batch's share of the mini-batch loss (global denominators, see
@@ -166,8 +167,13 @@ def _record_grad_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
-def _init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> str:
-    """Join the learner's process group; returns the torch device name."""
+def _init_distributed(
+    rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float = 600.0
+) -> str:
+    """Join the learner's process group (collectives fail after ``timeout_s``); returns the
+    torch device name."""
+    from datetime import timedelta
+
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -180,7 +186,11 @@ def _init_distributed(rank: int, world_size: int, master_addr: str, master_port:
     )
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if on_gpu else "gloo",
+        auto_mpi_discovery=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
     return "cuda:0" if on_gpu else "cpu"
 
 
@@ -192,7 +202,9 @@ class Learner:
     ):
         self.spec = spec
         self.rank, self.world_size = rank, world_size
-        self.device = _init_distributed(rank, world_size, master_addr, master_port)
+        self.device = _init_distributed(
+            rank, world_size, master_addr, master_port, spec.collective_timeout_s
+        )
         torch.manual_seed(spec.seed)
         self._rng = np.random.default_rng(spec.seed + rank)
 

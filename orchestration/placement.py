@@ -79,6 +79,7 @@ def learner_spec(
         num_mini_batches=lc.num_mini_batches,
         pad_token_id=pad_token_id,
         seed=cfg.seed,
+        collective_timeout_s=cfg.cluster.call_timeout_s,
     )
 
 
