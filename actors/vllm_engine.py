@@ -85,6 +85,9 @@ class VLLMEngine:
             tensor_parallel_size=spec.tensor_parallel_size,
             enforce_eager=spec.enforce_eager,
             trust_remote_code=spec.trust_remote_code,
+            # Weights from *.safetensors only: "auto" falls back to pickled *.bin / *.pt files,
+            # and unpickling runs code. A directory without safetensors fails here, by name.
+            load_format="safetensors",
             # Log-probabilities after temperature scaling: what the sampler drew from, and what
             # the learner computes as logits / temperature.
             logprobs_mode="processed_logprobs",

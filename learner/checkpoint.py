@@ -39,8 +39,9 @@ def _safe_globals() -> list:
     return found
 
 
-def safe_load_engine():
-    """A DeepSpeed checkpoint engine whose loads are ``weights_only=True``."""
+def safe_load_engine(replaced=None):
+    """A DeepSpeed checkpoint engine whose loads are ``weights_only=True``; it saves as the
+    engine it replaces did (zip or legacy format)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class SafeLoadEngine(TorchCheckpointEngine):
@@ -48,7 +49,9 @@ def safe_load_engine():
             with torch.serialization.safe_globals(_safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
-    return SafeLoadEngine()
+    engine = SafeLoadEngine()
+    engine.zipfile_serialization = getattr(replaced, "zipfile_serialization", False)
+    return engine
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -69,7 +72,7 @@ def save_engine(engine, directory: Path) -> None:
 def load_engine(engine, directory: Path) -> None:
     if not (directory / TAG).is_dir():
         raise FileNotFoundError(f"no DeepSpeed state at {directory / TAG}")
-    engine.checkpoint_engine = safe_load_engine()
+    engine.checkpoint_engine = safe_load_engine(engine.checkpoint_engine)
     path, _ = engine.load_checkpoint(
         str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
     )

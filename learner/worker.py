@@ -186,11 +186,16 @@ def _init_distributed(
     )
     import deepspeed
 
+    timeout = timedelta(seconds=timeout_s)
     deepspeed.init_distributed(
-        dist_backend="nccl" if on_gpu else "gloo",
-        auto_mpi_discovery=False,
-        timeout=timedelta(seconds=timeout_s),
+        dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, timeout=timeout
     )
+    # DeepSpeed reduces gradients on its own clone of the world group, made without a timeout
+    # (torch's default: 30 min on gloo). Make the clone now, with ours; every rank is here.
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = dist.new_group(ranks=list(range(world_size)), timeout=timeout)
     return "cuda:0" if on_gpu else "cpu"
 
 

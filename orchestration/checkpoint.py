@@ -163,7 +163,7 @@ def save(
         raise TimeoutError(
             f"checkpoint: learner ranks did not save within cluster.call_timeout_s={timeout:g}"
         )
-    ray.get(done)
+    ray.get(done, timeout=timeout)
     (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     write_json(path / "driver.json", driver_state | {"iteration": iteration})
     write_json(path / MARKER, {"iteration": iteration, "seconds": time.perf_counter() - start})

@@ -551,7 +551,12 @@ class RunConfig(_Section):
             url = urlsplit(r.url)
             if url.scheme not in ("http", "https") or not url.hostname:
                 problems.append(f"reward.remote[{r.name}].url={r.url!r}: give an http(s) URL")
-            elif r.allowed_hosts and url.hostname not in r.allowed_hosts:
+            elif url.username or url.password:
+                problems.append(
+                    f"reward.remote[{r.name}].url carries credentials; pass a token through "
+                    "token_env instead (the URL shows in logs and the dashboard)"
+                )
+            elif r.allowed_hosts and url.hostname not in {h.lower() for h in r.allowed_hosts}:
                 problems.append(
                     f"reward.remote[{r.name}].url host {url.hostname!r} is not in allowed_hosts "
                     f"{r.allowed_hosts}"

@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from orchestration.checkpoint import CheckpointError
+from orchestration.checks import InputError
 from orchestration.config import (
     BUILTIN_MODEL,
     BUILTIN_RM,
@@ -224,6 +225,11 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, trust_remote_code=cfg.model.trust_remote_code
     )
+    from orchestration.checks import check_inputs
+
+    reward_model_paths = prepare_reward_models(cfg, run_dir, model_path)
+    for note in check_inputs(cfg, model_path, tokenizer, reward_model_paths):
+        print(f"note: {note}", flush=True)
     data = cfg.data
 
     def load(what: str, source: str, prompt_key: str, label_key: str, split: str) -> PromptSet:
@@ -257,7 +263,7 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
         resume_from=resume_from,
         prompts=prompts,
         pad_token_id=pad,
-        reward_model_paths=prepare_reward_models(cfg, run_dir, model_path),
+        reward_model_paths=reward_model_paths,
         eval_prompts=eval_prompts,
     )
 
@@ -495,11 +501,11 @@ def run(cfg: RunConfig, source: str) -> dict:
         sampler = PromptSampler(prep.prompts, cfg.data.seed, shuffle=cfg.data.shuffle)
         trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
         loop = Loop(cfg, trainer, sampler, prep)
-        start = 0
+        first = 0  # the first iteration this process runs
         if prep.resume_from is not None:
-            start = loop.restore(prep.resume_from) + 1
+            first = loop.restore(prep.resume_from) + 1
             print(
-                f"resume: continuing after iteration {start - 1} from {prep.resume_from} "
+                f"resume: continuing after iteration {first - 1} from {prep.resume_from} "
                 f"(weight version {trainer.version}, data epoch {sampler.progress:.3f})",
                 flush=True,
             )
@@ -515,10 +521,10 @@ def run(cfg: RunConfig, source: str) -> dict:
             cfg.iterations,
             progress_bar=cfg.logging.progress_bar,
             sinks=make_sinks(cfg, prep.run_dir),
-            keep_through=start - 1 if cfg.resume != "never" else None,
+            keep_through=first - 1 if cfg.resume != "never" else None,
         )
         try:
-            loop.run(log, start)
+            loop.run(log, first)
         finally:
             log.close()
         loop.export(prep.run_dir / "policy")
@@ -543,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(cfg, args.config)
-    except (DataError, ConfigError, CheckpointError) as e:
+    except (DataError, ConfigError, CheckpointError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NumericalFault as e:

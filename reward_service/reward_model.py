@@ -29,6 +29,35 @@ from rollout import schema as S
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
+def head_kind(config, path: str) -> str:
+    """How the reward model at ``path`` (its ``config``, a transformers config) is read:
+    ``"classifier"`` (a one-label ``*ForSequenceClassification``) or ``"value_head"`` (a causal
+    LM with ``value_head.safetensors`` beside it).
+
+    Raises:
+        ValueError: a classifier with more than one label, or neither kind.
+    """
+    architectures = config.architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        if config.num_labels != 1:
+            raise ValueError(
+                f"reward model {path}: a sequence-classification head with {config.num_labels} "
+                "labels; a reward model has exactly one (num_labels=1)"
+            )
+        return "classifier"
+    if not os.path.isfile(os.path.join(path, VALUE_HEAD_FILE)):
+        raise ValueError(
+            f"reward model {path}: neither a *ForSequenceClassification checkpoint nor a causal "
+            f"LM with {VALUE_HEAD_FILE}; save the model with a one-label classification head"
+        )
+    return "value_head"
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (token ids pass between them)."""
+    return a.get_vocab() == b.get_vocab()
+
+
 def _load(path: str, dtype: str, trust_remote_code: bool) -> tuple[nn.Module, nn.Module]:
     """``(body, head)``: the transformer body (hidden states) and the scalar head."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -37,24 +66,13 @@ def _load(path: str, dtype: str, trust_remote_code: bool) -> tuple[nn.Module, nn
     kwargs = dict(
         dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    architectures = config.architectures or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        if config.num_labels != 1:
-            raise ValueError(
-                f"reward model {path}: a sequence-classification head with {config.num_labels} "
-                "labels; a reward model has exactly one (num_labels=1)"
-            )
+    if head_kind(config, path) == "classifier":
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         head = getattr(model, "score", None) or getattr(model, "classifier", None)
         if head is None:
             raise ValueError(f"reward model {path}: no 'score' or 'classifier' head found")
         return model.base_model, head
     head_file = os.path.join(path, VALUE_HEAD_FILE)
-    if not os.path.isfile(head_file):
-        raise ValueError(
-            f"reward model {path}: neither a *ForSequenceClassification checkpoint nor a causal "
-            f"LM with {VALUE_HEAD_FILE}; save the model with a one-label classification head"
-        )
     from safetensors.torch import load_file
 
     lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -204,7 +222,7 @@ class RewardModelScorer:
         self.policy_tokenizer = AutoTokenizer.from_pretrained(
             policy_tokenizer_path, trust_remote_code=trust_remote_code
         )
-        self.same_vocab = self.policy_tokenizer.get_vocab() == self.model.tokenizer.get_vocab()
+        self.same_vocab = same_vocabulary(self.policy_tokenizer, self.model.tokenizer)
 
     def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
         """``(table of one column reward/<name>, metrics)`` for the rollout ``table``."""

@@ -44,11 +44,7 @@ SESSION_NAME = re.compile(r"(^|_)session$", re.IGNORECASE)
 YAML_TRUST = re.compile(r"trust_remote_code\s*[:=]\s*['\"]?true\b", re.IGNORECASE)
 
 # Known offenders: (path, rule, code with whitespace collapsed). Remove each once fixed.
-ALLOWED: set[tuple[str, str, str]] = {
-    # After ray.wait has seen every ref finish, so it cannot block; still, pass
-    # timeout=timeout like every other call (orchestration/checkpoint.py, save()).
-    ("orchestration/checkpoint.py", "ray-timeout", "ray.get(done)"),
-}
+ALLOWED: set[tuple[str, str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -118,8 +114,8 @@ def _turns_on_remote_code(node: ast.AST) -> bool:
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
         a = node.args
         positional = [*a.posonlyargs, *a.args]
-        pairs = list(zip(positional[len(positional) - len(a.defaults) :], a.defaults))
-        pairs += list(zip(a.kwonlyargs, a.kw_defaults))
+        pairs = list(zip(positional[len(positional) - len(a.defaults) :], a.defaults, strict=True))
+        pairs += list(zip(a.kwonlyargs, a.kw_defaults, strict=True))
         return any(arg.arg == "trust_remote_code" and _is_true(d) for arg, d in pairs)
     if isinstance(node, (ast.AnnAssign, ast.Assign)):
         targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
@@ -135,7 +131,7 @@ def _turns_on_remote_code(node: ast.AST) -> bool:
     if isinstance(node, ast.Dict):
         return any(
             isinstance(k, ast.Constant) and k.value == "trust_remote_code" and _is_true(v)
-            for k, v in zip(node.keys, node.values)
+            for k, v in zip(node.keys, node.values, strict=True)
         )
     return False
 
@@ -234,9 +230,7 @@ def test_the_audit_reads_the_packages_and_not_the_tests():
 @pytest.mark.parametrize("rule", RULES)
 def test_no_offender_outside_the_allowlist(findings, rule):
     new = [f for f in findings if f.rule == rule and f.key not in ALLOWED]
-    assert not new, f"{len(new)} {rule} offender(s) (see SECURITY.md):\n" + "\n".join(
-        map(str, new)
-    )
+    assert not new, f"{len(new)} {rule} offender(s) (see SECURITY.md):\n" + "\n".join(map(str, new))
 
 
 def test_every_allowed_offender_still_exists(findings):
@@ -258,7 +252,10 @@ def test_every_allowed_offender_still_exists(findings):
         ("import ray\nray.get(refs, **kw)\n", ["ray-timeout"]),
         ("# ray.get(refs)\nx = 'ray.get(refs)'\n", []),  # comments and strings
         ("import torch\ntorch.load(p)\n", ["torch-load"]),
-        ("import torch\ntorch.load(\n    p, map_location='cpu', weights_only=False\n)\n", ["torch-load"]),
+        (
+            "import torch\ntorch.load(\n    p, map_location='cpu', weights_only=False\n)\n",
+            ["torch-load"],
+        ),
         ("import torch\ntorch.load(p, weights_only=True)\n", []),
         ("from torch import load\nload(p)\n", ["torch-load"]),
         ("def f(path, trust_remote_code: bool = True): ...\n", ["trust-remote-code"]),
@@ -281,7 +278,11 @@ def test_the_scanner_finds_what_each_rule_names(source, rules):
 
 
 def test_yaml_that_turns_on_remote_code_is_found():
-    text = "model:\n  trust_remote_code: true\n# trust_remote_code: true\nentrypoint: a model.trust_remote_code=True b\n"
+    text = (
+        "model:\n  trust_remote_code: true\n"
+        "# trust_remote_code: true\n"
+        "entrypoint: python -m orchestration.train model.trust_remote_code=True\n"
+    )
     assert [(f.line, f.rule) for f in scan_yaml(text, "x.yaml")] == [
         (2, "trust-remote-code"),
         (4, "trust-remote-code"),

@@ -1,12 +1,16 @@
 """`python -m orchestration.submit` against a local Ray head with token auth: a job that fails
-fast, Ctrl-C while following, `--no-follow` then `status` and `stop`, and a refused token.
+fast, Ctrl-C while following, `--no-follow` then `status` and `stop`, and a refused token; and
+the Jobs API itself: a job posted without the token is refused (401), the same job with it runs.
 
-No run trains here: the failing job stops at its dataset check, and the demo runs are stopped
-during their setup, so the module stays under about a minute on two cores.
+No run trains here: the failing job stops at its dataset check, the demo runs are stopped during
+their setup, and the token check's job only prints, so the module stays about a minute on two
+cores. The head is stopped by killing its own processes, never with `ray stop` (which kills every
+Ray process on the machine, other sessions' too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -51,8 +55,26 @@ def address(tmp_path_factory) -> str:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
         yield f"http://127.0.0.1:{port}"
     finally:
-        subprocess.run(ray + ["stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_head(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kill_head(tmp: str) -> None:
+    """Kill the head started with TMPDIR=``tmp`` and everything it started, nothing else. Ray's
+    daemons carry ``tmp`` on their command lines; workers and job drivers descend from them."""
+    import psutil
+
+    own = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid != os.getpid() and any(tmp in arg for arg in p.info["cmdline"] or ()):
+            own[p.pid] = p
+    for p in list(own.values()):
+        with contextlib.suppress(psutil.Error):
+            own |= {c.pid: c for c in p.children(recursive=True)}
+    for p in own.values():
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(list(own.values()), timeout=30)
 
 
 @pytest.fixture
@@ -158,3 +180,32 @@ def test_the_cluster_refuses_a_wrong_or_missing_token(cli, private_env, address,
     out = cli("status", "any", "--address", address, env=no_token)
     assert out.returncode == 2
     assert f"error: the cluster at {address} refused the request (401)" in out.stderr
+
+
+def test_the_jobs_api_refuses_a_job_without_the_token_and_runs_it_with_it(private_env, address):
+    """The same POST /api/jobs/: without a token it is refused with 401 (a wrong token: 403);
+    with the bearer token the job runs and succeeds. The accepted post reuses the submission id,
+    which Ray refuses for a job that already exists: so the refused posts created nothing."""
+    import requests
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    token = Path(private_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    bearer = {"Authorization": f"Bearer {token}"}
+    job = {"entrypoint": "python -c \"print('raylign-token-ok')\"", "submission_id": "token-gate"}
+
+    refused = requests.post(f"{address}/api/jobs/", json=job, timeout=30)
+    assert refused.status_code == 401 and "Missing authentication token" in refused.text
+    wrong = {"Authorization": "Bearer not-the-token"}
+    forbidden = requests.post(f"{address}/api/jobs/", json=job, headers=wrong, timeout=30)
+    assert forbidden.status_code == 403 and "Invalid authentication token" in forbidden.text
+    accepted = requests.post(f"{address}/api/jobs/", json=job, headers=bearer, timeout=30)
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["submission_id"] == "token-gate"
+
+    client = JobSubmissionClient(address, headers=bearer)
+    deadline = time.monotonic() + 120
+    while not (status := client.get_job_status("token-gate")).is_terminal():
+        assert time.monotonic() < deadline, f"still {status} after 120 s"
+        time.sleep(0.5)
+    assert status == JobStatus.SUCCEEDED, client.get_job_info("token-gate").message
+    assert "raylign-token-ok" in client.get_job_logs("token-gate")

@@ -185,3 +185,17 @@ def test_consecutive_skipped_updates_are_counted_and_reset_by_a_good_one(tiny_mo
     assert a.train(bad)["learner/skipped_in_a_row"] == 2  # two mini-batches, both dropped
     assert a.train(bad)["learner/skipped_in_a_row"] == 4
     assert a.train(batch(a, 1.0))["learner/skipped_in_a_row"] == 0
+
+
+def test_the_gradient_reduction_group_times_out_like_the_config_says(tiny_model):
+    """DeepSpeed reduces gradients on its own clone of the world group; a dead rank must fail
+    it after the configured timeout, not torch's 30-minute default."""
+    from dataclasses import replace
+
+    from deepspeed.utils import groups
+
+    spec = replace(fresh(tiny_model, 0, critic=False).spec, collective_timeout_s=7.0)
+    Learner(spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
+    group = groups._clone_world_group()
+    backend = group._get_backend(torch.device("cpu"))
+    assert backend.options._timeout.total_seconds() == 7.0
