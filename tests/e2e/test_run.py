@@ -11,11 +11,14 @@ each from a first-5 mean under 0.1; GRPO with 2 replicas and 2 learner ranks (se
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -91,12 +94,30 @@ def test_demo_learns(private_env, tmp_path, preset, extra, present, absent):
             ["data.source={rows}", "data.strict=true"],
             "prompts.jsonl, line 2: no 'prompt' (every row needs a prompt, 'messages' or",
         ),
+        (
+            ["model.path={pickled}"],
+            "the weights are pytorch_model.bin, not safetensors; Raylign loads safetensors only",
+        ),
+        (
+            ["model.path={small_vocab}"],
+            "but the model's embedding holds vocab_size=8 (config.json): ids 8 to",
+        ),
     ],
 )
-def test_bad_input_fails_before_any_actor_starts(private_env, tmp_path, args, message):
+def test_bad_input_fails_before_any_actor_starts(private_env, tmp_path, tiny_model, args, message):
     rows = tmp_path / "prompts.jsonl"
     rows.write_text('{"prompt": "1+2=", "label": 3}\n{"label": 4}\n')
-    args = [a.format(rows=rows) for a in args]
+    pickled, small_vocab = tmp_path / "pickled", tmp_path / "small_vocab"
+    if "{pickled}" in args[0]:  # the same model, its weights as a pickle
+        shutil.copytree(tiny_model, pickled)
+        weights = load_file(pickled / "model.safetensors")
+        (pickled / "model.safetensors").unlink()
+        torch.save(weights, pickled / "pytorch_model.bin")
+    if "{small_vocab}" in args[0]:  # a config whose embedding is smaller than the tokenizer
+        shutil.copytree(tiny_model, small_vocab)
+        config = json.loads((small_vocab / "config.json").read_text())
+        (small_vocab / "config.json").write_text(json.dumps(config | {"vocab_size": 8}))
+    args = [a.format(rows=rows, pickled=pickled, small_vocab=small_vocab) for a in args]
     out = train(["--config", "demo", f"logging.root={tmp_path}/runs", *args], private_env, 120)
     assert out.returncode == 2
     assert message in out.stderr
