@@ -5,7 +5,8 @@
 Part 1 runs the preset's iterations on an embedded local Ray and averages each stage's wall time
 (the first iteration, which warms the engines up, is left out). Part 2 builds the same pieces in
 this one process (vLLM engine, scorer, reference, one learner rank) and times each alone on a
-batch of the same shape. It prints a table and one JSON line.
+batch of the same shape; generate is timed with per-prompt sampling seeds (as the driver sends
+them) and without. It prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -96,11 +97,15 @@ def alone(cfg, model_path: str, pad_token_id: int, prompts, repeats: int) -> dic
         return out, (time.perf_counter() - start) / repeats
 
     table, t_gen = timed(lambda: generator.generate(batch, sampling))
+    import pyarrow as pa
+
+    from actors.generator import SAMPLE_SEED
+
+    seeded = batch.append_column(SAMPLE_SEED, pa.array(range(batch.num_rows), pa.int64()))
+    _, t_seeded = timed(lambda: generator.generate(seeded, sampling))  # the driver's default
     _, t_reward = timed(lambda: scorer.score(table))  # the components; shaping is numpy
     with_ref, t_ref = timed(lambda: reference.logprobs(table))
     old, t_fwd = timed(lambda: learner.compute_old(with_ref))
-    import pyarrow as pa
-
     from rollout.ops import append_columns
 
     zeros = pa.array([[0.0] * len(r) for r in old["response_token_ids"].to_pylist()])
@@ -110,7 +115,8 @@ def alone(cfg, model_path: str, pad_token_id: int, prompts, repeats: int) -> dic
     version = iter(range(1, 10**6))
     _, t_sync = timed(lambda: generator.update_weights(next(version), weights))
     return {
-        "generate": t_gen,
+        "generate": t_seeded,
+        "generate_unseeded": t_gen,
         "reward": t_reward,
         "reference": t_ref,
         "learner_forward": t_fwd,
@@ -140,6 +146,9 @@ def main() -> int:
     for stage in STAGES:
         cell = f"{alone_t[stage]:.4f}" if stage in alone_t else "-"  # advantages: driver-only
         print(f"{stage:<18}{ray_t[f'timing/{stage}']:>12.4f}{cell:>12}")
+        if stage == "generate":
+            print(f"{'  without seeds':<18}{'':>12}{alone_t['generate_unseeded']:>12.4f}")
+    unseeded = alone_t.pop("generate_unseeded")
     pieces = sum(alone_t.values())
     step = ray_t["timing/iteration"]
     print(f"{'iteration':<18}{step:>12.4f}{pieces:>12.4f}   ratio {step / pieces:.2f}")
@@ -148,7 +157,7 @@ def main() -> int:
         "config": args.config,
         "iterations": args.iterations,
         "on_ray_s": {s: ray_t[f"timing/{s}"] for s in STAGES} | {"iteration": step},
-        "alone_s": alone_t | {"sum": pieces},
+        "alone_s": alone_t | {"sum": pieces, "generate_unseeded": unseeded},
         "ratio": step / pieces,
         "cpus": os.cpu_count(),
     }
