@@ -27,6 +27,7 @@ from orchestration.driver import Trainer
 from orchestration.metrics import MetricsLog
 from orchestration.placement import start_actors
 from orchestration.train import Loop, prepare
+from tests.e2e.test_cluster import node_of, nodes_with
 
 pytestmark = pytest.mark.slow
 
@@ -65,19 +66,17 @@ def cluster(private_env):
     c.shutdown()
 
 
+def build_loop(cfg):
+    """The entry point's pieces, kept at hand: what ``train.main`` builds before ``Loop.run``."""
+    prep = prepare(cfg, "demo")
+    actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
+    sampler = PromptSampler(prep.prompts, cfg.data.seed)
+    trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
+    return prep, actors, sampler, trainer, Loop(cfg, trainer, sampler, prep)
+
+
 def pid_of(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
-
-
-def node_of(actor) -> str:
-    return ray.get(
-        actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()),
-        timeout=120,
-    )
-
-
-def nodes_with(resource: str) -> set[str]:
-    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]}
 
 
 class Chaos:
@@ -120,11 +119,7 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys)
             "logging.name=chaos",
         ],
     )
-    prep = prepare(cfg, "demo")
-    actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
-    sampler = PromptSampler(prep.prompts, cfg.data.seed)
-    trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
-    loop = Loop(cfg, trainer, sampler, prep)
+    prep, actors, sampler, trainer, loop = build_loop(cfg)
     # Every role landed where the config points it (custom resources), ranks spread out.
     assert node_of(actors.generators[0]) in nodes_with("gen_node")
     learner_nodes = [node_of(r) for r in actors.learners]
@@ -233,11 +228,7 @@ def test_updates_dropped_in_a_row_stop_the_run_with_a_checkpoint_of_the_last_goo
                 "logging.name=nan",
             ],
         )
-        prep = prepare(cfg, "demo")
-        actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
-        sampler = PromptSampler(prep.prompts, cfg.data.seed)
-        trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
-        loop = Loop(cfg, trainer, sampler, prep)
+        prep, actors, _, _, loop = build_loop(cfg)
 
         def poison(self):  # every backward from now on sees a non-finite loss
             self.learner._backward = lambda engine, loss: True

@@ -1,0 +1,93 @@
+"""The loop's rollback policy after a learner rank dies, on a stand-in trainer (Ray, vLLM and
+DeepSpeed are not the subject here; ``tests/e2e/test_chaos.py`` kills a real rank)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+
+from orchestration import placement
+from orchestration.config import load_config
+from orchestration.metrics import MetricsLog
+from orchestration.train import Loop, Prepared
+
+
+class StandInTrainer:
+    """What ``Loop.rollback`` touches when no checkpoint exists yet: the initial state."""
+
+    actors = None
+
+    def __init__(self):
+        self.version, self.pushed, self.counted = 0, [], []
+
+    def state_dict(self) -> dict:
+        return {"weight_version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version = state["weight_version"]
+
+    def push_weights(self, version: int) -> None:
+        self.pushed.append(version)
+
+    def _count(self, fault: str, seconds: float) -> None:
+        self.counted.append(fault)
+
+
+def run_with_deaths(tmp_path, monkeypatch, max_failures: int, deaths: list[int]):
+    """Three iterations; iteration ``k`` raises a dead-actor error once for each ``k`` in
+    ``deaths``. Returns the loop, the trainer, the log and the iterations attempted."""
+    cfg = load_config(
+        "demo", ["iterations=3", f"cluster.max_failures={max_failures}", f"logging.root={tmp_path}"]
+    )
+    trainer = StandInTrainer()
+    prep = Prepared(tmp_path, "model", None, None, 0, {})
+    loop = Loop(cfg, trainer, None, prep)
+    rebuilds, attempted = [], []
+
+    def step(k: int) -> dict[str, float]:
+        attempted.append(k)
+        if k in deaths:
+            deaths.remove(k)
+            raise ray.exceptions.RayActorError()
+        trainer.version += 1
+        return {"rollout/weight_version": trainer.version - 1.0}
+
+    monkeypatch.setattr(loop, "step", step)
+    monkeypatch.setattr(loop, "learner_died", lambda e: isinstance(e, ray.exceptions.RayError))
+    monkeypatch.setattr(loop, "save_checkpoint", lambda k: None)
+    monkeypatch.setattr(placement, "rebuild_learners", lambda *a: rebuilds.append(a))
+    log = MetricsLog(tmp_path, cfg.iterations, progress_bar=False)
+    return loop, trainer, log, attempted, rebuilds
+
+
+def test_a_dead_learner_rank_rebuilds_the_group_and_reruns_from_the_start(tmp_path, monkeypatch):
+    loop, trainer, log, attempted, rebuilds = run_with_deaths(tmp_path, monkeypatch, 2, [1, 1])
+    loop.run(log)
+    log.close()
+    assert attempted == [0, 1, 0, 1, 0, 1, 2]  # no checkpoint yet: back to the initial state
+    assert len(rebuilds) == 2 and trainer.counted == ["learner_rebuilds"] * 2
+    assert trainer.pushed == [0, 0]  # the generators get the initial weights back each time
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]
+    assert [h["rollout/weight_version"] for h in log.history] == [0, 1, 2]
+
+
+def test_past_max_failures_the_error_stands(tmp_path, monkeypatch):
+    loop, trainer, log, attempted, rebuilds = run_with_deaths(tmp_path, monkeypatch, 1, [1, 1])
+    with pytest.raises(RuntimeError, match=r"failed 2 times \(cluster.max_failures=1\)") as e:
+        loop.run(log)
+    log.close()
+    assert isinstance(e.value.__cause__, ray.exceptions.RayActorError)
+    assert attempted == [0, 1, 0, 1] and len(rebuilds) == 1
+
+
+def test_an_error_without_a_dead_rank_is_not_retried(tmp_path, monkeypatch):
+    loop, trainer, log, attempted, rebuilds = run_with_deaths(tmp_path, monkeypatch, 3, [])
+    monkeypatch.setattr(loop, "learner_died", lambda e: False)
+    monkeypatch.setattr(loop, "step", lambda k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        loop.run(log)
+    log.close()
+    assert rebuilds == [] and trainer.pushed == []
