@@ -24,6 +24,20 @@ class StaleWeightsError(RuntimeError):
     """Asked to generate with weights this generator does not serve (it was restarted)."""
 
 
+class StaleKernelError(RuntimeError):
+    """After a weight load, vLLM computes some modules with other weights than it holds."""
+
+
+def _check_kernels(version: int, stale: list[str]) -> None:
+    if stale:
+        raise StaleKernelError(
+            f"weight version {version}: after loading, vLLM's modules {stale} still compute "
+            "with the previous weights (their kernels keep a copy the reload did not refresh); "
+            "the generators would sample from another policy than the learner's. This vLLM "
+            "version needs a change in actors/vllm_worker.py"
+        )
+
+
 class PolicyGenerator:
     """Generates with vLLM; ``update_weights`` swaps in a new policy version.
 
@@ -93,7 +107,7 @@ class PolicyGenerator:
         """
         self._check_newer(version, reset)
         items = weights.items() if isinstance(weights, Mapping) else weights
-        self.engine.load_weights(items)
+        _check_kernels(version, self.engine.load_weights(items))
         self._version = version
         return version
 
@@ -107,16 +121,18 @@ class PolicyGenerator:
         self, version: int, plan: weight_sync.SyncPlan, verify: bool = False
     ) -> tuple[int, list[str | None]]:
         """Take ``version`` from the sync group's broadcast (the learner sends concurrently).
-        Returns the version now served and, with ``verify``, each worker's checksum."""
+        Returns the version now served and, with ``verify``, each worker's checksum of the
+        bytes it received."""
         self._check_newer(version)
-        digests = self.engine.receive_weights(plan, verify)
+        received = self.engine.receive_weights(plan, verify)
+        _check_kernels(version, sorted({m for _, stale in received for m in stale}))
         self._version = version
-        return version, digests
+        return version, [digest for digest, _ in received]
 
     def receive_ipc(self, version: int, plan: weight_sync.SyncPlan, handles: list) -> int:
         """Take ``version`` from CUDA IPC handles of a learner on the same GPU."""
         self._check_newer(version)
-        self.engine.receive_ipc(plan, handles)
+        _check_kernels(version, self.engine.receive_ipc(plan, handles))
         self._version = version
         return version
 

