@@ -51,6 +51,63 @@ class InputError(ValueError):
     """A model or tokenizer the run cannot use; the message names it and says what to do."""
 
 
+HUB_TIMEOUT_S = 5.0
+
+
+def locate_model(field: str, path: str, timeout_s: float = HUB_TIMEOUT_S) -> str:
+    """Where ``path`` (``field``'s value) loads from: a local directory as it is; a hub name
+    (``org/name``) as it is when the hub answers for it within ``timeout_s``, else its copy in
+    the local Hugging Face cache. Called before anything loads it, so that a hub name on a
+    machine without hub access fails in seconds instead of after transformers' retries.
+
+    Raises:
+        InputError: the hub says there is no such model, or the hub cannot be reached and no
+            copy is cached; the message says how to point ``field`` at a local copy.
+    """
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if os.path.isdir(os.path.expanduser(path)):
+        return path
+    cached = try_to_load_from_cache(path, "config.json")
+    cached_dir = os.path.dirname(cached) if isinstance(cached, str) else None
+    endpoint = constants.ENDPOINT
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        request = urllib.request.Request(f"{endpoint}/api/models/{path}", method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s):
+                return path
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):  # gated or private: the hub is there; a token may open it
+                return path
+            if e.code == 404:
+                raise InputError(
+                    f"{field} {path!r}: no such model on the Hugging Face hub ({endpoint}), and "
+                    "no such local directory; check the name, or give a directory"
+                ) from None
+            reason = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:  # DNS, refused, timed out
+            reason = str(getattr(e, "reason", e))
+    if cached_dir is not None:
+        print(
+            f"note: {field} {path!r}: the hub is not reachable ({reason}); using the cached "
+            f"copy at {cached_dir}",
+            flush=True,
+        )
+        return cached_dir
+    raise InputError(
+        f"{field} {path!r} is neither a local directory nor reachable: the Hugging Face hub "
+        f"({endpoint}) did not answer ({reason}) and no copy is in the local cache "
+        f"({constants.HF_HUB_CACHE}). On a machine with hub access, download it "
+        f"(`huggingface-cli download {path} --local-dir <dir>`), copy the directory here and "
+        f"set {field}=<dir>"
+    )
+
+
 def check_inputs(
     cfg: RunConfig, model_path: str, tokenizer, reward_model_paths: dict[str, str]
 ) -> list[str]:

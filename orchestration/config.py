@@ -93,6 +93,14 @@ class GeneratorConfig(_Section):
     each to whichever replica is free."""
     seed: int = 0
     """Sampling seed; replica i uses seed + i."""
+    max_logprob_mismatch: float | None = Field(None, gt=0)
+    """Mean ``|rollout_logprobs - old_logprobs|`` over response tokens (the metric
+    ``rollout/logprob_mismatch``) above which an iteration warns that the generators sample
+    from another policy than the learner's. None: 1e-3 for ``model.dtype=float32``, 5e-2 for
+    bfloat16."""
+    max_mismatch_in_a_row: int = Field(3, ge=1)
+    """Iterations in a row above ``max_logprob_mismatch`` before the run stops (exit code 4),
+    with a checkpoint of the learner's state."""
 
 
 class AlgorithmConfig(_Section):
@@ -295,6 +303,14 @@ class RewardConfig(_Section):
     this, whatever the components say. None: off."""
     overlong: OverlongConfig | None = None
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
+    function_timeout_s: float = Field(10.0, gt=0)
+    """Longest one call of a rule function (``functions``, ``monitors``) may take. Rule functions
+    run in a child process of the reward actor; a call that takes longer is killed, its sample
+    is unscorable and counted in ``reward/errors/<name>``. After 3 timeouts in a row the
+    function's other samples of that batch are not tried."""
+    max_unscorable_in_a_row: int = Field(3, ge=1)
+    """Iterations in a row in which no sample could be scored before the run stops (exit code
+    5, with a checkpoint), naming each reward function's first error."""
 
     @property
     def weights(self) -> dict[str, float]:
@@ -365,7 +381,11 @@ class WeightSyncConfig(_Section):
     bucket_mib: float = Field(64, gt=0)
     """Largest bucket of the collective path, in MiB (a larger tensor gets its own bucket)."""
     verify_checksum: bool = False
-    """Check that every generator worker received bit-identical bytes (hashes every sync)."""
+    """Check every sync twice: every generator worker received bit-identical bytes (collective
+    path: BLAKE2b of every bucket, sender against receivers), and every replica computes with
+    them (its log-probabilities on a probe prompt against the learner's, within
+    ``generator.max_logprob_mismatch``; this covers what the engine derives from the weights,
+    such as a tied output head). Costs one short generation and learner forward per replica."""
 
 
 class WandbConfig(_Section):
@@ -389,8 +409,12 @@ class LoggingConfig(_Section):
     name: str | None = None
     """Run directory name; default ``<preset>-<timestamp>``."""
     progress_bar: bool = True
-    """A progress bar over the iterations on stderr (off under ``ray job submit``: one line per
-    iteration is printed either way)."""
+    """A progress bar over the iterations on stderr when it is a terminal (off under ``ray job
+    submit``: one line per iteration is printed either way)."""
+    quiet: bool = True
+    """Keep the known-benign start-up and sync notes of vLLM, DeepSpeed, torch and Ray off the
+    console; every actor's whole output is in ``<run_dir>/logs/<role>.log`` either way, and real
+    warnings and errors show. Off: everything on the console as the libraries print it."""
     ray_metrics: bool = True
     """Export every metric as a Ray gauge (``ray_raylign_<name>``) to Ray's Prometheus endpoint
     and the dashboard's metrics view."""
@@ -538,6 +562,14 @@ class RunConfig(_Section):
                 f"reward.overlong.buffer_tokens={rw.overlong.buffer_tokens} must be less than "
                 f"generator.max_new_tokens={self.generator.max_new_tokens}"
             )
+        for f in [*rw.functions, *rw.monitors]:
+            own = f.params.get("timeout_s")
+            if isinstance(own, int | float) and own >= rw.function_timeout_s:
+                problems.append(
+                    f"reward function {f.key!r}: params.timeout_s={own:g} is not below "
+                    f"reward.function_timeout_s={rw.function_timeout_s:g}, which would kill its "
+                    "calls first; raise reward.function_timeout_s"
+                )
         for m in rw.models:
             if m.path == BUILTIN_RM and (
                 self.model.path != BUILTIN_MODEL or self.data.source != "builtin:addition"

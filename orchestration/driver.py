@@ -31,6 +31,7 @@ from learner.algorithms import (
     masked_mean,
     token_rewards,
 )
+from orchestration import calls
 from orchestration.config import RunConfig
 from orchestration.data import PromptSampler
 from orchestration.metrics import StageTimer
@@ -135,19 +136,11 @@ class Trainer:
 
     def _wait(self, refs, stage: str):
         """``ray.get`` with the call timeout; a hang becomes an error naming ``stage``."""
-        try:
-            return ray.get(refs, timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"{stage}: no answer within cluster.call_timeout_s={self.timeout:g}"
-            ) from None
+        return calls.wait(refs, stage, self.timeout)
 
     def _ready(self, ref: ray.ObjectRef, stage: str) -> ray.ObjectRef:
         """Wait until ``ref`` is computed, without pulling it here; the stage timer needs it."""
-        done, _ = ray.wait([ref], timeout=self.timeout, fetch_local=False)
-        if not done:
-            raise TimeoutError(f"{stage}: no answer within cluster.call_timeout_s={self.timeout:g}")
-        return ref
+        return calls.ready(ref, stage, self.timeout)
 
     def _count(self, fault: str, seconds: float) -> None:
         self.faults[f"faults/{fault}"] = self.faults.get(f"faults/{fault}", 0.0) + 1
@@ -394,6 +387,7 @@ class Trainer:
         metrics = {
             "reward/score_mean": float(scores[scorable].mean()) if scorable.any() else float("nan"),
             "reward/score_max": float(scores[scorable].max()) if scorable.any() else float("nan"),
+            "reward/unscorable_fraction": float((~scorable).float().mean()),
             "actor/kl_ref": kl_ref,
             "actor/kl_coef": self.kl_ctl.value,
             "rollout/samples": float(table.num_rows),
@@ -444,11 +438,57 @@ class Trainer:
             sent = float("nan")
         seconds = time.perf_counter() - start
         self.version = version
+        if self.cfg.weight_sync.verify_checksum:
+            self.verify_served()
         return {
             "sync/bytes": float(sent),
             "sync/seconds": seconds,
             "sync/gbytes_per_s": sent / seconds / 1e9,
         }
+
+    def verify_served(self) -> None:
+        """``weight_sync.verify_checksum``: beyond the bytes, check what each generator computes
+        with. Every replica samples one probe prompt (the first of the last batch) under the new
+        version, the learner scores the same tokens, and the mean gap between their
+        log-probabilities must stay within ``generator.max_logprob_mismatch``. A weight that
+        arrived but does not reach the engine's kernels (a tied output head, say) fails here."""
+        from orchestration.guards import max_mismatch
+
+        if self.last_batch is None:
+            return
+        first = self.last_batch.slice(0, 1)
+        probe = pa.table(
+            {
+                S.PROMPT_ID: pa.array([0], pa.int64()),
+                S.PROMPT_TOKEN_IDS: S.column_array(first, S.PROMPT_TOKEN_IDS),
+                SAMPLE_SEED: pa.array([self.cfg.seed], pa.int64()),
+            }
+        )
+        sampling = dataclasses.replace(
+            self.sampling,
+            n=len(self.actors.learners),
+            max_new_tokens=min(8, self.sampling.max_new_tokens),
+        )
+        bound = max_mismatch(self.cfg)
+        for i, g in enumerate(self.actors.generators):
+            table, _ = g.generate_checked.options(num_returns=2).remote(
+                probe, sampling, self.version
+            )
+            scored = self.learner_forward(table)
+            rollout = np.concatenate(
+                S.column_array(scored, S.ROLLOUT_LOGPROBS).to_numpy(zero_copy_only=False)
+            )
+            old = np.concatenate(
+                S.column_array(scored, S.OLD_LOGPROBS).to_numpy(zero_copy_only=False)
+            )
+            gap = float(np.abs(rollout - old).mean()) if rollout.size else 0.0
+            if not gap <= bound:
+                raise RuntimeError(
+                    f"weight sync {self.version}: generator {i} computes with other weights than "
+                    f"the learner's: on a probe prompt its log-probabilities are {gap:.3g} away "
+                    f"on average (generator.max_logprob_mismatch={bound:g}), though the bytes "
+                    "arrived intact"
+                )
 
     def _sync(self, version: int) -> float:
         gens, learners, plan = self.actors.generators, self.actors.learners, self.actors.sync_plan

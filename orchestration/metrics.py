@@ -179,7 +179,11 @@ class MetricsLog:
         self._file = self.path.open("a")
         done = sum("reward/score_mean" in r for r in self.history)
         self._bar = tqdm(
-            total=total, initial=done, desc="iterations", disable=not progress_bar, file=sys.stderr
+            total=total,
+            initial=done,
+            desc="iterations",
+            disable=not (progress_bar and sys.stderr.isatty()),  # a file gets the lines only
+            file=sys.stderr,
         )
 
     def rewind(self, keep_through: int) -> None:

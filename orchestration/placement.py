@@ -132,18 +132,28 @@ def _options(
     groups: dict,
     env: dict[str, str] | None = None,
     *,
+    name: str,
     restarts: bool = True,
     retry_calls: bool = True,
 ) -> dict:
     """Ray options of one actor in its bundle. With ``restarts`` Ray restarts it (up to
     ``cluster.max_actor_restarts``) when it dies; with ``retry_calls`` it also re-runs the calls
     that were in flight (only for actors whose calls are idempotent: the scorers and the
-    reference; the driver re-issues a generator's after re-syncing it)."""
+    reference; the driver re-issues a generator's after re-syncing it). ``name`` names its log
+    file, ``<run_dir>/logs/<name>.log`` (``orchestration.console``)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from orchestration.console import LOG_NAME_ENV
 
     n = cfg.cluster.max_actor_restarts if restarts else 0
 
-    env_vars = {"OMP_NUM_THREADS": str(cfg.cluster.torch_threads), **(env or {})}
+    env_vars = {
+        "OMP_NUM_THREADS": str(cfg.cluster.torch_threads),
+        LOG_NAME_ENV: name,
+        # progress bars of weight loading, in every actor: not one line per iteration
+        "TQDM_DISABLE": "1",
+        **(env or {}),
+    }
     return {
         "num_cpus": slot.num_cpus,
         "num_gpus": slot.num_gpus,
@@ -185,7 +195,7 @@ def start_generators(cfg: RunConfig, model_path: str, plan, groups) -> list:
             env["VLLM_RAY_PER_WORKER_GPUS"] = str(cfg.cluster.generator.num_gpus)
         generators.append(
             ray.remote(PolicyGenerator)
-            .options(**_options(cfg, slot, groups, env, retry_calls=False))
+            .options(**_options(cfg, slot, groups, env, name=f"generator-{i}", retry_calls=False))
             .remote(_engine_spec(cfg, model_path, i))
         )
     return generators
@@ -205,13 +215,19 @@ def start_scorers(
         rules = [RuleSpec(f.name, f.params, f.column) for f in [*rw.functions, *rw.monitors]]
         scorers.append(
             ray.remote(RuleScorer)
-            .options(**_options(cfg, next(slots), groups))
-            .remote(rules, model_path, label_column="label", trust_remote_code=trust)
+            .options(**_options(cfg, next(slots), groups, name="reward-rules"))
+            .remote(
+                rules,
+                model_path,
+                label_column="label",
+                trust_remote_code=trust,
+                timeout_s=rw.function_timeout_s,
+            )
         )
     for m in rw.models:
         scorers.append(
             ray.remote(RewardModelScorer)
-            .options(**_options(cfg, next(slots), groups))
+            .options(**_options(cfg, next(slots), groups, name=f"reward-{m.name}"))
             .remote(
                 m.name,
                 reward_model_paths.get(m.name, m.path),
@@ -229,7 +245,7 @@ def start_scorers(
         token = os.environ.get(r.token_env) if r.token_env else None
         scorers.append(
             ray.remote(RemoteScorer)
-            .options(**_options(cfg, next(slots), groups))
+            .options(**_options(cfg, next(slots), groups, name=f"reward-{r.name}"))
             .remote(
                 spec,
                 model_path,
@@ -250,7 +266,10 @@ def start_learners(cfg: RunConfig, model_path: str, pad_token_id: int, plan, gro
     spec = learner_spec(cfg, model_path, pad_token_id, total_steps=steps)
     world = cfg.learner.num_ranks
     ds_env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.learner.num_gpus > 0 else "cpu"}
-    options = [_options(cfg, slot, groups, ds_env, restarts=False) for slot in plan.learners]
+    options = [
+        _options(cfg, slot, groups, ds_env, name=f"learner-{r}", restarts=False)
+        for r, slot in enumerate(plan.learners)
+    ]
     learners = [
         ray.remote(LearnerActor).options(**o).remote(spec, r, world) for r, o in enumerate(options)
     ]
@@ -277,7 +296,7 @@ def start_actors(
     scorers = start_scorers(cfg, model_path, reward_model_paths or {}, plan, groups)
     reference = (
         ray.remote(ReferenceModel)
-        .options(**_options(cfg, plan.reference, groups))
+        .options(**_options(cfg, plan.reference, groups, name="reference"))
         .remote(
             model_path,
             temperature=cfg.generator.temperature,

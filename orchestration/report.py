@@ -41,6 +41,7 @@ SUMMARY_KEYS = tuple(
 STAGES = ("generate", "reward", "reference", "learner_forward", "advantages", "train", "sync")
 STAGES += ("eval", "export")  # pipeline order, so the stacked areas read bottom-up as the loop
 ROLLING_FROM = 30  # series at least this long get a rolling mean over faint raw values
+OUTLIER_FACTOR = 3.0  # an iteration over this many times the median is drawn off the scale
 NO_ROLLOUTS = "no rollouts saved; set logging.rollouts_every"
 SAMPLE_COLUMNS = ("prompt_token_ids", "response_token_ids", "score", "finish_reason")
 
@@ -157,10 +158,23 @@ def _plot_timing(ax: Axes, m: Metrics) -> bool:
     # Training iterations only: the final evaluation's record would drop the stack to zero.
     rows = np.isfinite(total) if total is not None else np.ones(len(m.iteration), bool)
     stacks = [np.nan_to_num(m.columns[n][rows]) for n in names]
-    ax.stackplot(m.iteration[rows], stacks, labels=[_short(n) for n in names], alpha=0.85)
+    x = m.iteration[rows]
+    ax.stackplot(x, stacks, labels=[_short(n) for n in names], alpha=0.85)
     if total is not None:
-        ax.plot(m.iteration[rows], total[rows], "k--", lw=1, label="iteration (training step)")
+        ax.plot(x, total[rows], "k--", lw=1, label="iteration (training step)")
     ax.set_ylabel("seconds")
+    # The first iteration (engine warm-up) and recoveries can take 10-50x a normal one and
+    # would flatten every other: the scale follows the normal iterations, and each outlier is
+    # labelled with its time at the top edge.
+    step = total[rows] if total is not None else np.sum(stacks, axis=0)
+    outlier = step > OUTLIER_FACTOR * np.nanmedian(step)
+    if outlier.any() and (~outlier).sum() >= 2:
+        top = 1.3 * np.nanmax(step[~outlier])
+        ax.set_ylim(0, top)
+        for xi, yi in zip(x[outlier], step[outlier], strict=True):
+            ax.annotate(
+                f"{yi:.1f} s", (xi, top), xytext=(2, -12), textcoords="offset points", fontsize=8
+            )
     return True
 
 
@@ -195,7 +209,8 @@ SECTIONS: tuple[tuple[str, str, Draw], ...] = (
      lambda ax, m: _two_scales(ax, m, ["rollout/response_length"], "rollout/truncated_fraction",
                                ("tokens", "fraction truncated"))),
     ("Time per stage", "seconds per stage, stacked; dashed: timing/iteration, the training step "
-     "(evaluation and export run outside it)", _plot_timing),
+     "(evaluation and export run outside it); iterations over 3x the median (the first one's "
+     "engine warm-up, recoveries) are off the scale, labelled with their time", _plot_timing),
     ("Throughput", "tokens (prompt + response) per second of the iteration, generated tokens "
      "per second of generation; dashed, right axis: samples per second",
      lambda ax, m: _two_scales(ax, m, ["perf/tokens_per_s", "perf/generated_tokens_per_s"],

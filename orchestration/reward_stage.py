@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from orchestration import calls
 from orchestration.config import RunConfig
 from reward_service.shaping import RewardShaper, SafetyGate, ShapingSpec, group_spread
 from rollout import schema as S
@@ -78,24 +79,60 @@ def shaping_spec(cfg: RunConfig) -> ShapingSpec:
 
 
 class RewardStage:
-    """Scores batches with the run's reward actors and shapes the result."""
+    """Scores batches with the run's reward actors and shapes the result.
+
+    A reward component that fails on some samples (a rule function that raises, returns a
+    non-number or hangs; a remote service whose batch fails) is reported once per run, when it
+    first fails, with its first error; later failures are only counted in the metrics.
+    """
 
     def __init__(self, cfg: RunConfig, scorers: list, timeout: float):
         self.scorers, self.timeout = scorers, timeout
         self.shaper = RewardShaper(shaping_spec(cfg))
+        self.reported: set[str] = set()  # components whose first failure was printed
+        self.last_metrics: dict[str, float] = {}
 
     def _components(self, table: ray.ObjectRef) -> tuple[pa.Table, dict, dict[str, float]]:
         parts = [s.score.options(num_returns=2).remote(table) for s in self.scorers]
         inputs = _reward_inputs.remote(table)
-        tables = ray.get([c for c, _ in parts], timeout=self.timeout)
+        tables = calls.wait([c for c, _ in parts], "reward", self.timeout)
         metrics: dict[str, float] = {}
-        for m in ray.get([m for _, m in parts], timeout=self.timeout):
+        for m in calls.wait([m for _, m in parts], "reward", self.timeout):
             metrics |= m
         columns = tables[0]
         for t in tables[1:]:
             for name in t.column_names:
                 columns = columns.append_column(name, t[name])
-        return columns, ray.get(inputs, timeout=self.timeout), metrics
+        self.last_metrics = metrics
+        failing = {k for k in _failing(metrics) if k not in self.reported}
+        if failing:
+            for name, problem in sorted(self.problems().items()):
+                if name in failing:
+                    print(
+                        f"warning: {problem.describe(name)}; its failed samples are unscorable "
+                        f"and counted in reward/errors/{name} (reported once)",
+                        flush=True,
+                    )
+                    self.reported.add(name)
+        return columns, calls.wait(inputs, "reward", self.timeout), metrics
+
+    def problems(self) -> dict:
+        """Every reward actor's failing components: name -> ``scorer.Problem``."""
+        out: dict = {}
+        for part in calls.wait([s.problems.remote() for s in self.scorers], "reward", self.timeout):
+            out |= part
+        return out
+
+    def describe_unscorable(self) -> str:
+        """Why samples were unscorable, per component, for the run's stop message: each failing
+        function's first error, and the components that judged every sample unscorable."""
+        lines = [p.describe(name) for name, p in sorted(self.problems().items())]
+        for key, count in sorted(self.last_metrics.items()):
+            name = key.removeprefix("reward/").removesuffix("/unscorable")
+            failed = self.last_metrics.get(f"reward/errors/{name}", 0)
+            if key.endswith("/unscorable") and count > 0 and not failed and name != "unscorable":
+                lines.append(f"{name!r} returned None (unscorable) for {count:.0f} samples")
+        return "; ".join(lines) + "." if lines else ""
 
     def components(self, table: ray.ObjectRef) -> tuple[pa.Table, dict[str, float]]:
         """Every component's ``reward/<name>`` column and the scorers' metrics, unshaped."""
@@ -119,6 +156,20 @@ class RewardStage:
         columns, inputs, _ = self._components(table)
         raw = self.shaper.raw(_as_numpy(columns))
         return self.shaper.set_baselines(inputs["row"], raw)
+
+
+def _failing(metrics: dict[str, float]) -> set[str]:
+    """Components with failures in one batch's metrics (``reward/errors/<name>`` of the rule
+    functions, ``reward/<name>/failed_batches`` of remote services)."""
+    out = set()
+    for key, value in metrics.items():
+        if value <= 0:
+            continue
+        if key.startswith("reward/errors/"):
+            out.add(key.removeprefix("reward/errors/"))
+        elif key.endswith("/failed_batches"):
+            out.add(key.removeprefix("reward/").removesuffix("/failed_batches"))
+    return out
 
 
 def _as_numpy(columns: pa.Table) -> dict[str, np.ndarray]:

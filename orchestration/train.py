@@ -58,6 +58,7 @@ from orchestration.data import (
     all_prompts,
     load_prompts,
 )
+from orchestration.guards import Guards, RunStopped
 
 FIRST_LAST = 5  # iterations averaged for the "first" and "last" reward in the summary
 
@@ -78,10 +79,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. learner.lr=1e-5"
     )
     return parser.parse_args(argv)
-
-
-class NumericalFault(RuntimeError):
-    """Too many updates in a row were dropped for non-finite losses or gradients."""
 
 
 def make_run_dir(cfg: RunConfig, source: str) -> Path:
@@ -119,11 +116,12 @@ def resume_point(cfg: RunConfig, run_dir: Path):
     return path
 
 
-def prepare_model(cfg: RunConfig, run_dir: Path) -> str:
-    """The policy's path; ``builtin:tiny`` is built now, into the run directory (a resumed run
-    reuses the one it built)."""
+def prepare_model(cfg: RunConfig, run_dir: Path, located: str) -> str:
+    """The policy's path (``located``: ``model.path`` as ``checks.locate_model`` found it);
+    ``builtin:tiny`` is built now, into the run directory (a resumed run reuses the one it
+    built)."""
     if cfg.model.path != BUILTIN_MODEL:
-        return cfg.model.path
+        return located
     from orchestration.tiny_model import build_tiny_model
 
     if (run_dir / "base_model" / "config.json").is_file():
@@ -133,15 +131,24 @@ def prepare_model(cfg: RunConfig, run_dir: Path) -> str:
     )
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Join the configured cluster (or ``RAY_ADDRESS``), else start an embedded local Ray."""
+def init_ray(cfg: RunConfig, run_dir: Path | None = None) -> None:
+    """Join the configured cluster (or ``RAY_ADDRESS``), else start an embedded local Ray. With
+    a run directory and ``logging.quiet``, every actor's output goes whole to
+    ``<run_dir>/logs/`` and known-benign lines stay off the console (``orchestration.console``)."""
+    import logging
+
     import ray
 
+    kwargs: dict = {"logging_level": logging.WARNING}  # not Ray's start-up notes
+    if run_dir is not None and cfg.logging.quiet:
+        from orchestration.console import quiet_job
+
+        kwargs["runtime_env"] = quiet_job(run_dir / "logs")
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        context = ray.init(address=address)
+        context = ray.init(address=address, **kwargs)
     else:
-        context = ray.init(address="local", include_dashboard=True)
+        context = ray.init(address="local", include_dashboard=True, **kwargs)
     dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "(not running)"
     print(f"ray: {'joined ' + address if address else 'embedded'}; dashboard: {dashboard}")
 
@@ -169,15 +176,18 @@ def summarize(history: list[dict], run_dir: Path, wall_s: float) -> dict:
     }
 
 
-def prepare_reward_models(cfg: RunConfig, run_dir: Path, model_path: str) -> dict[str, str]:
-    """Reward model name -> path; ``builtin:addition-rm`` is trained now, into the run
-    directory, on preference pairs built from the task (``reward_service.train_rm``)."""
+def prepare_reward_models(
+    cfg: RunConfig, run_dir: Path, model_path: str, located: dict[str, str]
+) -> dict[str, str]:
+    """Reward model name -> path (``located``: the configured ones as ``checks.locate_model``
+    found them); ``builtin:addition-rm`` is trained now, into the run directory, on preference
+    pairs built from the task (``reward_service.train_rm``)."""
     from reward_service.train_rm import build_addition_rm
 
     paths = {}
     for m in cfg.reward.models:
         if m.path != BUILTIN_RM:
-            paths[m.name] = m.path
+            paths[m.name] = located[m.name]
             continue
         out = run_dir / f"reward_model_{m.name}"
         if (out / "config.json").is_file():  # a resumed run: the model it trained
@@ -217,17 +227,26 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
     """
     from transformers import AutoTokenizer
 
+    from orchestration.checks import check_inputs, locate_model
+
+    # Hub names first, before the run directory exists: no hub access fails here in seconds.
+    policy = cfg.model.path
+    if policy != BUILTIN_MODEL:
+        policy = locate_model("model.path", policy)
+    reward_paths = {
+        m.name: locate_model(f"reward.models[{m.name}].path", m.path)
+        for m in cfg.reward.models
+        if m.path != BUILTIN_RM
+    }
     run_dir = make_run_dir(cfg, source)
     resume_from = resume_point(cfg, run_dir)
     config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     (run_dir / "config.yaml").write_text(config_text)
-    model_path = prepare_model(cfg, run_dir)
+    model_path = prepare_model(cfg, run_dir, policy)
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, trust_remote_code=cfg.model.trust_remote_code
     )
-    from orchestration.checks import check_inputs
-
-    reward_model_paths = prepare_reward_models(cfg, run_dir, model_path)
+    reward_model_paths = prepare_reward_models(cfg, run_dir, model_path, reward_paths)
     for note in check_inputs(cfg, model_path, tokenizer, reward_model_paths):
         print(f"note: {note}", flush=True)
     data = cfg.data
@@ -303,6 +322,7 @@ class Loop:
         self.cfg, self.trainer, self.sampler, self.prep = cfg, trainer, sampler, prep
         self.run_dir = prep.run_dir
         self.failures = 0  # learner group rebuilds so far
+        self.guards = Guards(cfg, lambda: trainer.rewards.describe_unscorable())
         self.initial_state: dict | None = None  # what a rollback with no checkpoint restores
         self.eval_table = None
         if prep.eval_prompts is not None:
@@ -335,16 +355,12 @@ class Loop:
                 k = self.rollback(log, e)
                 continue
             log.log(k, metrics)
-            bad = metrics.get("learner/skipped_in_a_row", 0)
-            if bad >= cfg.learner.max_skipped_in_a_row:
+            try:
+                for warning in self.guards.check(k, metrics):
+                    print(warning, flush=True)
+            except RunStopped as stop:
                 path = self.save_checkpoint(k)
-                raise NumericalFault(
-                    f"iteration {k}: {bad:.0f} updates in a row were dropped for a non-finite "
-                    f"loss or gradient norm (learner.max_skipped_in_a_row="
-                    f"{cfg.learner.max_skipped_in_a_row}); the run stopped. {path} holds the "
-                    "last good state (dropped updates changed nothing): look at the rewards and "
-                    "advantages in the rollouts, lower learner.lr, then resume=auto"
-                )
+                raise type(stop)(f"{stop} (checkpoint: {path})") from None
             every = cfg.checkpoint.every
             if k == cfg.iterations - 1 or (every and (k + 1) % every == 0):
                 self.save_checkpoint(k)
@@ -486,6 +502,10 @@ class Loop:
 def run(cfg: RunConfig, source: str) -> dict:
     """Everything after the config: checks, actors, the loop, the policy and the summary."""
     start = time.perf_counter()
+    if cfg.logging.quiet:
+        from orchestration.console import quiet_driver
+
+        quiet_driver()
     prep = prepare(cfg, source)
     print(f"run directory: {prep.run_dir}", flush=True)
 
@@ -495,7 +515,7 @@ def run(cfg: RunConfig, source: str) -> dict:
     from orchestration.metrics import MetricsLog
     from orchestration.placement import start_actors
 
-    init_ray(cfg)
+    init_ray(cfg, prep.run_dir)
     try:
         actors = start_actors(cfg, prep.model_path, prep.pad_token_id, prep.reward_model_paths)
         sampler = PromptSampler(prep.prompts, cfg.data.seed, shuffle=cfg.data.shuffle)
@@ -552,9 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, CheckpointError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NumericalFault as e:
+    except RunStopped as e:  # a guard: 3 numerical faults, 4 off-policy, 5 nothing scorable
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return e.exit_code
     print(
         f"done: {summary['iterations']} iterations in {summary['wall_time_s']:.0f} s; reward "
         f"{summary['reward_first']:.3f} (first {FIRST_LAST}) -> {summary['reward_last']:.3f} "

@@ -87,6 +87,7 @@ class RemoteRewardClient:
         # Proxies, netrc credentials and CA overrides from the environment must not apply: the
         # call goes to the allowlisted host and nowhere else.
         self._session.trust_env = False
+        self.first_failure: str | None = None  # why the run's first failed batch failed
         parts = urlsplit(spec.url)
         if parts.scheme == "http" and self._token and not _is_loopback(parts.hostname):
             logger.warning(
@@ -161,6 +162,7 @@ class RemoteRewardClient:
                     delay = self.spec.backoff_s * 2**attempt
                     time.sleep(delay + random.uniform(0.0, 0.1 * delay))
                     continue
+                reason = self._redact(failure.reason)
                 logger.warning(
                     "reward server %r at %s: batch of %d samples unscorable after %d attempt(s): "
                     "%s",
@@ -168,8 +170,10 @@ class RemoteRewardClient:
                     self.spec.url,
                     len(samples),
                     attempt + 1,
-                    self._redact(failure.reason),
+                    reason,
                 )
+                if self.first_failure is None:
+                    self.first_failure = f"{reason} (after {attempt + 1} attempt(s))"
                 return None, attempt
         raise AssertionError("unreachable: the last attempt returns")
 

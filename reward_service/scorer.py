@@ -2,15 +2,17 @@
 
 Plain classes; the driver runs each as a Ray actor. Each returns a table of its component
 columns, ``reward/<name>`` (float32, null when unscorable), and its metrics; the driver combines
-the components and shapes the score (``reward_service.shaping``). A rule function that raises
-marks that sample unscorable for it and is counted in ``reward/errors/<name>``; the first
-exception of each call is logged.
+the components and shapes the score (``reward_service.shaping``).
+
+Rule functions are user code and run in child processes (``reward_service.contained``), each
+call bounded by a time limit. A call that raises, returns something other than a finite number,
+times out or crashes its process marks that sample unscorable for the function and is counted in
+``reward/errors/<name>``; :meth:`RuleScorer.problems` keeps each function's first error and
+counts for the run, which the driver reports once per function.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,11 +20,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from reward_service.contained import ContainedFunction
 from reward_service.remote import RemoteRewardClient, RemoteSpec
-from reward_service.rules import RewardFunction, resolve
 from rollout import schema as S
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,22 @@ class RuleSpec:
         return self.column or self.name
 
 
+@dataclass
+class Problem:
+    """What went wrong with one reward function over the run: its first error, how many
+    samples failed, and out of how many it was asked to score."""
+
+    first_error: str
+    errors: int = 0
+    samples: int = 0
+
+    def describe(self, name: str) -> str:
+        return (
+            f"reward function {name!r} failed on {self.errors} of {self.samples} samples so far; "
+            f"first error: {self.first_error}"
+        )
+
+
 class RuleScorer:
     """Rule-based reward functions over decoded prompts and responses.
 
@@ -46,6 +62,7 @@ class RuleScorer:
         rules: the functions (each becomes a ``reward/<key>`` column).
         tokenizer_path: the policy's tokenizer, to decode prompts and responses.
         label_column: the passthrough column holding each row's label (missing: labels are None).
+        timeout_s: the longest one call of a function may take (``reward.function_timeout_s``).
     """
 
     def __init__(
@@ -55,38 +72,59 @@ class RuleScorer:
         *,
         label_column: str = "label",
         trust_remote_code: bool = False,
+        timeout_s: float = 10.0,
     ):
         from transformers import AutoTokenizer
 
         if not rules:
             raise ValueError("the rule scorer needs at least one reward function")
         self.rules = list(rules)
-        self.functions: dict[str, RewardFunction] = {
-            r.key: resolve(r.name, dict(r.params)) for r in rules
+        self.functions: dict[str, ContainedFunction] = {
+            r.key: ContainedFunction(r.name, r.params, timeout_s) for r in rules
         }
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_path, trust_remote_code=trust_remote_code
         )
         self.label_column = label_column
+        self._problems: dict[str, Problem] = {}
+        self._samples: dict[str, int] = dict.fromkeys(self.functions, 0)
 
     def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
         """``(table of the reward/<key> columns, metrics)``.
 
-        Metrics: ``reward/<key>/mean`` over scorable rows and ``reward/errors/<key>``
-        (exceptions raised by that function).
+        Metrics: ``reward/<key>/mean`` over scorable rows, ``reward/errors/<key>`` (calls that
+        raised, returned a non-number or non-finite value, timed out or crashed) and
+        ``reward/<key>/unscorable`` (null scores, errors included).
         """
         prompts, responses = decode(self.tokenizer, table)
         labels = labels_of(table, self.label_column)
         metrics: dict[str, float] = {}
         columns = {}
         for key, fn in self.functions.items():
-            values, errors = _apply(fn, prompts, responses, labels)
+            outcomes = fn(prompts, responses, labels)
+            values = [o.value for o in outcomes]
+            errors = [o.error for o in outcomes if o.error is not None]
+            self._samples[key] += len(outcomes)
+            if errors:
+                problem = self._problems.setdefault(key, Problem(errors[0]))
+                problem.errors += len(errors)
+            if key in self._problems:
+                self._problems[key].samples = self._samples[key]
             columns[S.REWARD_COLUMN_PREFIX + key] = pa.array(values, pa.float32())
-            metrics[f"reward/errors/{key}"] = float(errors)
+            metrics[f"reward/errors/{key}"] = float(len(errors))
+            metrics[f"reward/{key}/unscorable"] = float(sum(v is None for v in values))
             scored = [v for v in values if v is not None]
             if scored:
                 metrics[f"reward/{key}/mean"] = sum(scored) / len(scored)
         return pa.table(columns), metrics
+
+    def problems(self) -> dict[str, Problem]:
+        """Each function that failed at least once this run: its first error and counts."""
+        return dict(self._problems)
+
+    def close(self) -> None:
+        for fn in self.functions.values():
+            fn.close()
 
 
 class RemoteScorer:
@@ -111,6 +149,7 @@ class RemoteScorer:
             os.environ[spec.token_env] = token
         self.name = spec.name
         self.client = RemoteRewardClient(spec)
+        self._failed_samples = self._samples = 0
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_path, trust_remote_code=trust_remote_code
         )
@@ -120,11 +159,23 @@ class RemoteScorer:
         """``(table of one column reward/<name>, metrics)``."""
         prompts, responses = decode(self.tokenizer, table)
         values, metrics = self.client.score(prompts, responses, labels_of(table, self.label_column))
+        self._samples += len(values)
+        failed = metrics[f"reward/{self.name}/failed_batches"]
+        if failed:  # which samples were in failed batches is not kept; count their nulls
+            self._failed_samples += int(metrics[f"reward/{self.name}/unscorable"])
         scored = [v for v in values if v is not None]
         if scored:
             metrics[f"reward/{self.name}/mean"] = sum(scored) / len(scored)
         column = S.REWARD_COLUMN_PREFIX + self.name
         return pa.table({column: pa.array(values, pa.float32())}), metrics
+
+    def problems(self) -> dict[str, Problem]:
+        """The service's first failed batch this run, if any, and the samples left unscorable
+        in batches that failed."""
+        if self.client.first_failure is None:
+            return {}
+        problem = Problem(self.client.first_failure, self._failed_samples, self._samples)
+        return {self.name: problem}
 
 
 def decode(tokenizer, table: pa.Table) -> tuple[list[str], list[str]]:
@@ -140,23 +191,3 @@ def labels_of(table: pa.Table, column: str) -> list[str | None]:
     if column not in table.column_names:
         return [None] * table.num_rows
     return [None if v is None else str(v) for v in table[column].to_pylist()]
-
-
-def _apply(
-    fn: RewardFunction, prompts: list[str], responses: list[str], labels: list[str | None]
-) -> tuple[list[float | None], int]:
-    values, errors = [], 0
-    for prompt, response, label in zip(prompts, responses, labels, strict=True):
-        try:
-            value = fn(prompt, response, label)
-        except Exception:  # noqa: BLE001 - user code: any failure makes this sample unscorable
-            if not errors:
-                logger.warning("reward function %r raised; sample unscorable", fn, exc_info=True)
-            errors += 1
-            value = None
-        if value is not None:
-            value = float(value)
-            if not math.isfinite(value):
-                value = None  # a NaN/inf score is as unscorable as None, not a number to train on
-        values.append(value)
-    return values, errors

@@ -40,8 +40,10 @@ summary="$runs/$name/summary.json"
 python - "$summary" "$dashboard" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-print(f"dashboard:      {sys.argv[2]}")
+print(f"dashboard:      {sys.argv[2]} (it asks for the cluster's token: paste what "
+      "`ray get-auth-token` prints; with this venv active, or .venv/bin/ray get-auth-token)")
 print(f"run directory:  {s['run_dir']}")
+print(f"logs:           {s['run_dir']}/logs/ (each actor's whole output)")
 print(f"report:         {s['run_dir']}/report.html (plots and sample responses)")
 print(f"final reward:   {s['reward_last']:.3f} (mean of the last 5 iterations; first 5: "
       f"{s['reward_first']:.3f}) after {s['iterations']} iterations, {s['wall_time_s']:.0f} s")

@@ -212,7 +212,7 @@ def test_updates_dropped_in_a_row_stop_the_run_with_a_checkpoint_of_the_last_goo
     ``learner.max_skipped_in_a_row`` the run stops with a checkpoint whose weights are those
     of before the fault."""
 
-    from orchestration.train import NumericalFault
+    from orchestration.guards import NumericalFault
 
     ray.init(address="local", include_dashboard=False)
     try:

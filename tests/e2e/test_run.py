@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,11 @@ def assert_learned(summary: dict, history: list[dict], present: str, absent: str
             ["model.path={small_vocab}"],
             "but the model's embedding holds vocab_size=8 (config.json): ids 8 to",
         ),
+        (  # a hub name on a machine that cannot reach the hub (HF_ENDPOINT: a closed port)
+            ["model.path=someorg/not-here"],
+            "model.path 'someorg/not-here' is neither a local directory nor reachable: the "
+            "Hugging Face hub (http://127.0.0.1:9) did not answer",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_actor_starts(private_env, tmp_path, tiny_model, args, message):
@@ -123,8 +129,11 @@ def test_bad_input_fails_before_any_actor_starts(private_env, tmp_path, tiny_mod
         config = json.loads((small_vocab / "config.json").read_text())
         (small_vocab / "config.json").write_text(json.dumps(config | {"vocab_size": 8}))
     args = [a.format(rows=rows, pickled=pickled, small_vocab=small_vocab) for a in args]
-    out = train(["--config", "demo", f"logging.root={tmp_path}/runs", *args], private_env, 120)
+    env = private_env | {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    start = time.monotonic()
+    out = train(["--config", "demo", f"logging.root={tmp_path}/runs", *args], env, 120)
     assert out.returncode == 2
     assert message in out.stderr
+    assert time.monotonic() - start < 60  # seconds, not transformers' retries
     assert "Started a local Ray" not in out.stdout + out.stderr
     assert "ray:" not in out.stdout  # init_ray never ran

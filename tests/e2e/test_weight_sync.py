@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import ray
+import torch
 
 from orchestration.config import load_config
 from orchestration.data import PromptSampler
@@ -54,6 +55,16 @@ def test_every_generator_serves_each_new_version_and_matches_the_learner(trainer
         assert metrics["sync/bytes"] == trainer.actors.sync_plan.num_bytes
         assert served_versions(trainer) == [k + 1, k + 1]
         assert trainer.version == k + 1
+
+    # The check of what the engines compute with: one generator given other weights (same
+    # version, so only the probe can tell) fails verification, naming it.
+    weights = ray.get(trainer.actors.learners[0].policy_weights.remote(), timeout=60)
+    other = {k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()}
+    ray.get(trainer.actors.generators[1].update_weights.remote(3, other, True), timeout=60)
+    with pytest.raises(RuntimeError, match="weight sync 3: generator 1 computes with other"):
+        trainer.verify_served()
+    ray.get(trainer.actors.generators[1].update_weights.remote(3, weights, True), timeout=60)
+    trainer.verify_served()
 
     trainer.sync_enabled = False  # train without telling the generators
     trainer.iteration()  # its rollout still came from the synced weights

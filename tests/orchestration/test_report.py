@@ -293,3 +293,15 @@ def test_cli_missing_run_dir_exits_2(tmp_path):
 def test_cli_run_dir_without_metrics_exits_2(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: no metrics file at {tmp_path}")
+
+
+def test_a_slow_first_iteration_does_not_flatten_the_stage_plot(run_dir):
+    """Iteration 0 takes 20x the others (engine warm-up): the scale follows the others, and
+    the warm-up is labelled with its time."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records[0] |= {"timing/iteration": 20.0, "timing/generate": 19.6}
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures, _ = make_figures(load_metrics(run_dir))
+    ax = {t: fig for t, _, fig in figures}["Time per stage"].axes[0]
+    assert ax.get_ylim()[1] == pytest.approx(1.3)  # 1.3 x the slowest normal iteration (1 s)
+    assert [t.get_text() for t in ax.texts] == ["20.0 s"]

@@ -56,15 +56,47 @@ def test_each_function_is_its_own_column_and_missing_labels_are_unscorable(tiny_
     # Row 0 "3" right; row 1 "1" wrong integer; row 2 "2" wrong; row 3 has no label -> None.
     assert out["reward/exact_integer"].to_pylist()[:3] == pytest.approx([1.0, 0.1, 0.1])
     assert out["reward/exact_integer"].to_pylist()[3] is None
-    # NaN from a function is unscorable, never a number to train on.
+    # NaN from a function is unscorable, never a number to train on, and counted as an error.
     assert out[f"reward/{TESTS}nan_for_two"].to_pylist() == [1.0, 1.0, None, 1.0]
+    assert metrics[f"reward/errors/{TESTS}nan_for_two"] == 1
     assert metrics["reward/exact_integer/mean"] == pytest.approx(1.2 / 3)
+    # A missing label is the function's own "cannot judge": unscorable, not an error.
+    assert metrics["reward/errors/exact_integer"] == 0
+    assert metrics["reward/exact_integer/unscorable"] == 1
 
 
 def test_a_raising_function_marks_the_sample_unscorable_and_is_counted(tiny_model, table):
-    out, metrics = scorer(tiny_model, TESTS + "boom").score(table)
+    rules = scorer(tiny_model, TESTS + "boom")
+    assert rules.problems() == {}
+    out, metrics = rules.score(table)
     assert out[f"reward/{TESTS}boom"].to_pylist() == [0.5, None, 0.5, 0.5]
     assert metrics[f"reward/errors/{TESTS}boom"] == 1
+    rules.score(table)
+    # The run keeps the first error and counts every failure and every sample asked.
+    (problem,) = rules.problems().values()
+    assert problem.first_error.startswith("RuntimeError: reward function bug (test_scorer.py:")
+    assert (problem.errors, problem.samples) == (2, 8)
+    assert problem.describe("boom") == (
+        f"reward function 'boom' failed on 2 of 8 samples so far; first error: "
+        f"{problem.first_error}"
+    )
+
+
+def test_a_string_return_and_a_hang_are_unscorable_and_named(tiny_model, table):
+    """A user's function returning "high", and one that hangs on every sample: the batch is
+    scored within a few timeouts, never a crash."""
+    m = "tests.reward_service.misbehaving:"
+    rules = scorer(tiny_model, m + "high", m + "always_hangs", timeout_s=0.5)
+    out, metrics = rules.score(table)
+    assert out[f"reward/{m}high"].to_pylist() == [None] * 4
+    assert out[f"reward/{m}always_hangs"].to_pylist() == [None] * 4
+    assert metrics[f"reward/errors/{m}high"] == metrics[f"reward/errors/{m}always_hangs"] == 4
+    problems = rules.problems()
+    assert problems[m + "high"].first_error == "returned 'high' (str), not a number"
+    assert problems[m + "always_hangs"].first_error == (
+        "no answer within reward.function_timeout_s=0.5"
+    )
+    rules.close()
 
 
 def test_params_and_column_names_come_from_the_spec(tiny_model, table):

@@ -1,0 +1,146 @@
+"""Runs that go wrong, through the real entry point on one local Ray head: each gets one clear
+message, its own exit code and a checkpoint, and the console stays readable.
+
+1. Reward functions that misbehave (a string return, an exception on every sample, a hang):
+   every sample is unscorable and counted per function, each function is reported once with
+   its first error, and after ``reward.max_unscorable_in_a_row`` iterations the run stops with
+   exit code 5 naming them.
+2. Generators off the learner's policy: with a mismatch bound no real run meets, every
+   iteration warns with the likely causes, and after ``generator.max_mismatch_in_a_row`` the run
+   stops with exit code 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+VENV = Path(sys.executable).parent.parent
+M = "tests.reward_service.misbehaving:"
+SMALL = [
+    "--config=demo",
+    "iterations=6",
+    "data.prompts_per_iteration=4",
+    "generator.samples_per_prompt=4",
+    "logging.progress_bar=false",
+    "checkpoint.every=0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head (token auth, as the conftest set up) the runs join; yields their env."""
+    root = tmp_path_factory.mktemp("guards")
+    home = root / "home"
+    home.mkdir()
+    tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # Ray's socket paths must stay short
+    env = dict(os.environ, HOME=str(home), TMPDIR=tmp)
+    ray, gcs = str(VENV / "bin" / "ray"), free_port()
+    start = [ray, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false"]
+    subprocess.run([*start, "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    try:
+        yield env | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"}, root
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train(head, name: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    env, root = head
+    where = [f"logging.root={root / 'runs'}", f"logging.name={name}"]
+    command = [sys.executable, "-m", "orchestration.train", *SMALL, *where, *args]
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return out, root / "runs" / name
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_misbehaving_reward_functions_are_counted_reported_once_and_stop_the_run(head):
+    functions = [M + "high", M + "always_raises", M + "always_hangs"]
+    rewards = "[" + ", ".join(f"{{name: '{f}'}}" for f in functions) + "]"
+    out, run_dir = train(
+        head,
+        "unscorable",
+        f"reward.functions={rewards}",
+        "reward.no_eos_penalty=null",  # else a response that never stops scores 0, not null
+        "reward.function_timeout_s=1",
+        "reward.max_unscorable_in_a_row=2",
+    )
+    console = out.stdout + out.stderr
+    assert out.returncode == 5, console[-4000:]
+    # The stop names every function with its first error, and says what was kept.
+    (error,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(
+        "error: iteration 1: no sample could be scored, 2 iterations in a row "
+        "(reward.max_unscorable_in_a_row=2); the run stopped: it was training on nothing."
+    )
+    assert (
+        f"reward function '{M}high' failed on 32 of 32 samples so far; first error: "
+        "returned 'high' (str), not a number" in error
+    )
+    assert (
+        f"'{M}always_raises' failed on 32 of 32 samples so far; first error: ValueError: "
+        "no verdict for '"
+        in error
+        and "(misbehaving.py:" in error
+    )
+    assert (
+        f"'{M}always_hangs' failed on 32 of 32 samples so far; first error: no answer "
+        "within reward.function_timeout_s=1" in error
+    )
+    checkpoint = run_dir / "checkpoints" / "iter_000001"
+    assert f"(checkpoint: {checkpoint})" in error and (checkpoint / "COMMITTED").is_file()
+    # One message per function per run, no traceback per sample or per iteration.
+    for f in functions:
+        assert console.count(f"warning: reward function '{f}' failed") == 1, f
+    assert "Traceback" not in console
+    assert console.count("no sample could be scored (1 of 2 in a row") == 1
+    # Every sample of every iteration unscorable and counted per function.
+    records = history(run_dir)
+    assert [r["reward/unscorable_fraction"] for r in records] == [1.0, 1.0]
+    for r in records:
+        assert all(r[f"reward/errors/{f}"] == 16 for f in functions)
+    # The quiet console: vLLM's per-sync note and start-up advice went to the logs only.
+    assert "RotaryEmbedding" not in console and "LD_PRELOAD" not in console
+    generator_log = (run_dir / "logs" / "generator-0.log").read_text()
+    assert "RotaryEmbedding: Failed to load weights" in generator_log
+    assert "LD_PRELOAD" in generator_log
+
+
+def test_generators_off_the_policy_warn_then_stop_the_run(head):
+    # No real run gets within 1e-12 (fp32 kernels differ by about 1e-7): every iteration is
+    # "off-policy", which is what a broken sync looks like to the guard.
+    out, run_dir = train(
+        head,
+        "mismatch",
+        "generator.max_logprob_mismatch=1e-12",
+        "generator.max_mismatch_in_a_row=2",
+    )
+    console = out.stdout + out.stderr
+    assert out.returncode == 4, console[-4000:]
+    (warning,) = [line for line in console.splitlines() if line.startswith("warning: iteration")]
+    assert "the generators are off the learner's policy" in warning and "(1 of 2" in warning
+    assert "likely causes:" in warning
+    (error,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: iteration 1: the generators are off the learner's policy")
+    assert "for 2 iterations in a row (generator.max_mismatch_in_a_row=2)" in error
+    assert "resume=auto" in error
+    assert (run_dir / "checkpoints" / "iter_000001" / "COMMITTED").is_file()
