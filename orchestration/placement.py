@@ -38,6 +38,16 @@ class Actors:
     def all(self) -> list:
         return [*self.generators, *self.scorers, self.reference, *self.learners]
 
+    def release(self) -> None:
+        """Kill every actor and remove the placement groups, leaving the Ray session to the
+        next run (a run that ends shuts Ray down instead)."""
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.all():
+            ray.kill(actor, no_restart=True)
+        for group in self.placement_groups.values():
+            remove_placement_group(group)
+
 
 def learner_spec(
     cfg: RunConfig, model_path: str, pad_token_id: int, total_steps: int
