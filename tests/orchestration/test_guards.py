@@ -15,7 +15,7 @@ def guards(*overrides: str, describe=lambda: "") -> Guards:
 
 def test_the_mismatch_bound_defaults_by_dtype_and_can_be_set():
     assert max_mismatch(load_config("demo", [])) == 1e-3
-    assert max_mismatch(load_config("demo", ["model.dtype=bfloat16"])) == 5e-2
+    assert max_mismatch(load_config("demo", ["model.dtype=bfloat16"])) == 0.1
     assert max_mismatch(load_config("demo", ["generator.max_logprob_mismatch=0.2"])) == 0.2
 
 
