@@ -152,6 +152,8 @@ def save(
     commit it. Returns its directory."""
     import ray
 
+    from orchestration import calls
+
     path = directory(run_dir, iteration)
     if path.exists():  # an interrupted write of the same iteration
         shutil.rmtree(path)
@@ -163,7 +165,7 @@ def save(
         raise TimeoutError(
             f"checkpoint: learner ranks did not save within cluster.call_timeout_s={timeout:g}"
         )
-    ray.get(done, timeout=timeout)
+    calls.wait(done, "checkpoint", timeout)
     (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     write_json(path / "driver.json", driver_state | {"iteration": iteration})
     write_json(path / MARKER, {"iteration": iteration, "seconds": time.perf_counter() - start})

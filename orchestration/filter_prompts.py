@@ -55,6 +55,7 @@ def filter_prompts(cfg, source: str, samples: int, min_std: float, batch: int, o
     import ray
 
     from actors.vllm_engine import Sampling
+    from orchestration import calls
     from orchestration.placement import reserve, start_generators, start_scorers
     from orchestration.reward_stage import RewardStage
     from orchestration.train import init_ray, prepare
@@ -84,7 +85,7 @@ def filter_prompts(cfg, source: str, samples: int, min_std: float, batch: int, o
             ]
             for ref in refs:
                 scored = rewards.score(ref)
-                table = ray.get(scored.finish(), timeout=timeout)
+                table = calls.wait(scored.finish(), "filter prompts", timeout)
                 rows.append(table["dataset_row"].to_numpy())
                 scores.append(scored.score)
             done, seconds = min(first + batch, prompts.num_rows), time.perf_counter() - start

@@ -18,6 +18,7 @@ from actors.reference import ReferenceModel
 from actors.vllm_engine import EngineSpec
 from learner.weight_sync import SyncPlan
 from learner.worker import LearnerSpec, LossSpec, OptimizerSpec
+from orchestration import calls
 from orchestration.config import RunConfig
 from orchestration.resources import PlacementPlan, Slot, check_fit, plan_placement
 from reward_service.remote import RemoteSpec
@@ -283,8 +284,8 @@ def start_learners(cfg: RunConfig, model_path: str, pad_token_id: int, plan, gro
     learners = [
         ray.remote(LearnerActor).options(**o).remote(spec, r, world) for r, o in enumerate(options)
     ]
-    addr, port = ray.get(learners[0].endpoint.remote(), timeout=timeout)
-    ray.get([learner.setup.remote(addr, port) for learner in learners], timeout=timeout)
+    addr, port = calls.wait(learners[0].endpoint.remote(), "start learners", timeout)
+    calls.wait([r.setup.remote(addr, port) for r in learners], "start learners", timeout)
     return learners
 
 
@@ -317,8 +318,9 @@ def start_actors(
         )
     )
     learners = start_learners(cfg, model_path, pad_token_id, plan, groups)
-    ray.get([g.weight_version.remote() for g in generators], timeout=timeout)
-    ray.get([a.__ray_ready__.remote() for a in [*scorers, reference]], timeout=timeout)
+    calls.wait([g.weight_version.remote() for g in generators], "start generators", timeout)
+    ready = [a.__ray_ready__.remote() for a in [*scorers, reference]]
+    calls.wait(ready, "start reward and reference actors", timeout)
     actors = Actors(
         generators=generators,
         scorers=scorers,
@@ -328,7 +330,7 @@ def start_actors(
         plan=plan,
     )
     bucket_bytes = int(cfg.weight_sync.bucket_mib * 2**20)
-    actors.sync_plan = ray.get(learners[0].sync_plan.remote(bucket_bytes), timeout=timeout)
+    actors.sync_plan = calls.wait(learners[0].sync_plan.remote(bucket_bytes), "sync plan", timeout)
     if cfg.weight_sync.method == "collective":
         open_sync_group(actors, tp, timeout)
     return actors
@@ -336,14 +338,14 @@ def start_actors(
 
 def open_sync_group(actors: Actors, tp: int, timeout: float) -> None:
     """Learner rank 0 (root) and every generator worker join one weight-sync group."""
-    addr, port = ray.get(actors.learners[0].endpoint.remote(), timeout=timeout)
+    addr, port = calls.wait(actors.learners[0].endpoint.remote(), "open sync group", timeout)
     world = 1 + len(actors.generators) * tp
     refs = [actors.learners[0].open_sync_group.remote(addr, port, world, timeout)]
     refs += [
         g.open_sync_group.remote(addr, port, 1 + i * tp, world, timeout)
         for i, g in enumerate(actors.generators)
     ]
-    ray.get(refs, timeout=timeout)
+    calls.wait(refs, "open sync group", timeout)
 
 
 def rebuild_learners(cfg: RunConfig, actors: Actors, model_path: str, pad_token_id: int) -> None:

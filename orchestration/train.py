@@ -408,16 +408,13 @@ class Loop:
     def restore(self, path: Path) -> int:
         """Load checkpoint ``path`` into the learner ranks and the driver, and give the
         generators its weights before they generate again. Returns its iteration."""
-        import ray
-
-        from orchestration import checkpoint
+        from orchestration import calls, checkpoint
 
         state = checkpoint.check_compatible(path, self.cfg.model_dump(mode="json"))
         learners = self.trainer.actors.learners
         timeout = self.cfg.cluster.call_timeout_s
-        ray.get(
-            [r.load_checkpoint.remote(str(path / "learner")) for r in learners], timeout=timeout
-        )
+        loads = [r.load_checkpoint.remote(str(path / "learner")) for r in learners]
+        calls.wait(loads, "restore checkpoint", timeout)
         self.trainer.load_state_dict(state)
         checkpoint.set_rng_states(state["rng"])
         self.trainer.push_weights(state["weight_version"])
@@ -428,11 +425,14 @@ class Loop:
         that died is gone)."""
         import ray
 
+        from orchestration import calls
+
         if not isinstance(error, ray.exceptions.RayError):
             return False
+        timeout = self.cfg.cluster.call_timeout_s
         for rank in self.trainer.actors.learners:
             try:
-                ray.get(rank.__ray_ready__.remote(), timeout=self.cfg.cluster.call_timeout_s)
+                calls.wait(rank.__ray_ready__.remote(), "learner check", timeout)
             except ray.exceptions.RayActorError:
                 return True
         return False
@@ -486,11 +486,11 @@ class Loop:
     def export(self, path: Path) -> None:
         """The learner's current policy as a Hugging Face directory (every rank takes part
         under ZeRO-3; rank 0 writes)."""
-        import ray
+        from orchestration import calls
 
         learners = self.trainer.actors.learners
         timeout = self.cfg.cluster.call_timeout_s
-        ray.get([a.save_policy.remote(str(path)) for a in learners], timeout=timeout)
+        calls.wait([a.save_policy.remote(str(path)) for a in learners], "export", timeout)
 
     def prune_exports(self) -> None:
         keep = self.cfg.export.keep

@@ -13,19 +13,15 @@ message, its own exit code and a checkpoint, and the console stays readable.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.helpers import REPO, ray_head
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-VENV = Path(sys.executable).parent.parent
 M = "tests.reward_service.misbehaving:"
 SMALL = [
     "--config=demo",
@@ -37,28 +33,12 @@ SMALL = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A Ray head (token auth, as the conftest set up) the runs join; yields their env."""
+    """One Ray head the runs join: (their environment, a directory for their runs)."""
     root = tmp_path_factory.mktemp("guards")
-    home = root / "home"
-    home.mkdir()
-    tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # Ray's socket paths must stay short
-    env = dict(os.environ, HOME=str(home), TMPDIR=tmp)
-    ray, gcs = str(VENV / "bin" / "ray"), free_port()
-    start = [ray, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false"]
-    subprocess.run([*start, "--disable-usage-stats"], env=env, check=True, capture_output=True)
-    try:
-        yield env | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"}, root
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with ray_head(root) as env:
+        yield env, root
 
 
 def train(head, name: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:

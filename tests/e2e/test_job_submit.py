@@ -7,24 +7,15 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.helpers import REPO, VENV, free_port
 from tests.e2e.test_run import assert_learned
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-VENV = Path(sys.executable).parent.parent  # the environment running the tests
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_quickstart_submits_the_demo_as_a_ray_job(private_env):
@@ -55,6 +46,16 @@ def test_quickstart_submits_the_demo_as_a_ray_job(private_env):
     assert_learned(summary, history, "actor/kl_loss", "critic/value_loss")  # GRPO: no critic
     assert f"final reward:   {summary['reward_last']:.3f}" in out.stdout
     assert "dashboard:      http://127.0.0.1:" in out.stdout
+    assert "paste what `ray get-auth-token` prints" in out.stdout  # how to get past its login
+    # The job's console: one line per iteration and no library chatter, which went to the
+    # run's logs (vLLM's per-sync note, its CPU start-up advice).
+    console = out.stdout + out.stderr
+    assert console.count("iter  199 ") == 1
+    for benign in ("RotaryEmbedding", "LD_PRELOAD", "Loading weights", "NUMA binding"):
+        assert benign not in console, benign
+    assert (
+        "RotaryEmbedding: Failed to load weights" in (run_dir / "logs/generator-0.log").read_text()
+    )
     assert f"report:         {run_dir}/report.html" in out.stdout
     assert (run_dir / "report.html").stat().st_size > 10_000  # plots inlined
     assert list((run_dir / "tensorboard").iterdir())

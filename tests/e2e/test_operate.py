@@ -7,13 +7,9 @@ and in a fresh vLLM engine against the greedy tokens the synced generators produ
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from html.parser import HTMLParser
@@ -27,17 +23,10 @@ import pytest
 from orchestration.data import addition_examples
 from orchestration.metrics import prometheus_name
 from rollout import schema as S
+from tests.e2e.helpers import REPO, free_port, greedy_in_fresh_vllm, ray_head
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-VENV = Path(sys.executable).parent.parent
 ITERATIONS = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> str:
@@ -52,20 +41,11 @@ def scrape(port: int) -> str:
 def run(tmp_path_factory):
     """The run, with the metrics endpoint scraped while it trains: (run_dir, scrape, stdout)."""
     root = tmp_path_factory.mktemp("operate")
-    home = root / "home"
-    home.mkdir()
-    tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # Ray's socket paths must stay short
-    env = dict(os.environ, HOME=str(home), TMPDIR=tmp)
-    env.pop("RAY_ADDRESS", None)
     # A user's dataset: Parquet with its own field names, and one row without a prompt.
     rows = [{"question": p, "answer": a} for p, a in addition_examples(4)]
     rows.insert(3, {"question": None, "answer": "1"})
     pq.write_table(pa.Table.from_pylist(rows), root / "addition.parquet")
-    ray = str(VENV / "bin" / "ray")
-    gcs, metrics_port = free_port(), free_port()
-    head = [ray, "start", "--head", f"--port={gcs}", f"--metrics-export-port={metrics_port}"]
-    head += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
-    subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+    metrics_port = free_port()
     args = [
         "--config=demo",
         f"iterations={ITERATIONS}",
@@ -81,11 +61,11 @@ def run(tmp_path_factory):
         "logging.name=op",
         "logging.progress_bar=false",
     ]
-    try:
+    with ray_head(root, f"--metrics-export-port={metrics_port}") as env:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestration.train", *args],
             cwd=REPO,
-            env=env | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -101,9 +81,6 @@ def run(tmp_path_factory):
             proc.kill()
         stdout = proc.communicate(timeout=60)[0]
         assert proc.returncode == 0, stdout[-6000:]
-    finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(tmp, ignore_errors=True)
     return root / "runs" / "op", seen, stdout
 
 
@@ -254,18 +231,6 @@ def test_the_grafana_dashboard_queries_metrics_the_run_exports(run):
             assert any(re.fullmatch(pattern, n) for n in exported), (pattern, expr)
 
 
-GENERATE_IN_VLLM = """
-import json, sys
-from actors.vllm_engine import EngineSpec, Sampling, VLLMEngine
-if __name__ == "__main__":
-    path, prompts = sys.argv[1], json.loads(sys.argv[2])
-    engine = VLLMEngine(EngineSpec(model_path=path, max_model_len=32, kv_cache_bytes=64 << 20))
-    out = engine.generate(prompts, list(range(len(prompts))), Sampling(temperature=0.0,
-                          max_new_tokens=4))
-    print("TOKENS " + json.dumps([s.response_token_ids for s in out]))
-"""
-
-
 def test_the_exported_policy_loads_in_transformers_and_vllm_and_generates_the_synced_tokens(run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -292,13 +257,4 @@ def test_the_exported_policy_loads_in_transformers_and_vllm_and_generates_the_sy
         )
         hf.append(out[0, len(ids) :].tolist())
     assert hf == synced
-    out = subprocess.run(
-        [sys.executable, "-c", GENERATE_IN_VLLM, str(policy), json.dumps(prompts)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    vllm = json.loads(out.stdout.split("TOKENS ", 1)[1])
-    assert vllm == synced
+    assert greedy_in_fresh_vllm(policy, prompts, 4, 32) == synced

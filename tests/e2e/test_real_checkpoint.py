@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.helpers import REPO, greedy_in_fresh_vllm
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 QUESTIONS = [("What is 3+4?", "7"), ("What is 2*5?", "10"), ("What is 9-6?", "3")]
 QUESTIONS += [("What is 12/4?", "3"), ("What is 5+5?", "10"), ("What is 8-1?", "7")]
 QUESTIONS += [("What is 6*2?", "12"), ("What is 1+1?", "2")]
@@ -56,17 +57,6 @@ def test_the_converted_checkpoint_is_the_real_model(smollm2):
     ids = chat_prompt_ids(tokenizer, "What is 3+4?")
     out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).startswith("3 + 4 = 7")
-
-
-GREEDY_IN_VLLM = """
-import json, sys
-from actors.vllm_engine import EngineSpec, Sampling, VLLMEngine
-path, prompts = sys.argv[1], json.loads(sys.argv[2])
-engine = VLLMEngine(EngineSpec(model_path=path, max_model_len=128, kv_cache_bytes=64 << 20))
-out = engine.generate(prompts, list(range(len(prompts))), Sampling(temperature=0.0,
-                      max_new_tokens=12))
-print("TOKENS " + json.dumps([s.response_token_ids for s in out]))
-"""
 
 
 def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(
@@ -141,13 +131,4 @@ def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(
         generated = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
         hf.append(generated[0, len(ids) :].tolist())
     assert hf == synced
-    fresh = subprocess.run(
-        [sys.executable, "-c", GREEDY_IN_VLLM, str(policy), json.dumps(prompts)],
-        cwd=REPO,
-        env=private_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert fresh.returncode == 0, fresh.stderr[-4000:]
-    assert json.loads(fresh.stdout.split("TOKENS ", 1)[1]) == synced
+    assert greedy_in_fresh_vllm(policy, prompts, 12, 128) == synced
