@@ -16,8 +16,9 @@ Three ways in, all through :meth:`WeightSyncWorker._raylign_reload`:
 parameter between two modules. ``reload_weights`` refreshes the embedding module (the one the
 checkpoint names) but not the head, and on CPU the head computes with a prepacked copy of the
 weight made when it was last processed: after a reload the shared parameter holds the new
-weights while the logits still come from the old ones. Every module that shares a parameter
-with another is processed again after each reload (:func:`refresh_shared`).
+weights while the logits still come from the old ones. After each reload every module that
+shares a parameter with another and got none of its weights by name is processed again
+(:func:`refresh_shared`), and the kernels that can go stale are checked (:func:`stale_modules`).
 """
 
 from __future__ import annotations
@@ -79,10 +80,18 @@ class WeightSyncWorker:
         return stale
 
     def _raylign_reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        self.reload_weights(weights_iterator=iter(weights))
+        loaded: set[str] = set()  # the checkpoint names the reload got, hence processed
+
+        def named():
+            for name, tensor in weights:
+                loaded.add(name)
+                yield name, tensor
+
+        self.reload_weights(weights_iterator=named())
         model = self.model_runner.get_model()
-        refresh_shared(model)
-        return stale_modules(model)
+        tied = shared_modules(model)
+        refresh_shared(tied, loaded)
+        return stale_modules(model, tied)
 
 
 def _processable(module: nn.Module):
@@ -95,37 +104,43 @@ def _processable(module: nn.Module):
     return method if hasattr(method, "process_weights_after_loading") else None
 
 
-def refresh_shared(model: nn.Module) -> list[str]:
-    """Process again every module holding a parameter that another module holds too (a tied
-    output head and its embedding), so kernels derived from the weight (the CPU backend's
-    prepacked GEMM weights) follow the new values. Returns the modules processed."""
+def shared_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules holding a parameter that another module holds too (a tied output head and its
+    embedding), by name."""
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         for param in module.parameters(recurse=False):
             owners.setdefault(id(param), []).append((name, module))
+    return {name: m for group in owners.values() if len(group) > 1 for name, m in group}
+
+
+def refresh_shared(tied: dict[str, nn.Module], loaded: set[str]) -> list[str]:
+    """Process again each tied module the reload did not (none of its parameters' names was
+    among the ``loaded`` ones), so kernels derived from the weight (the CPU backend's prepacked
+    GEMM weights) follow the new values. Returns the modules processed."""
     refreshed = []
-    for group in owners.values():
-        if len(group) < 2:
-            continue
-        for name, module in group:
-            method = _processable(module)
-            if method is not None:
-                method.process_weights_after_loading(module)
-                refreshed.append(name)
+    for name, module in tied.items():
+        method = _processable(module)
+        names = {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
+        if method is not None and not names & loaded:
+            method.process_weights_after_loading(module)
+            refreshed.append(name)
     return refreshed
 
 
 @torch.no_grad()
-def stale_modules(model: nn.Module) -> list[str]:
-    """Modules whose kernel does not compute with their weight: for every unquantized module
-    that keeps a 2-D weight (output heads and embeddings; on CPU the linear layers hand their
-    weight to a packed kernel and keep none; on GPU every linear layer), ``quant_method.apply``
-    on a fixed two-row probe is compared with ``F.linear`` of the weight, relative to the
-    output's largest entry (1e-5 in fp32: a stale copy is 1e-4 off after a 1e-5 update per
-    element; 1e-2 in 16-bit). Costs two rows of each layer's GEMM."""
+def stale_modules(model: nn.Module, tied: dict[str, nn.Module]) -> list[str]:
+    """Modules whose kernel does not compute with their weight. Checked: the tied modules, and
+    every module that keeps its weight beside a prepacked CPU kernel (``cpu_linear``: output
+    heads and embeddings; linear layers hand their weight to the kernel and keep none). For each,
+    ``quant_method.apply`` on a fixed two-row probe is compared with ``F.linear`` of the weight,
+    relative to the output's largest entry (1e-5 in fp32: a stale copy is 1e-4 off after a 1e-5
+    update per element; 1e-2 in 16-bit). Costs two rows of each checked module's GEMM."""
+    candidates = dict(tied)
+    candidates |= {n: m for n, m in model.named_modules() if hasattr(m, "cpu_linear")}
     stale = []
     generator = torch.Generator().manual_seed(0)
-    for name, module in model.named_modules():
+    for name, module in candidates.items():
         method = _processable(module)
         weight = getattr(module, "weight", None)
         if method is None or not hasattr(method, "apply") or not isinstance(weight, torch.Tensor):

@@ -117,7 +117,7 @@ def test_a_stale_output_head_is_detected_and_refused(family_models, monkeypatch)
     path = family_models["llama-tied"]
     hf = AutoModelForCausalLM.from_pretrained(path).float()
     generator = start(path)
-    monkeypatch.setattr(vllm_worker, "refresh_shared", lambda model: [])
+    monkeypatch.setattr(vllm_worker, "refresh_shared", lambda tied, loaded: [])
     perturbed(hf, seed=3, scale=1e-5)  # a small update: a stale head is off by little
     # The parameters without the head's alias, as the collective plan sends them (with
     # "lm_head.weight" in the state dict, vLLM's Llama loads the head module itself).
