@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import REPO, ray_head
+from tests.e2e.helpers import ray_head
+from tests.e2e.test_run import train as run_train
 
 pytestmark = pytest.mark.slow
 M = "tests.reward_service.misbehaving:"
@@ -28,7 +28,6 @@ SMALL = [
     "iterations=6",
     "data.prompts_per_iteration=4",
     "generator.samples_per_prompt=4",
-    "logging.progress_bar=false",
     "checkpoint.every=0",
 ]
 
@@ -44,9 +43,7 @@ def head(tmp_path_factory):
 def train(head, name: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     env, root = head
     where = [f"logging.root={root / 'runs'}", f"logging.name={name}"]
-    command = [sys.executable, "-m", "orchestration.train", *SMALL, *where, *args]
-    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    return out, root / "runs" / name
+    return run_train([*SMALL, *where, *args], env), root / "runs" / name
 
 
 def history(run_dir: Path) -> list[dict]:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import REPO, greedy_in_fresh_vllm
+from tests.e2e.helpers import greedy_in_fresh_vllm
+from tests.e2e.test_run import train as run_train
 
 pytestmark = pytest.mark.slow
 QUESTIONS = [("What is 3+4?", "7"), ("What is 2*5?", "10"), ("What is 9-6?", "3")]
@@ -93,30 +92,22 @@ def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(
         "eval.max_new_tokens=12",
         f"logging.root={tmp_path}/runs",
         "logging.name=smollm2",
-        "logging.progress_bar=false",
         "checkpoint.every=0",
     ]
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestration.train", *args],
-        cwd=REPO,
-        env=private_env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    out = run_train(args, private_env, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     run_dir = tmp_path / "runs" / "smollm2"
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [h for h in history if "reward/score_mean" in h]
-    for h in train:
+    iterations = [h for h in history if "reward/score_mean" in h]
+    for h in iterations:
         print(
             f"iteration {h['iteration']}: {h['timing/iteration']:.1f} s, mismatch "
             f"{h['rollout/logprob_mismatch']:.3g}, reward {h['reward/score_mean']:.3f}, "
             f"grad norm {h['actor/grad_norm']:.3g}"
         )
-    assert [h["rollout/weight_version"] for h in train] == [0, 1]
-    assert train[0]["actor/grad_norm"] > 0  # a real update was synced before iteration 1
-    assert max(h["rollout/logprob_mismatch"] for h in train) < 1e-3
+    assert [h["rollout/weight_version"] for h in iterations] == [0, 1]
+    assert iterations[0]["actor/grad_norm"] > 0  # a real update was synced before iteration 1
+    assert max(h["rollout/logprob_mismatch"] for h in iterations) < 1e-3
 
     # The export reloads in transformers (tied) and in a fresh vLLM, and both answer as the
     # synced generators did in the final greedy evaluation.
