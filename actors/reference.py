@@ -22,7 +22,8 @@ class ReferenceModel:
     Args:
         model_path: directory or hub name (safetensors weights only).
         temperature: the generator's sampling temperature.
-        micro_batch_tokens: most tokens (prompt + response, padded) per forward.
+        micro_batch_tokens: most tokens (prompt + response, unpadded, summed over the rows) per
+            forward.
         pad_token_id: id used for padding.
     """
 

@@ -19,17 +19,19 @@ Conventions (``shared/TECHNIQUES.md``):
 
 Per-token helpers (masked statistics, KL estimators, log-probabilities and entropy from logits)
 live in ``learner.functional`` and the losses with their aggregation in ``learner.losses``; both
-are re-exported here, so ``learner.algorithms`` is the one import for all of the math.
+are re-exported here, so ``learner.algorithms`` is the one import for all of the math. The
+estimator names and their setup choices (``AdvantageEstimator``, ``EstimatorSpec``) live in the
+torch-free ``learner.estimators``, for the config; they are re-exported here too.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from learner.estimators import ESTIMATOR_SPECS, AdvantageEstimator, EstimatorSpec
 from learner.functional import (
     LOG_RATIO_CLAMP,
     KLKind,
@@ -330,16 +332,6 @@ class AdaptiveKLController:
 # ==========================================================================================
 
 
-class AdvantageEstimator(str, enum.Enum):
-    """How advantages are computed; the config names one of these."""
-
-    GAE = "gae"  # PPO with a critic
-    GRPO = "grpo"
-    DR_GRPO = "dr_grpo"
-    RLOO = "rloo"
-    REINFORCE_PP = "reinforce_pp"
-
-
 @dataclass(frozen=True)
 class AdvantageInputs:
     """Everything an estimator may read. Shapes: B rows, T response tokens.
@@ -417,48 +409,24 @@ def _reinforce_pp_estimator(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Ten
     return _whiten_if_possible(returns, mask), returns
 
 
-@dataclass(frozen=True)
-class EstimatorSpec:
-    """An estimator's function and the setup choices that follow from it.
+ADVANTAGE_ESTIMATORS: dict[AdvantageEstimator, EstimatorSpec] = ESTIMATOR_SPECS
+"""Estimator -> its setup choices (critic, KL placement, loss aggregation, groups); the table
+lives in ``learner.estimators``, torch-free, so the config reads it without this module."""
 
-    Attributes:
-        fn: ``AdvantageInputs -> (advantages, returns)``, both (B, T).
-        needs_critic: a value model is trained (PPO).
-        kl_in_reward: the KL penalty goes into :func:`token_rewards` (True) or into the loss
-            as :func:`kl_loss` (False, GRPO-style).
-        loss_agg: the loss aggregation the method is defined with (GRPO averages per sequence,
-            Dr. GRPO sums tokens per sequence without length normalisation); the config's
-            default when it names none.
-    """
-
-    fn: Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor]]
-    needs_critic: bool
-    kl_in_reward: bool
-    loss_agg: AggMode
-
-
-ADVANTAGE_ESTIMATORS: dict[AdvantageEstimator, EstimatorSpec] = {
-    AdvantageEstimator.GAE: EstimatorSpec(
-        _gae_estimator, needs_critic=True, kl_in_reward=True, loss_agg="token-mean"
-    ),
-    AdvantageEstimator.GRPO: EstimatorSpec(
-        _grpo_estimator, needs_critic=False, kl_in_reward=False, loss_agg="seq-mean-token-mean"
-    ),
-    AdvantageEstimator.DR_GRPO: EstimatorSpec(
-        _dr_grpo_estimator, needs_critic=False, kl_in_reward=False, loss_agg="seq-mean-token-sum"
-    ),
-    AdvantageEstimator.RLOO: EstimatorSpec(
-        _rloo_estimator, needs_critic=False, kl_in_reward=False, loss_agg="token-mean"
-    ),
-    AdvantageEstimator.REINFORCE_PP: EstimatorSpec(
-        _reinforce_pp_estimator, needs_critic=False, kl_in_reward=True, loss_agg="token-mean"
-    ),
+_ESTIMATOR_FNS: dict[
+    AdvantageEstimator, Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor]]
+] = {
+    AdvantageEstimator.GAE: _gae_estimator,
+    AdvantageEstimator.GRPO: _grpo_estimator,
+    AdvantageEstimator.DR_GRPO: _dr_grpo_estimator,
+    AdvantageEstimator.RLOO: _rloo_estimator,
+    AdvantageEstimator.REINFORCE_PP: _reinforce_pp_estimator,
 }
-"""The one table from estimator to function; the driver looks its estimator up once at setup."""
+"""Estimator -> ``AdvantageInputs -> (advantages, returns)``, both (B, T)."""
 
 
 def compute_advantages(
     estimator: AdvantageEstimator | str, inputs: AdvantageInputs
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages, returns)``, both (B, T) and 0 outside the mask, by the named estimator."""
-    return ADVANTAGE_ESTIMATORS[AdvantageEstimator(estimator)].fn(inputs)
+    return _ESTIMATOR_FNS[AdvantageEstimator(estimator)](inputs)

@@ -7,13 +7,11 @@ the full-batch loss. Imports torch only; ``learner.algorithms`` re-exports all o
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
+from learner.estimators import AggMode
 from learner.functional import LOG_RATIO_CLAMP, KLKind, kl_estimate, masked_mean
 
-AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 Metrics = dict[str, torch.Tensor]
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rollout import schema as S
+from rollout.ops import token_ranges
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -104,18 +105,13 @@ def pad_batch(
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped so each group padded to its longest member holds at most ``max_tokens``
-    tokens (a longer sequence goes alone); sorted by length so little is spent on padding."""
+    """Indices grouped so each group holds at most ``max_tokens`` tokens summed over its
+    sequences, unpadded (a longer sequence goes alone): ``rollout.ops.split_by_tokens``'s cut,
+    the learner's and the reference model's, made over the sequences sorted by length so that
+    little is spent on padding."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups, current = [], []
-    for i in order:
-        if current and lengths[i] * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
-    return groups
+    ranges = token_ranges([lengths[i] for i in order], max_tokens)
+    return [[order[i] for i in r] for r in ranges]
 
 
 class RewardModel:
@@ -123,7 +119,8 @@ class RewardModel:
 
     Args:
         path: local directory or hub name.
-        micro_batch_tokens: most tokens (padded) per forward.
+        micro_batch_tokens: most prompt + response tokens (unpadded, summed over the
+            sequences) per forward, as the learner counts them.
         padding_side: "right" or "left"; the scores do not depend on it.
     """
 

@@ -74,7 +74,8 @@ def split_rows(table: pa.Table, rows_per_part: int) -> list[pa.Table]:
 
 
 def split_by_tokens(table: pa.Table, max_tokens: int) -> list[pa.Table]:
-    """Split into consecutive micro-batches of at most ``max_tokens`` prompt+response tokens.
+    """Split into consecutive micro-batches of at most ``max_tokens`` prompt+response tokens
+    (unpadded, summed over the rows; see :func:`token_ranges`).
 
     A row longer than ``max_tokens`` on its own gets a micro-batch to itself.
     """
@@ -83,15 +84,25 @@ def split_by_tokens(table: pa.Table, max_tokens: int) -> list[pa.Table]:
     tokens = np.asarray(
         pc.list_value_length(S.column_array(table, S.PROMPT_TOKEN_IDS))
     ) + np.asarray(pc.list_value_length(S.column_array(table, S.RESPONSE_TOKEN_IDS)))
-    parts, start, used = [], 0, 0
-    for i, n in enumerate(tokens):
+    return [table.slice(r.start, len(r)) for r in token_ranges(tokens, max_tokens)]
+
+
+def token_ranges(lengths: Sequence[int], max_tokens: int) -> list[range]:
+    """Consecutive index ranges whose ``lengths`` sum to at most ``max_tokens`` each, a longer
+    item alone: the cut of :func:`split_by_tokens`, for callers holding token sequences rather
+    than a rollout table (the reward model).
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    ranges, start, used = [], 0, 0
+    for i, n in enumerate(lengths):
         if i > start and used + n > max_tokens:
-            parts.append(table.slice(start, i - start))
+            ranges.append(range(start, i))
             start, used = i, 0
         used += int(n)
-    if table.num_rows:
-        parts.append(table.slice(start, table.num_rows - start))
-    return parts
+    if len(lengths):
+        ranges.append(range(start, len(lengths)))
+    return ranges
 
 
 def group_ids(table: pa.Table) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from learner import algorithms as A
+from learner.estimators import ESTIMATOR_SPECS
 
 T = torch.tensor
 
@@ -247,6 +248,26 @@ def test_every_estimator_is_registered_and_only_gae_needs_a_critic():
     assert [e.value for e in A.AdvantageEstimator if A.ADVANTAGE_ESTIMATORS[e].needs_critic] == [
         "gae"
     ]
+
+
+def test_only_the_group_estimators_compare_samples_of_one_prompt():
+    assert A.ADVANTAGE_ESTIMATORS is ESTIMATOR_SPECS  # one table of setup choices
+    groups = [e.value for e in A.AdvantageEstimator if ESTIMATOR_SPECS[e].needs_groups]
+    assert groups == ["grpo", "dr_grpo", "rloo"]
+
+
+def test_every_estimator_has_a_function():
+    mask = T([[1, 1, 0], [1, 0, 0]])
+    x = A.AdvantageInputs(
+        response_mask=mask,
+        scores=T([1.0, 0.0]),
+        group_ids=T([0, 0]),
+        token_rewards=T([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+        values=torch.zeros(2, 3),
+    )
+    for estimator in A.AdvantageEstimator:
+        adv, ret = A.compute_advantages(estimator, x)
+        assert adv.shape == ret.shape == (2, 3), estimator
 
 
 def test_registry_dispatches_and_broadcasts_outcome_advantages():

@@ -23,6 +23,12 @@ def test_algorithms_imports_torch_but_not_ray_deepspeed_or_vllm():
     assert mods.isdisjoint(["pyarrow", "transformers"] + ROLES[:-1]), mods
 
 
+def test_estimators_import_no_torch():
+    # The config names an estimator and reads its setup choices without loading the math.
+    mods = imported_after("import learner.estimators")
+    assert mods.isdisjoint(["torch", "numpy", *HEAVY, *ROLES[:-1]]), mods
+
+
 def test_rollout_imports_no_role_and_no_distributed_stack():
     mods = imported_after("import rollout")
     assert {"pyarrow", "torch"} <= mods

@@ -23,7 +23,7 @@ def test_every_config_key_has_a_docstring():
     lines = [f"{field}  ({', '.join(keys)})" for field, keys in missing.items()]
     assert not missing, (
         f"{len(missing)} config fields have no docstring (write one under each in "
-        "orchestration/config.py):\n  " + "\n  ".join(lines)
+        "orchestration/config_sections.py, RunConfig's in config.py):\n  " + "\n  ".join(lines)
     )
 
 

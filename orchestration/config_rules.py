@@ -1,0 +1,209 @@
+"""Every cross-field rule of the run configuration, in one place.
+
+Each rule is a plain function from a validated section (or the whole tree) to a list of
+problems, one sentence each, naming the fields and what to change. The models' validators
+(``RewardConfig`` in ``orchestration.config_sections``, ``RunConfig`` in
+``orchestration.config``) call them and raise one error listing every problem, which
+``orchestration.config.load_config`` shows as ``<section>: <problem>; <problem>``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from orchestration.config import RunConfig
+    from orchestration.config_sections import RewardConfig
+
+BUILTIN_MODEL = "builtin:tiny"
+"""``model.path`` of the demo's tiny model, built with its tokenizer in the run directory."""
+BUILTIN_RM = "builtin:addition-rm"
+"""``reward.models[].path`` of the demo's reward model, trained on the built-in task at start."""
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one ``ValueError`` listing ``problems`` (pydantic reports it under the model's
+    location); nothing when the list is empty."""
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def rule_components(reward: RewardConfig) -> list[str]:
+    """The component names of the rule functions, scored (``functions``) then logged only
+    (``monitors``): what evaluation can score with."""
+    return [f.key for f in reward.functions] + [f.key for f in reward.monitors]
+
+
+# ------------------------------------------------------------------------------ reward section
+
+
+def component_problems(rw: RewardConfig) -> list[str]:
+    """The reward section alone: something scores, component names are distinct, and the
+    safety gate names one of them."""
+    names = [f.key for f in rw.functions] + [m.name for m in rw.models]
+    names += [r.name for r in rw.remote] + [f.key for f in rw.monitors]
+    problems = []
+    if not (rw.functions or rw.models or rw.remote):
+        problems.append("no reward: give reward.functions, reward.models or reward.remote")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(
+            f"reward component names {duplicates} are used twice; set a distinct 'column' "
+            "(functions) or 'name' (models, remote)"
+        )
+    gate = rw.safety_gate
+    if gate is not None and gate.component not in names:
+        problems.append(
+            f"reward.safety_gate.component={gate.component!r} is not a reward component "
+            f"({', '.join(names)})"
+        )
+    return problems
+
+
+# ------------------------------------------------------------------------------ the whole tree
+
+
+def cross_field_problems(cfg: RunConfig) -> list[str]:
+    """Every rule that spans sections: batch shape, groups, lengths, resume, then scale,
+    reward and eval (:func:`scale_problems`, :func:`reward_problems`, :func:`eval_problems`)."""
+    problems = []
+    samples = cfg.data.prompts_per_iteration * cfg.generator.samples_per_prompt
+    parts = cfg.learner.num_ranks * cfg.learner.num_mini_batches
+    if samples % parts:
+        problems.append(
+            f"data.prompts_per_iteration x generator.samples_per_prompt = {samples} samples "
+            f"do not split evenly into learner.num_ranks x learner.num_mini_batches = {parts}; "
+            "change one of them"
+        )
+    if cfg.algorithm.spec.needs_groups and cfg.generator.samples_per_prompt < 2:
+        problems.append(
+            f"algorithm.estimator={cfg.algorithm.estimator.value} compares samples of one "
+            "prompt: set generator.samples_per_prompt to 2 or more"
+        )
+    longest = cfg.data.max_prompt_tokens + cfg.generator.max_new_tokens
+    if longest > cfg.generator.max_model_len:
+        problems.append(
+            f"data.max_prompt_tokens + generator.max_new_tokens = {longest} exceeds "
+            f"generator.max_model_len = {cfg.generator.max_model_len}; raise it"
+        )
+    if cfg.resume != "never" and not cfg.logging.name:
+        problems.append(
+            f"resume={cfg.resume} continues a named run: set logging.name to its directory "
+            "name under logging.root"
+        )
+    return problems + scale_problems(cfg) + reward_problems(cfg) + eval_problems(cfg)
+
+
+def reward_problems(cfg: RunConfig) -> list[str]:
+    """Reward settings that depend on sampling, the model or the data, and remote URLs."""
+    rw, problems = cfg.reward, []
+    if rw.dynamic_sampling.enabled and cfg.generator.samples_per_prompt < 2:
+        problems.append(
+            "reward.dynamic_sampling drops groups with equal scores: it needs "
+            "generator.samples_per_prompt >= 2"
+        )
+    if rw.overlong is not None and rw.overlong.buffer_tokens >= cfg.generator.max_new_tokens:
+        problems.append(
+            f"reward.overlong.buffer_tokens={rw.overlong.buffer_tokens} must be less than "
+            f"generator.max_new_tokens={cfg.generator.max_new_tokens}"
+        )
+    for f in [*rw.functions, *rw.monitors]:
+        own = f.params.get("timeout_s")
+        if isinstance(own, int | float) and own >= rw.function_timeout_s:
+            problems.append(
+                f"reward function {f.key!r}: params.timeout_s={own:g} is not below "
+                f"reward.function_timeout_s={rw.function_timeout_s:g}, which would kill its "
+                "calls first; raise reward.function_timeout_s"
+            )
+    for m in rw.models:
+        if m.path == BUILTIN_RM and (
+            cfg.model.path != BUILTIN_MODEL or cfg.data.source != "builtin:addition"
+        ):
+            problems.append(
+                f"reward.models[{m.name}].path={BUILTIN_RM} is trained on the built-in task "
+                f"with the built-in tokenizer: it needs model.path={BUILTIN_MODEL} and "
+                "data.source=builtin:addition"
+            )
+    for r in rw.remote:
+        url = urlsplit(r.url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            problems.append(f"reward.remote[{r.name}].url={r.url!r}: give an http(s) URL")
+        elif url.username or url.password:
+            problems.append(
+                f"reward.remote[{r.name}].url carries credentials; pass a token through "
+                "token_env instead (the URL shows in logs and the dashboard)"
+            )
+        elif r.allowed_hosts and url.hostname not in {h.lower() for h in r.allowed_hosts}:
+            problems.append(
+                f"reward.remote[{r.name}].url host {url.hostname!r} is not in allowed_hosts "
+                f"{r.allowed_hosts}"
+            )
+    return problems
+
+
+def eval_problems(cfg: RunConfig) -> list[str]:
+    """Evaluation's needs: a rule component to score with, sampling that makes pass@k mean
+    something, and room in the engine. At most one problem (the first that applies)."""
+    ev = cfg.eval
+    if ev.source is None:
+        return []
+    rules = rule_components(cfg.reward)
+    if not rules:
+        return [
+            "eval scores samples with rule functions: add one to reward.functions or "
+            "reward.monitors (e.g. {name: exact_integer})"
+        ]
+    if ev.correct_component is not None and ev.correct_component not in rules:
+        return [
+            f"eval.correct_component={ev.correct_component!r} is not a rule component "
+            f"({', '.join(rules)})"
+        ]
+    if ev.samples > 1 and ev.temperature == 0:
+        return [
+            f"eval.samples={ev.samples} with eval.temperature=0 repeats one greedy response; "
+            "set eval.temperature > 0 for pass@k, or eval.samples=1"
+        ]
+    longest = cfg.data.max_prompt_tokens + (ev.max_new_tokens or 0)
+    if longest > cfg.generator.max_model_len:
+        return [
+            f"data.max_prompt_tokens + eval.max_new_tokens = {longest} exceeds "
+            f"generator.max_model_len = {cfg.generator.max_model_len}"
+        ]
+    return []
+
+
+def scale_problems(cfg: RunConfig) -> list[str]:
+    """Colocation, tensor parallelism and the weight-sync method against the devices."""
+    gen, cl = cfg.generator, cfg.cluster
+    problems = []
+    workers = gen.num_replicas * gen.tensor_parallel_size
+    if cl.colocate == "all" and workers != cfg.learner.num_ranks:
+        problems.append(
+            f"cluster.colocate=all puts one generator worker with each learner rank, but "
+            f"generator.num_replicas x generator.tensor_parallel_size = {workers} and "
+            f"learner.num_ranks = {cfg.learner.num_ranks}; make them equal"
+        )
+    on_gpu = cl.generator.num_gpus > 0
+    if gen.tensor_parallel_size > 1 and not on_gpu:
+        problems.append(
+            "generator.tensor_parallel_size > 1 needs GPUs: set cluster.generator.num_gpus "
+            "(vLLM on CPU runs one worker per replica)"
+        )
+    if cfg.weight_sync.method == "cuda_ipc" and not (
+        cl.colocate == "all" and on_gpu and gen.tensor_parallel_size == 1
+    ):
+        problems.append(
+            "weight_sync.method=cuda_ipc maps the learner's GPU buffers: it needs "
+            "cluster.colocate=all, cluster.generator.num_gpus > 0 and "
+            "generator.tensor_parallel_size=1; use collective"
+        )
+    if (cl.learner.num_gpus > 0) != (cl.generator.num_gpus > 0) and (
+        cfg.weight_sync.method == "collective"
+    ):
+        problems.append(
+            "weight_sync.method=collective needs the learner and the generators on the same "
+            "kind of device (NCCL between GPUs, gloo between CPUs); give both GPUs or neither, "
+            "or use weight_sync.method=object_store"
+        )
+    return problems
