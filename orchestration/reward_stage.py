@@ -18,8 +18,9 @@ import ray
 
 from orchestration import calls
 from orchestration.config import RunConfig
-from reward_service.shaping import RewardShaper, SafetyGate, ShapingSpec, group_spread
+from reward_service.shaping import RewardShaper, SafetyGate, ShapingSpec
 from rollout import schema as S
+from rollout.groups import group_spread
 from rollout.ops import append_columns
 
 DATASET_ROW = "dataset_row"  # passthrough column: which dataset prompt a sample answers
@@ -189,9 +190,10 @@ def select_groups(
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """DAPO's dynamic sampling over the rounds generated so far.
 
-    Keeps the first ``wanted`` groups (prompts) whose score spread is above ``min_std``; if
-    fewer exist, fills up with dropped groups, in order. Returns, per batch, the row indices to
-    keep, and the metrics (``rollout/groups_dropped_fraction`` over all groups seen).
+    Keeps the first ``wanted`` groups (prompts) whose score spread (the std of their finite
+    scores, ``rollout.groups.group_spread``) is above ``min_std``; if fewer exist, fills up
+    with dropped groups, in order. Returns, per batch, the row indices to keep, and the metrics
+    (``rollout/groups_dropped_fraction`` over all groups seen).
     """
     informative, flat = [], []
     for b, batch in enumerate(batches):
@@ -215,8 +217,5 @@ def select_groups(
 
 def enough_groups(batches: list[Scored], wanted: int, min_std: float) -> bool:
     """Whether the rounds so far hold ``wanted`` informative groups."""
-    count = 0
-    for batch in batches:
-        spread = group_spread(batch.score, batch.prompt_ids)
-        count += sum(s > min_std for s in spread.values())
-    return count >= wanted
+    spreads = [group_spread(batch.score, batch.prompt_ids).spread for batch in batches]
+    return sum(int((s > min_std).sum()) for s in spreads) >= wanted

@@ -14,6 +14,11 @@ What the function returns is judged in the child: ``None`` is unscorable by the 
 decision; a real number (``int``, ``float``, ``bool``, numpy scalars) is the score; anything else
 (a string, a list, NaN, infinity) is an error, like an exception. A child is a limit on time and
 damage to the scorer's process, not a security boundary: it runs as the same user.
+
+:func:`apply` (one call on one sample, judged, an exception caught as that sample's error) and
+:class:`Problem` (a function's failures counted over a run) are the one way every caller applies
+reward functions: the child here, and the reward service (``reward_service.server``), which
+calls them in its own process.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Literal
 
 MAX_LOST_IN_A_ROW = 3
 START_TIMEOUT_S = 120.0  # importing the function's module, not part of any call's limit
+EXIT_GRACE_S = 5.0  # a child that hung up has this long to exit before it is killed
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,42 @@ def describe_exception(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}{where}"
 
 
+def apply(
+    fn: Callable[[str, str, str | None], Any], prompt: str, response: str, label: str | None
+) -> Outcome:
+    """One call of a reward function on one sample, judged (:func:`judge`); an exception is
+    this sample's error (:func:`describe_exception`), never the batch's."""
+    try:
+        return judge(fn(prompt, response, label))
+    except Exception as e:  # noqa: BLE001 - user code: any failure is this sample's
+        return Outcome(None, describe_exception(e))
+
+
+@dataclass
+class Problem:
+    """What went wrong with one reward function over the run: its first error (None while no
+    call has failed), how many samples failed, and out of how many it was asked to score."""
+
+    first_error: str | None = None
+    errors: int = 0
+    samples: int = 0
+
+    def record(self, outcomes: Sequence[Outcome]) -> int:
+        """Count one batch's outcomes; returns how many of them are errors."""
+        errors = [o.error for o in outcomes if o.error is not None]
+        self.samples += len(outcomes)
+        self.errors += len(errors)
+        if errors and self.first_error is None:
+            self.first_error = errors[0]
+        return len(errors)
+
+    def describe(self, name: str) -> str:
+        return (
+            f"reward function {name!r} failed on {self.errors} of {self.samples} samples so far; "
+            f"first error: {self.first_error}"
+        )
+
+
 class ContainedFunction:
     """A reward function ``(prompt, response, label) -> float | None`` in its own process.
 
@@ -99,13 +141,13 @@ class ContainedFunction:
             self._conn.send(("score", samples[len(outcomes) :]))
             while len(outcomes) < len(samples):
                 outcome = self._next()
-                if outcome is None:  # timed out or died: the child is gone
+                if not isinstance(outcome, Outcome):  # timed out or hung up: the child is gone
                     break
                 outcomes.append(outcome)
                 lost = 0
             else:
                 break
-            died = self._stop()
+            died = self._stop(exiting=outcome == "hung up")
             lost += 1
             if died is None:
                 limit = f"reward.function_timeout_s={self.timeout_s:g}"
@@ -121,14 +163,15 @@ class ContainedFunction:
                 outcomes.extend([skipped] * (len(samples) - len(outcomes)))
         return outcomes
 
-    def _next(self) -> Outcome | None:
-        """The next sample's outcome; None when the call timed out or the child died."""
+    def _next(self) -> Outcome | Literal["timed out", "hung up"]:
+        """The next sample's outcome, or why there is none: the call timed out, or the child
+        closed its end of the pipe (it died)."""
         if not self._conn.poll(self.timeout_s):
-            return None
+            return "timed out"
         try:
             value, error = self._conn.recv()
         except (EOFError, OSError):
-            return None
+            return "hung up"
         return Outcome(value, error)
 
     def _start(self) -> None:
@@ -154,9 +197,9 @@ class ContainedFunction:
             self._stop()
             raise ValueError(message)
 
-    def _stop(self) -> int | None:
+    def _stop(self, exiting: bool = False) -> int | None:
         """Kill the child if it still runs; returns its exit code if it had exited by itself
-        (None when it was killed here)."""
+        (None when it was killed here). ``exiting``: it hung up, so it is on its way out."""
         proc, self._proc = self._proc, None
         if self._conn is not None:
             self._conn.close()
@@ -164,6 +207,13 @@ class ContainedFunction:
         if proc is None:
             return None
         code = proc.poll()
+        if code is None and exiting:
+            # its pipe closes a moment before its exit can be seen: wait for the exit code, or
+            # a crash would be reported as a timeout
+            try:
+                code = proc.wait(timeout=EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
         if code is None:
             proc.kill()
             proc.wait(timeout=30)
@@ -198,10 +248,7 @@ def _serve(conn: Connection) -> None:
             conn.send(("ready", ""))
             continue
         for prompt, response, label in message[1]:
-            try:
-                outcome = judge(fn(prompt, response, label))
-            except Exception as e:  # noqa: BLE001 - user code: any failure is this sample's
-                outcome = Outcome(None, describe_exception(e))
+            outcome = apply(fn, prompt, response, label)
             conn.send((outcome.value, outcome.error))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from reward_service.contained import ContainedFunction
+from reward_service.contained import ContainedFunction, Problem
 from reward_service.remote import RemoteRewardClient, RemoteSpec
 from rollout import schema as S
 
@@ -37,22 +37,6 @@ class RuleSpec:
     @property
     def key(self) -> str:
         return self.column or self.name
-
-
-@dataclass
-class Problem:
-    """What went wrong with one reward function over the run: its first error, how many
-    samples failed, and out of how many it was asked to score."""
-
-    first_error: str
-    errors: int = 0
-    samples: int = 0
-
-    def describe(self, name: str) -> str:
-        return (
-            f"reward function {name!r} failed on {self.errors} of {self.samples} samples so far; "
-            f"first error: {self.first_error}"
-        )
 
 
 class RuleScorer:
@@ -86,8 +70,7 @@ class RuleScorer:
             tokenizer_path, trust_remote_code=trust_remote_code
         )
         self.label_column = label_column
-        self._problems: dict[str, Problem] = {}
-        self._samples: dict[str, int] = dict.fromkeys(self.functions, 0)
+        self._problems: dict[str, Problem] = {key: Problem() for key in self.functions}
 
     def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
         """``(table of the reward/<key> columns, metrics)``.
@@ -103,15 +86,9 @@ class RuleScorer:
         for key, fn in self.functions.items():
             outcomes = fn(prompts, responses, labels)
             values = [o.value for o in outcomes]
-            errors = [o.error for o in outcomes if o.error is not None]
-            self._samples[key] += len(outcomes)
-            if errors:
-                problem = self._problems.setdefault(key, Problem(errors[0]))
-                problem.errors += len(errors)
-            if key in self._problems:
-                self._problems[key].samples = self._samples[key]
+            errors = self._problems[key].record(outcomes)
             columns[S.REWARD_COLUMN_PREFIX + key] = pa.array(values, pa.float32())
-            metrics[f"reward/errors/{key}"] = float(len(errors))
+            metrics[f"reward/errors/{key}"] = float(errors)
             metrics[f"reward/{key}/unscorable"] = float(sum(v is None for v in values))
             scored = [v for v in values if v is not None]
             if scored:
@@ -120,7 +97,7 @@ class RuleScorer:
 
     def problems(self) -> dict[str, Problem]:
         """Each function that failed at least once this run: its first error and counts."""
-        return dict(self._problems)
+        return {key: p for key, p in self._problems.items() if p.first_error is not None}
 
     def close(self) -> None:
         for fn in self.functions.values():

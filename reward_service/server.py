@@ -17,7 +17,8 @@ Choices:
    logs a loud warning).
 2. What it serves: reward functions by name (``reward_service.rules.resolve``) with weights and
    optional params, plus optionally a reward model; the score is the weighted sum, null when any
-   term is null, raises, or is not finite.
+   term is null, raises, or is not a finite number (the functions are applied as the run's rule
+   scorer applies them: ``reward_service.contained.apply``, but in the replica's process).
 3. Bad requests are refused with a message: 401 (auth), 405 (not POST), 413 (body over 64 MiB),
    400 (not the protocol, or over ``MAX_SAMPLES_PER_REQUEST`` samples).
 """
@@ -43,6 +44,7 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from reward_service.contained import Problem, apply
 from reward_service.protocol import Sample, ScoreRequest
 from reward_service.rules import RewardFunction, resolve
 
@@ -118,6 +120,8 @@ class SampleScorer:
 
     def __init__(self, args: ServerArgs):
         self.functions = resolve_functions(args.functions)
+        self.problems = [Problem() for _ in self.functions]  # each function's failures
+        self._problems_lock = threading.Lock()  # score runs in several threads at once
         self.model_weight = args.model_weight
         self.model = None
         self._model_lock = threading.Lock()
@@ -127,24 +131,22 @@ class SampleScorer:
             self.model = RewardModel(args.model_path)
 
     def score(self, samples: list[Sample]) -> list[float | None]:
-        """One score per sample; None where any term is None, raised or is not finite. A
-        function that raises is logged once per call; a model that raises fails the call."""
+        """One score per sample; None where any term is None, raised or is not a finite number
+        (``reward_service.contained.apply``). A function that fails is logged once per call,
+        with its counts over the replica's life; a model that raises fails the call."""
         totals: list[float | None] = [0.0] * len(samples)
-        for spec, fn in self.functions:
-            logged = False
-            for i, sample in enumerate(samples):
-                if totals[i] is None:
-                    continue
-                try:
-                    value = fn(sample.prompt, sample.response, sample.label)
-                except Exception:  # noqa: BLE001 - user code: any failure makes the sample unscorable
-                    if not logged:
-                        logger.warning(
-                            "reward function %r raised; sample unscorable", spec.name, exc_info=True
-                        )
-                        logged = True
-                    value = None
-                totals[i] = _add(totals[i], spec.weight, value)
+        for (spec, fn), problem in zip(self.functions, self.problems, strict=True):
+            asked = [i for i, total in enumerate(totals) if total is not None]
+            outcomes = [
+                apply(fn, samples[i].prompt, samples[i].response, samples[i].label) for i in asked
+            ]
+            for i, outcome in zip(asked, outcomes, strict=True):
+                totals[i] = _add(totals[i], spec.weight, outcome.value)
+            with self._problems_lock:
+                failed = problem.record(outcomes)
+                message = problem.describe(spec.name)
+            if failed:
+                logger.warning("%s; its failed samples are unscorable", message)
         if self.model is not None:
             with self._model_lock:
                 values = self.model.score_texts(

@@ -195,17 +195,6 @@ class RewardShaper:
         self.baselines = {int(k): float(v) for k, v in state["baselines"].items()}
 
 
-def group_spread(scores: np.ndarray, group_ids: np.ndarray) -> dict[int, float]:
-    """Group id -> standard deviation of its scores (NaN scores left out; a group with fewer
-    than two finite scores has spread 0)."""
-    out = {}
-    for gid in np.unique(group_ids):
-        s = scores[group_ids == gid]
-        s = s[np.isfinite(s)]
-        out[int(gid)] = float(s.std()) if s.size > 1 else 0.0
-    return out
-
-
 def _nanmean(x: np.ndarray) -> float:
     finite = x[np.isfinite(x)]
     return float(finite.mean()) if finite.size else float("nan")

@@ -1,9 +1,11 @@
-"""The Arrow rollout contract: the one data format every Raylign role reads and writes.
+"""The Arrow rollout contract: the one data format every Raylign role reads and writes, and
+the statistics of a prompt's group of samples (``groups``).
 
 Imports pyarrow, numpy and torch only, and no Raylign role.
 """
 
 from rollout.build import GeneratedSample, build_rollout_table
+from rollout.groups import GroupSpread, group_spread, zero_spread_fraction
 from rollout.ops import (
     append_columns,
     concat,
@@ -19,12 +21,14 @@ from rollout.validate import RolloutValidationError, validate
 
 __all__ = [
     "GeneratedSample",
+    "GroupSpread",
     "PaddedBatch",
     "RolloutValidationError",
     "append_columns",
     "build_rollout_table",
     "concat",
     "group_ids",
+    "group_spread",
     "iter_groups",
     "read_parquet",
     "split_by_tokens",
@@ -33,4 +37,5 @@ __all__ = [
     "to_padded",
     "validate",
     "write_parquet",
+    "zero_spread_fraction",
 ]

@@ -3,6 +3,7 @@ unscorable cases, and the forms the app builder takes its functions in."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -53,6 +54,21 @@ def test_a_term_that_is_none_nan_or_raises_makes_the_sample_unscorable(registry,
     assert scorer(("label", 1.0), (bad, 1.0)).score(samples) == [None, None]
     # and only that sample, when the term is fine elsewhere
     assert scorer(("label", 1.0), ("half", 1.0)).score(samples) == [1.5, None]
+
+
+def test_failures_are_counted_over_calls_and_logged_with_the_first_error(registry, caplog):
+    samples = [Sample(prompt="p", response="r", label="1"), Sample(prompt="p", response="r")]
+    s = scorer(("label", 1.0), ("boom", 1.0))
+    with caplog.at_level(logging.WARNING, "reward_service.server"):
+        s.score(samples)
+        s.score(samples)
+    # sample 2 has no label, so "label" makes it unscorable and "boom" is not asked about it
+    assert (s.problems[0].errors, s.problems[0].samples) == (0, 4)
+    assert (s.problems[1].errors, s.problems[1].samples) == (2, 2)
+    assert [r.getMessage() for r in caplog.records][-1] == (
+        "reward function 'boom' failed on 2 of 2 samples so far; first error: ZeroDivisionError: "
+        "user code failed (test_server_scoring.py:25 in boom); its failed samples are unscorable"
+    )
 
 
 def test_params_go_to_resolve_only_when_given(monkeypatch):

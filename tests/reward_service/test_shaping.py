@@ -7,7 +7,6 @@ from reward_service.shaping import (
     SafetyGate,
     ShapingSpec,
     combine,
-    group_spread,
     overlong_penalty,
 )
 
@@ -110,8 +109,3 @@ def test_shaper_state_round_trips():
     a, _ = call(s, [5.0, 3.0], rows=[3, 1])
     b, _ = call(t, [5.0, 3.0], rows=[3, 1])
     np.testing.assert_array_equal(a, b)
-
-
-def test_group_spread():
-    spread = group_spread(np.array([1.0, 1.0, 0.0, 1.0, NAN, 2.0]), np.array([7, 7, 8, 8, 9, 9]))
-    assert spread == {7: 0.0, 8: 0.5, 9: 0.0}  # group 9 has one finite score
