@@ -1,4 +1,4 @@
-"""The learner rank as a Ray actor: a thin shell around ``learner.worker.Learner``.
+"""The learner rank as a Ray actor: a thin shell around ``learner.engine.Engine``.
 
 Creating the actors and joining their process group are two steps, because rank 0 must first
 say where it listens (its node's address and a free port) before any rank can connect.
@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 
 from learner import weight_sync
-from learner.worker import Learner, LearnerSpec
+from learner.engine import Engine, LearnerSpec
 
 
 class LearnerActor:
@@ -21,7 +21,7 @@ class LearnerActor:
 
     def __init__(self, spec: LearnerSpec, rank: int, world_size: int):
         self.spec, self.rank, self.world_size = spec, rank, world_size
-        self.learner: Learner | None = None
+        self.learner: Engine | None = None
 
     def endpoint(self) -> tuple[str, int]:
         """This node's address and a port free on it, for the process group's rendezvous."""
@@ -34,7 +34,7 @@ class LearnerActor:
 
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the process group and build the DeepSpeed engines; returns this rank."""
-        self.learner = Learner(
+        self.learner = Engine(
             self.spec,
             rank=self.rank,
             world_size=self.world_size,
@@ -46,8 +46,8 @@ class LearnerActor:
     def compute_old(self, table: pa.Table) -> pa.Table:
         return self.learner.compute_old(table)
 
-    def train(self, table: pa.Table) -> dict[str, float]:
-        return self.learner.train(table)
+    def train(self, table: pa.Table, settings: dict[str, float] | None = None) -> dict[str, float]:
+        return self.learner.train(table, settings)
 
     def policy_weights(self) -> dict[str, torch.Tensor] | None:
         return self.learner.policy_weights()

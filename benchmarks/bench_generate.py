@@ -24,23 +24,24 @@ def measure(cfg, source: str, repeats: int) -> dict:
     import pyarrow.compute as pc
     import ray
 
-    from orchestration.data import PromptSampler
-    from orchestration.driver import Trainer
+    from orchestration.loop import start_loop
     from orchestration.placement import start_actors
-    from orchestration.train import init_ray, prepare
+    from orchestration.prepare import prepare
+    from orchestration.sampler import PromptSampler
+    from orchestration.train import init_ray
     from rollout import schema as S
 
     prep = prepare(cfg, source)
     init_ray(cfg)
     try:
         actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
-        trainer = Trainer(cfg, actors, PromptSampler(prep.prompts, 0), prep.pad_token_id)
+        trainer = start_loop(cfg, actors, PromptSampler(prep.prompts, 0), prep)
         n = cfg.data.prompts_per_iteration
-        ray.get(trainer.generate(trainer.prompts.next_batch(n)), timeout=600)  # warm-up
+        ray.get(trainer.stages.generate(trainer.sampler.next_batch(n)), timeout=600)  # warm-up
         samples = tokens = 0
         start = time.perf_counter()
         for _ in range(repeats):
-            table = ray.get(trainer.generate(trainer.prompts.next_batch(n)), timeout=600)
+            table = ray.get(trainer.stages.generate(trainer.sampler.next_batch(n)), timeout=600)
             samples += table.num_rows
             lengths = pc.list_value_length(S.column_array(table, S.RESPONSE_TOKEN_IDS))
             tokens += pc.sum(lengths).as_py()

@@ -32,16 +32,17 @@ def free_port() -> int:
 def on_ray(cfg, source: str, iterations: int) -> dict[str, float]:
     import ray
 
-    from orchestration.data import PromptSampler
-    from orchestration.driver import Trainer
+    from orchestration.loop import start_loop
     from orchestration.placement import start_actors
-    from orchestration.train import init_ray, prepare
+    from orchestration.prepare import prepare
+    from orchestration.sampler import PromptSampler
+    from orchestration.train import init_ray
 
     prep = prepare(cfg, source)
     init_ray(cfg)
     try:
         actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
-        trainer = Trainer(cfg, actors, PromptSampler(prep.prompts, 0), prep.pad_token_id)
+        trainer = start_loop(cfg, actors, PromptSampler(prep.prompts, 0), prep)
         history = [trainer.iteration() for _ in range(iterations + 1)][1:]
     finally:
         ray.shutdown()
@@ -58,8 +59,8 @@ def alone(cfg, model_path: str, pad_token_id: int, prompts, repeats: int) -> dic
     from actors.generator import PolicyGenerator
     from actors.reference import ReferenceModel
     from actors.vllm_engine import EngineSpec, Sampling
-    from orchestration.data import PromptSampler
-    from orchestration.placement import learner_spec
+    from orchestration.sampler import PromptSampler
+    from orchestration.specs import learner_spec
     from reward_service.scorer import RuleScorer, RuleSpec
 
     gen = cfg.generator
@@ -77,9 +78,9 @@ def alone(cfg, model_path: str, pad_token_id: int, prompts, repeats: int) -> dic
         micro_batch_tokens=cfg.learner.micro_batch_tokens,
         pad_token_id=pad_token_id,
     )
-    from learner.worker import Learner
+    from learner.engine import Engine
 
-    learner = Learner(
+    learner = Engine(
         learner_spec(cfg, model_path, pad_token_id, total_steps=10**6),
         rank=0,
         world_size=1,

@@ -98,12 +98,16 @@ def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> 
     from actors.generator import PolicyGenerator
     from actors.learner_actor import LearnerActor
     from actors.vllm_engine import EngineSpec
-    from learner.worker import LearnerSpec, LossSpec, OptimizerSpec
-    from orchestration.placement import Actors, open_sync_group
+    from learner.engine import LearnerSpec, OptimizerSpec
+    from learner.objectives import PolicyGradient
+    from orchestration.placement import Actors
+    from orchestration.sync import CollectiveSync
 
     timeout = 600
     env = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}, "num_cpus": 0.1}
-    spec = LearnerSpec(model_path=model_path, policy_optim=OptimizerSpec(lr=1e-5), loss=LossSpec())
+    spec = LearnerSpec(
+        model_path=model_path, policy_optim=OptimizerSpec(lr=1e-5), objective=PolicyGradient()
+    )
     learner = ray.remote(LearnerActor).options(**env).remote(spec, 0, 1)
     addr, port = ray.get(learner.endpoint.remote(), timeout=timeout)
     ray.get(learner.setup.remote(addr, port), timeout=timeout)
@@ -116,7 +120,7 @@ def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> 
     ray.get([g.weight_version.remote() for g in generators], timeout=timeout)
     plan = ray.get(learner.sync_plan.remote(int(bucket_mib * 2**20)), timeout=timeout)
     actors = Actors(generators, None, None, [learner], sync_plan=plan)
-    open_sync_group(actors, tp=1, timeout=timeout)
+    CollectiveSync(actors, timeout, colocated=False, tp=1).open()
     nbytes = plan.num_bytes
     version = 0
 

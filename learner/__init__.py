@@ -1,3 +1,4 @@
-"""The learner: pure algorithm math (``learner.algorithms``, torch only), model loading and
-forwards (``learner.models``), and one DeepSpeed rank of the policy and critic learner
-(``learner.worker``). Importing this package imports nothing heavy."""
+"""The learner: the estimators by name with their setup choices (``learner.estimators``, no
+torch), pure algorithm math (``learner.algorithms``, torch only), model loading and forwards
+(``learner.models``), training objectives (``learner.objectives``), and the engine that trains
+one on a DeepSpeed rank (``learner.engine``). Importing this package imports nothing heavy."""

@@ -215,3 +215,84 @@ def receive(
         if checksum is not None:
             checksum.update(buffer)
         yield from unpack(bucket, buffer)
+
+
+class PolicySender:
+    """The learner's side of weight sync, on one rank: the bucket plan of its policy, the
+    collective group (rank 0 is its root), and the packed buckets for broadcast or CUDA IPC.
+    Under ZeRO-3 each bucket's parameters are gathered collectively, so every rank takes part in
+    every send."""
+
+    def __init__(self, module: torch.nn.Module, rank: int, zero_stage: int, device: str):
+        self.module, self.rank, self.zero_stage, self.device = module, rank, zero_stage, device
+        self._group: SyncGroup | None = None  # rank 0 only
+        self._buffers, self._buffers_plan = None, None  # rank 0: reused packing buffers
+        self._ipc_buffers: list | None = None
+
+    def plan(self, bucket_bytes: int) -> SyncPlan:
+        """The bucket layout every sync uses (parameters only; tied weights appear once)."""
+        return plan_buckets(describe(dict(self.module.named_parameters())), bucket_bytes)
+
+    def open_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0 joins the sync group as its root (and hosts its store at ``host:port``)."""
+        if self.rank != 0:
+            raise RuntimeError("only learner rank 0 joins the weight-sync group")
+        self._group = open_group(host, port, 0, world_size, device=self.device, timeout_s=timeout_s)
+
+    def broadcast(self, plan: SyncPlan, verify: bool = False) -> tuple[int, str | None]:
+        """Send the policy to the sync group, bucket by bucket; every rank calls it, rank 0
+        sends. Returns the bytes sent and, with ``verify``, their checksum (rank 0;
+        ``(0, None)`` elsewhere)."""
+        buffers = self._packed(plan)
+        if self.rank != 0:
+            for _ in buffers:  # take part in the ZeRO-3 gathers
+                pass
+            return 0, None
+        if self._group is None:
+            raise RuntimeError("broadcast_weights before open_sync_group")
+        checksum = Checksum() if verify else None
+        sent = send(self._group, buffers, checksum)
+        return sent, checksum.hexdigest() if checksum else None
+
+    def share_ipc(self, plan: SyncPlan) -> list:
+        """Pack the policy into GPU buffers and return their CUDA IPC handles, for the generator
+        on this rank's GPU (full colocation: every rank serves its own). The buffers live until
+        :meth:`release_ipc`. Costs one copy of the policy in GPU memory while shared."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        if self.device == "cpu":
+            raise RuntimeError("CUDA IPC weight sync needs GPUs; use weight_sync.method=collective")
+        self._ipc_buffers = list(self._packed(plan, every_rank=True))
+        torch.cuda.synchronize()
+        return [reduce_tensor(b) for b in self._ipc_buffers]
+
+    def release_ipc(self) -> None:
+        self._ipc_buffers = None
+        torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def _packed(self, plan: SyncPlan, every_rank: bool = False):
+        """Each bucket packed (on rank 0, or on every rank for IPC), gathered first under
+        ZeRO-3. The broadcast path reuses two send buffers; IPC needs every bucket at once."""
+        params = dict(self.module.named_parameters())
+        packs = every_rank or self.rank == 0
+        reuse = packs and not every_rank
+        if reuse and self._buffers_plan != plan:
+            self._buffers = SendBuffers(plan, self.device)
+            self._buffers_plan = plan
+
+        def packed(i: int, bucket: Bucket):
+            if not packs:
+                return None
+            out = self._buffers.get(i, bucket) if reuse else None
+            return pack(bucket, params, self.device, out=out)
+
+        for i, bucket in enumerate(plan.buckets):
+            if self.zero_stage == 3:
+                import deepspeed
+
+                group = [params[m.name] for m in bucket.tensors]
+                with deepspeed.zero.GatheredParameters(group):
+                    yield packed(i, bucket)
+            else:
+                yield packed(i, bucket)

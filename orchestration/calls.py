@@ -27,3 +27,11 @@ def ready(ref: ray.ObjectRef, stage: str, timeout: float) -> ray.ObjectRef:
     if not done:
         raise StageTimeout(f"{stage}: no answer within cluster.call_timeout_s={timeout:g}")
     return ref
+
+
+def first_ready(refs: list, stage: str, timeout: float) -> ray.ObjectRef:
+    """The first of ``refs`` to be computed, within ``timeout`` seconds."""
+    done, _ = ray.wait(refs, timeout=timeout, fetch_local=False)
+    if not done:
+        raise StageTimeout(f"{stage}: no answer within cluster.call_timeout_s={timeout:g}")
+    return done[0]

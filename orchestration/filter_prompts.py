@@ -20,6 +20,7 @@ cluster); the prompts go through in batches of ``--batch-prompts``, with progres
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -28,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from orchestration.config import ConfigError, load_config, presets
-from orchestration.data import DataError, addition_examples, all_prompts, read_rows
+from orchestration.data import DataError, addition_examples, read_rows
+from orchestration.sampler import all_prompts
+from rollout.groups import group_spread
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,13 +55,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def filter_prompts(cfg, source: str, samples: int, min_std: float, batch: int, out: Path) -> dict:
     """Score ``samples`` responses per prompt, write the kept rows and the per-prompt stats;
     returns the counts."""
+    from types import SimpleNamespace
+
     import ray
 
-    from actors.vllm_engine import Sampling
-    from orchestration import calls
+    from orchestration import calls, specs
+    from orchestration.generators import Faults, GeneratorPool
     from orchestration.placement import reserve, start_generators, start_scorers
+    from orchestration.prepare import prepare
     from orchestration.reward_stage import RewardStage
-    from orchestration.train import init_ray, prepare
+    from orchestration.sync import WeightSync
+    from orchestration.train import init_ray
 
     prep = prepare(cfg, source)
     prompts = all_prompts(prep.prompts)
@@ -68,26 +75,28 @@ def filter_prompts(cfg, source: str, samples: int, min_std: float, batch: int, o
         generators = start_generators(cfg, prep.model_path, plan, groups)
         scorers = start_scorers(cfg, prep.model_path, prep.reward_model_paths, plan, groups)
         timeout = cfg.cluster.call_timeout_s
-        rewards = RewardStage(cfg, scorers, timeout)
-        gen = cfg.generator
-        sampling = Sampling(
-            n=samples, temperature=gen.temperature, max_new_tokens=gen.max_new_tokens
+        rewards = RewardStage(specs.shaping_spec(cfg), scorers, timeout)
+        # The run's dispatch: chunks to whichever replica is free, a seed per prompt; a replica
+        # Ray restarts serves the initial weights again, which is all the filter samples from.
+        actors = SimpleNamespace(generators=generators, learners=[])
+        sync = WeightSync(actors, timeout, colocated=False, tp=cfg.generator.tensor_parallel_size)
+        pool = GeneratorPool(
+            actors,
+            sync,
+            Faults(),
+            timeout=timeout,
+            chunks_per_replica=cfg.generator.chunks_per_replica,
+            max_restarts=cfg.cluster.max_actor_restarts,
+            seed=cfg.generator.seed,
         )
+        sampling = dataclasses.replace(specs.sampling(cfg), n=samples)
         rows, scores = [], []
         start = time.perf_counter()
         for first in range(0, prompts.num_rows, batch):
-            part = prompts.slice(first, batch)
-            chunks = np.array_split(np.arange(part.num_rows), len(generators))
-            refs = [
-                g.generate.remote(part.take(c), sampling)
-                for g, c in zip(generators, chunks, strict=True)
-                if len(c)
-            ]
-            for ref in refs:
-                scored = rewards.score(ref)
-                table = calls.wait(scored.finish(), "filter prompts", timeout)
-                rows.append(table["dataset_row"].to_numpy())
-                scores.append(scored.score)
+            scored = rewards.score(pool.generate(prompts.slice(first, batch), sampling))
+            table = calls.wait(scored.finish(), "filter prompts", timeout)
+            rows.append(table["dataset_row"].to_numpy())
+            scores.append(scored.score)
             done, seconds = min(first + batch, prompts.num_rows), time.perf_counter() - start
             print(f"filter: {done}/{prompts.num_rows} prompts scored ({seconds:.0f} s)", flush=True)
     finally:
@@ -102,20 +111,20 @@ def filter_prompts(cfg, source: str, samples: int, min_std: float, batch: int, o
         ]
     else:
         originals = read_rows(Path(cfg.data.source), split=cfg.data.split)
+    # every dataset row, sampled or not (fewer than two finite scores: std 0, dropped)
+    groups = group_spread(score, row, ids=np.arange(len(originals)))
     kept = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as kept_file, open(f"{out}.stats.jsonl", "w") as stats_file:
         for r in range(len(originals)):
-            s = score[row == r]
-            s = s[np.isfinite(s)]
-            std = float(s.std()) if s.size > 1 else 0.0
+            std = float(groups.spread[r])
             keep = std > min_std
             kept += keep
             if keep:
                 kept_file.write(json.dumps(originals[r]) + "\n")
             stats = {
                 "dataset_row": r,
-                "reward_mean": float(s.mean()) if s.size else None,
+                "reward_mean": float(groups.mean[r]) if groups.count[r] else None,
                 "reward_std": std,
                 "kept": bool(keep),
             }

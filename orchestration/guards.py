@@ -11,8 +11,9 @@ lasts.
 3. **Nothing scorable** (exit code 5): every sample of an iteration unscorable for
    ``reward.max_unscorable_in_a_row`` iterations: the learner trains on nothing.
 
-Plain classes over the metrics dict; the loop (``orchestration.train``) checks them after
-logging each iteration, saves a checkpoint when one stops the run, and exits with its code.
+Plain classes: the numerical-fault guard reads the train stage's count, the others the
+iteration's metrics. The loop (``orchestration.loop``) checks them after logging each
+iteration, saves a checkpoint when one stops the run, and the entry point exits with its code.
 """
 
 from __future__ import annotations
@@ -82,15 +83,15 @@ class Guards:
         self.unscorable_in_a_row = 0
 
     def check(self, k: int, metrics: dict[str, float]) -> list[str]:
-        """Warnings for iteration ``k``; raises a :class:`RunStopped` when a condition has lasted
-        its limit (the message says what to do; the caller adds where the checkpoint is)."""
-        return self._skipped(k, metrics) + self._mismatch(k, metrics) + self._unscorable(k, metrics)
+        """Warnings for iteration ``k`` from its metrics; raises a :class:`RunStopped` when a
+        condition has lasted its limit (the message says what to do; the caller adds where the
+        checkpoint is)."""
+        return self._mismatch(k, metrics) + self._unscorable(k, metrics)
 
-    def _skipped(self, k: int, metrics: dict[str, float]) -> list[str]:
-        bad, limit = (
-            metrics.get("learner/skipped_in_a_row", 0),
-            self.cfg.learner.max_skipped_in_a_row,
-        )
+    def numerical(self, k: int, skipped_in_a_row: int) -> list[str]:
+        """Raises :class:`NumericalFault` when the learner has dropped
+        ``learner.max_skipped_in_a_row`` updates in a row (the train stage's count)."""
+        bad, limit = skipped_in_a_row, self.cfg.learner.max_skipped_in_a_row
         if bad >= limit:
             raise NumericalFault(
                 f"iteration {k}: {bad:.0f} updates in a row were dropped for a non-finite loss "

@@ -17,8 +17,7 @@ import pyarrow.compute as pc
 import ray
 
 from orchestration import calls
-from orchestration.config import RunConfig
-from reward_service.shaping import RewardShaper, SafetyGate, ShapingSpec
+from reward_service.shaping import RewardShaper, ShapingSpec
 from rollout import schema as S
 from rollout.groups import group_spread
 from rollout.ops import append_columns
@@ -63,22 +62,6 @@ class Scored:
         return _finish.remote(self.table, self.columns, self.score, keep)
 
 
-def shaping_spec(cfg: RunConfig) -> ShapingSpec:
-    rw = cfg.reward
-    gate = rw.safety_gate
-    return ShapingSpec(
-        weights=rw.weights,
-        gate=SafetyGate(gate.component, gate.threshold) if gate else None,
-        reference_baseline=rw.reference_baseline,
-        normalize=rw.normalize,
-        clip=rw.clip,
-        no_eos_penalty=rw.no_eos_penalty,
-        overlong_buffer=rw.overlong.buffer_tokens if rw.overlong else None,
-        overlong_penalty=rw.overlong.penalty if rw.overlong else 1.0,
-        max_new_tokens=cfg.generator.max_new_tokens,
-    )
-
-
 class RewardStage:
     """Scores batches with the run's reward actors and shapes the result.
 
@@ -87,9 +70,9 @@ class RewardStage:
     first fails, with its first error; later failures are only counted in the metrics.
     """
 
-    def __init__(self, cfg: RunConfig, scorers: list, timeout: float):
+    def __init__(self, shaping: ShapingSpec, scorers: list, timeout: float):
         self.scorers, self.timeout = scorers, timeout
-        self.shaper = RewardShaper(shaping_spec(cfg))
+        self.shaper = RewardShaper(shaping)
         self.reported: set[str] = set()  # components whose first failure was printed
         self.last_metrics: dict[str, float] = {}
 

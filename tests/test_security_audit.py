@@ -222,7 +222,7 @@ def findings() -> list[Finding]:
 
 def test_the_audit_reads_the_packages_and_not_the_tests():
     files = {f.relative_to(REPO).as_posix() for f in project_files()}
-    for expected in ("orchestration/driver.py", "learner/checkpoint.py", "deploy/runtime_env.yaml"):
+    for expected in ("orchestration/loop.py", "learner/checkpoint.py", "deploy/runtime_env.yaml"):
         assert expected in files
     assert not any(f.startswith(("tests/", ".venv/")) for f in files)
 

@@ -21,12 +21,13 @@ import torch
 from ray.cluster_utils import Cluster
 
 from learner.checkpoint import _safe_globals
+from orchestration import checkpoint
 from orchestration.config import load_config
-from orchestration.data import PromptSampler
-from orchestration.driver import Trainer
+from orchestration.loop import start_loop
 from orchestration.metrics import MetricsLog
 from orchestration.placement import start_actors
-from orchestration.train import Loop, prepare
+from orchestration.prepare import prepare
+from orchestration.sampler import PromptSampler
 from tests.e2e.test_cluster import node_of, nodes_with
 
 pytestmark = pytest.mark.slow
@@ -71,8 +72,8 @@ def build_loop(cfg):
     prep = prepare(cfg, "demo")
     actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
     sampler = PromptSampler(prep.prompts, cfg.data.seed)
-    trainer = Trainer(cfg, actors, sampler, prep.pad_token_id)
-    return prep, actors, sampler, trainer, Loop(cfg, trainer, sampler, prep)
+    loop = start_loop(cfg, actors, sampler, prep)
+    return prep, actors, sampler, loop, loop
 
 
 def pid_of(actor) -> int:
@@ -134,6 +135,19 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys)
     def kill(name: str):
         return lambda: (os.kill(pids[name], signal.SIGKILL), time.perf_counter())[1]
 
+    def once_committed(k: int, strike):
+        """``strike`` once checkpoint ``k`` is committed: the fault lands in the next iteration
+        (the Chaos delay alone races the checkpoint write that follows iteration ``k``)."""
+        marker = prep.run_dir / "checkpoints" / f"iter_{k:06d}" / checkpoint.MARKER
+
+        def wait_then_strike():
+            deadline = time.monotonic() + 120
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return strike()
+
+        return wait_then_strike
+
     def lose_gen_node():
         victim = nodes[node_of(gen)]
         c.remove_node(victim, allow_graceful=False)
@@ -144,7 +158,8 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys)
             1: ("generator", kill("generator")),
             3: ("generator node", lose_gen_node),
             5: ("reward", kill("reward")),
-            7: ("learner rank 1", kill("learner rank 1")),  # back to the checkpoint after 7
+            # back to the checkpoint after 7
+            7: ("learner rank 1", once_committed(7, kill("learner rank 1"))),
         }
     )
     log = MetricsLog(prep.run_dir, cfg.iterations, progress_bar=False, sinks=[chaos])

@@ -10,7 +10,7 @@ from ray.cluster_utils import Cluster
 
 from orchestration.config import load_config
 from orchestration.placement import PlacementError, start_actors
-from orchestration.train import prepare
+from orchestration.prepare import prepare
 
 pytestmark = pytest.mark.slow
 

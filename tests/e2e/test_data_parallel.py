@@ -11,7 +11,8 @@ import ray
 import torch
 
 from actors.learner_actor import LearnerActor
-from learner.worker import LearnerSpec, LossSpec, OptimizerSpec
+from learner.engine import LearnerSpec, OptimizerSpec
+from learner.objectives import LossSpec, PolicyGradient
 from rollout import GeneratedSample, append_columns, build_rollout_table
 from rollout.ops import split_rows
 
@@ -69,7 +70,7 @@ def test_two_ranks_on_halves_end_the_step_where_one_rank_on_the_whole_batch_does
     spec = LearnerSpec(
         model_path=tiny_model,
         policy_optim=OptimizerSpec(lr=LR),
-        loss=LossSpec(agg="token-mean"),
+        objective=PolicyGradient(LossSpec(agg="token-mean")),
         micro_batch_tokens=24,  # several micro-batches, differently cut on each side
         zero_stage=zero_stage,
     )
@@ -105,3 +106,37 @@ def initial(model_path: str) -> dict[str, torch.Tensor]:
     from learner.models import load_causal_lm
 
     return load_causal_lm(model_path).state_dict()
+
+
+def test_a_second_objective_trains_on_two_ranks_as_on_one(private_env, tiny_model):
+    """The objective seam holds across ranks: next-token cross-entropy (written in the tests,
+    shipped to the actors by value) ends one step on two ranks where one rank ends it."""
+    import cloudpickle
+
+    import tests.learner.cross_entropy as ce
+
+    cloudpickle.register_pickle_by_value(ce)
+    spec = LearnerSpec(
+        model_path=tiny_model,
+        policy_optim=OptimizerSpec(lr=LR),
+        objective=ce.NextTokenCE(),
+        micro_batch_tokens=24,
+    )
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        one, two = learners(spec, 1), learners(spec, 2)
+        table = rollout()
+        halves = split_rows(table, table.num_rows // 2)
+        m1 = ray.get(one[0].train.remote(table), timeout=300)
+        m2 = ray.get([r.train.remote(h) for r, h in zip(two, halves, strict=True)], timeout=300)
+        w1 = ray.get(one[0].policy_weights.remote(), timeout=120)
+        w2 = ray.get([r.policy_weights.remote() for r in two], timeout=120)[0]
+    finally:
+        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(ce)
+    assert [m["sft/nll"] for m in m2] == pytest.approx([m1["sft/nll"]] * 2, abs=1e-6)
+    assert [m["actor/grad_norm"] for m in m2] == pytest.approx([m1["actor/grad_norm"]] * 2, 1e-5)
+    diffs = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    moved = max((w1[k] - w0).abs().max().item() for k, w0 in initial(tiny_model).items())
+    assert moved > 0.5 * LR
+    assert diffs.max() <= ATOL

@@ -17,11 +17,13 @@ import torch
 
 from actors.vllm_engine import EngineSpec, Sampling, VLLMEngine
 from orchestration.config import load_config
-from orchestration.data import PromptSampler, addition_corpus
-from orchestration.driver import Trainer
+from orchestration.data import addition_corpus
+from orchestration.loop import start_loop
 from orchestration.placement import start_actors
+from orchestration.prepare import prepare
+from orchestration.sampler import PromptSampler
+from orchestration.sync import weight_sync_for
 from orchestration.tiny_model import FAMILY_MATRIX, build_tiny_model
-from orchestration.train import prepare
 from rollout import schema as S
 
 pytestmark = pytest.mark.slow
@@ -62,12 +64,14 @@ def test_the_generators_stay_on_the_learners_policy_and_the_export_reloads(
     prep = prepare(cfg, "demo")
     actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
     try:
-        trainer = Trainer(cfg, actors, PromptSampler(prep.prompts, 0), prep.pad_token_id)
+        trainer = start_loop(cfg, actors, PromptSampler(prep.prompts, 0), prep)
         mismatch = {}
         for method in ("collective", "object_store"):
-            # The same actors, the other path: the test swaps the (frozen) config it reads.
+            # The same actors, the other path: the pool's weight-sync object is swapped.
             sync = cfg.weight_sync.model_copy(update={"method": method})
-            trainer.cfg = cfg.model_copy(update={"weight_sync": sync})
+            trainer.stages.pool.sync = weight_sync_for(
+                cfg.model_copy(update={"weight_sync": sync}), actors
+            )
             for _ in range(ITERATIONS):
                 m = trainer.iteration()
                 mismatch.setdefault(method, []).append(m["rollout/logprob_mismatch"])

@@ -16,10 +16,10 @@ import ray
 from ray import serve
 
 from orchestration.config import load_config
-from orchestration.data import PromptSampler
-from orchestration.driver import Trainer
+from orchestration.loop import start_loop
 from orchestration.placement import start_actors
-from orchestration.train import prepare
+from orchestration.prepare import prepare
+from orchestration.sampler import PromptSampler
 from reward_service.server import build_app
 from tests.e2e.test_run import check_run_health, finished, train
 
@@ -59,7 +59,7 @@ def test_a_run_scored_by_the_serve_reward_service_survives_its_outage(
         serve.run(app, name="reward", route_prefix="/score")
         prep = prepare(cfg, "demo")
         actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
-        trainer = Trainer(cfg, actors, PromptSampler(prep.prompts, 0), prep.pad_token_id)
+        trainer = start_loop(cfg, actors, PromptSampler(prep.prompts, 0), prep)
         samples = cfg.data.prompts_per_iteration * cfg.generator.samples_per_prompt
 
         served = trainer.iteration()

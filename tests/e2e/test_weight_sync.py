@@ -9,10 +9,11 @@ import ray
 import torch
 
 from orchestration.config import load_config
-from orchestration.data import PromptSampler
-from orchestration.driver import Trainer
+from orchestration.loop import start_loop
 from orchestration.placement import start_actors
-from orchestration.train import init_ray, prepare
+from orchestration.prepare import prepare
+from orchestration.sampler import PromptSampler
+from orchestration.train import init_ray
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +35,12 @@ def trainer(request, private_env, tmp_path):
     init_ray(cfg)
     try:
         actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
-        yield Trainer(cfg, actors, PromptSampler(prep.prompts, 0), prep.pad_token_id)
+        yield start_loop(cfg, actors, PromptSampler(prep.prompts, 0), prep)
     finally:
         ray.shutdown()
 
 
-def served_versions(trainer: Trainer) -> list[int]:
+def served_versions(trainer) -> list[int]:
     return ray.get([g.weight_version.remote() for g in trainer.actors.generators], timeout=60)
 
 

@@ -1,8 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 
 from learner.algorithms import AdvantageEstimator
+from learner.estimators import ESTIMATOR_SPECS
 from orchestration.config import ConfigError, load_config, parse_overrides, presets
-from orchestration.placement import kl_kind, learner_spec
+from orchestration.specs import kl_kind, learner_spec
 
 
 def test_presets_load_and_pick_their_algorithm():
@@ -12,10 +16,26 @@ def test_presets_load_and_pick_their_algorithm():
     assert ppo.algorithm.estimator is AdvantageEstimator.GAE
     # Decided once from the estimator: critic, where the KL goes, the aggregation.
     g, p = learner_spec(grpo, "m", 0, 10), learner_spec(ppo, "m", 0, 10)
-    assert g.critic_optim is None and g.loss.kl_loss_coef == grpo.algorithm.kl_coef
-    assert g.loss.agg == "seq-mean-token-mean" and kl_kind(grpo) == "k3"
-    assert p.critic_optim is not None and p.loss.kl_loss_coef == 0.0
-    assert p.loss.agg == "token-mean" and kl_kind(ppo) == "k1"
+    assert g.critic_optim is None and g.objective.loss.kl_loss_coef == grpo.algorithm.kl_coef
+    assert g.objective.loss.agg == "seq-mean-token-mean" and kl_kind(grpo) == "k3"
+    assert p.critic_optim is not None and p.objective.loss.kl_loss_coef == 0.0
+    assert p.objective.loss.agg == "token-mean" and kl_kind(ppo) == "k1"
+
+
+def test_importing_the_config_imports_no_torch():
+    code = "import sys, orchestration.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("estimator", list(AdvantageEstimator))
+def test_one_sample_per_prompt_is_refused_exactly_for_group_estimators(estimator):
+    overrides = [f"algorithm.estimator={estimator.value}", "generator.samples_per_prompt=1"]
+    if ESTIMATOR_SPECS[estimator].needs_groups:
+        with pytest.raises(ConfigError, match="compares samples of one prompt"):
+            load_config("demo", overrides)
+    else:
+        assert load_config("demo", overrides).generator.samples_per_prompt == 1
 
 
 def test_overrides_parse_as_yaml_and_win():

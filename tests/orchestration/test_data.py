@@ -5,14 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from orchestration.data import (
-    DataError,
-    PromptSampler,
-    PromptSet,
-    addition_examples,
-    load_prompts,
-    read_rows,
-)
+from orchestration.data import DataError, PromptSet, addition_examples, load_prompts, read_rows
+from orchestration.sampler import PromptSampler
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from orchestration.driver import throughput, zero_spread_fraction
+from orchestration.advantages import throughput
 from orchestration.evaluation import eval_metrics, ks_up_to, pass_at_k
 from rollout import schema as S
+from rollout.groups import zero_spread_fraction
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

@@ -1,61 +1,69 @@
-"""The loop's rollback policy after a learner rank dies, on a stand-in trainer (Ray, vLLM and
-DeepSpeed are not the subject here; ``tests/e2e/test_chaos.py`` kills a real rank)."""
+"""The loop's rollback policy after a learner rank dies (``orchestration.recovery``), on stand-in
+stages (Ray, vLLM and DeepSpeed are not the subject here; ``tests/e2e/test_chaos.py`` kills a real
+rank)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
 
 from orchestration import placement
 from orchestration.config import load_config
+from orchestration.loop import Loop
 from orchestration.metrics import MetricsLog
-from orchestration.train import Loop, Prepared
+from orchestration.recovery import Recovery
 
 
-class StandInTrainer:
-    """What ``Loop.rollback`` touches when no checkpoint exists yet: the initial state."""
+class StandInStages:
+    """What a rollback touches when no checkpoint exists yet: the generator pool (its version
+    and restores), the fault counters and the sync; one object plays all three."""
 
-    actors = None
+    actors = SimpleNamespace(learners=[])
 
     def __init__(self):
         self.version, self.pushed, self.counted = 0, [], []
+        self.pool = self.faults = self
+        self.sync = SimpleNamespace(reopen=lambda: None)
 
-    def state_dict(self) -> dict:
-        return {"weight_version": self.version}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.version = state["weight_version"]
-
-    def push_weights(self, version: int) -> None:
+    def restore(self, version: int) -> None:  # the pool: every generator serves ``version``
         self.pushed.append(version)
+        self.version = version
 
-    def _count(self, fault: str, seconds: float) -> None:
+    def count(self, fault: str, seconds: float) -> None:  # the fault counters
         self.counted.append(fault)
 
 
-def run_with_deaths(tmp_path, monkeypatch, max_failures: int, deaths: list[int]):
+def run_with_deaths(tmp_path: Path, monkeypatch, max_failures: int, deaths: list[int]):
     """Three iterations; iteration ``k`` raises a dead-actor error once for each ``k`` in
-    ``deaths``. Returns the loop, the trainer, the log and the iterations attempted."""
+    ``deaths``. Returns the loop, the stages, the log and the iterations attempted."""
     cfg = load_config(
         "demo", ["iterations=3", f"cluster.max_failures={max_failures}", f"logging.root={tmp_path}"]
     )
-    trainer = StandInTrainer()
-    prep = Prepared(tmp_path, "model", None, None, 0, {})
-    loop = Loop(cfg, trainer, None, prep)
+    trainer = StandInStages()
+    recovery = Recovery(cfg, "model", 0, tmp_path)
+    loop = Loop(cfg, trainer, None, tmp_path, recovery=recovery)
     rebuilds, attempted = [], []
 
-    def step(k: int) -> dict[str, float]:
+    def step(k: int):
         attempted.append(k)
         if k in deaths:
             deaths.remove(k)
             raise ray.exceptions.RayActorError()
         trainer.version += 1
-        return {"rollout/weight_version": trainer.version - 1.0}
+        return {"rollout/weight_version": trainer.version - 1.0}, 0
 
     monkeypatch.setattr(loop, "step", step)
-    monkeypatch.setattr(loop, "learner_died", lambda e: isinstance(e, ray.exceptions.RayError))
+    monkeypatch.setattr(loop, "state_dict", lambda: {"weight_version": trainer.version})
+    monkeypatch.setattr(
+        loop, "load_state_dict", lambda s: setattr(trainer, "version", s["weight_version"])
+    )
+    monkeypatch.setattr(
+        recovery, "learner_died", lambda e, learners: isinstance(e, ray.exceptions.RayError)
+    )
     monkeypatch.setattr(loop, "save_checkpoint", lambda k: None)
     monkeypatch.setattr(placement, "rebuild_learners", lambda *a: rebuilds.append(a))
     log = MetricsLog(tmp_path, cfg.iterations, progress_bar=False)
@@ -85,7 +93,7 @@ def test_past_max_failures_the_error_stands(tmp_path, monkeypatch):
 
 def test_an_error_without_a_dead_rank_is_not_retried(tmp_path, monkeypatch):
     loop, trainer, log, attempted, rebuilds = run_with_deaths(tmp_path, monkeypatch, 3, [])
-    monkeypatch.setattr(loop, "learner_died", lambda e: False)
+    monkeypatch.setattr(loop.recovery, "learner_died", lambda e, learners: False)
     monkeypatch.setattr(loop, "step", lambda k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         loop.run(log)

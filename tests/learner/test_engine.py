@@ -1,4 +1,5 @@
-"""The DeepSpeed learner on one gloo rank, without Ray (component tier)."""
+"""The DeepSpeed learner engine with the policy-gradient objective on one gloo rank, without Ray
+(component tier)."""
 
 import math
 import socket
@@ -7,7 +8,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from learner.worker import Learner, LearnerSpec, LossSpec, OptimizerSpec, _lr_lambda
+from learner.engine import Engine as Learner
+from learner.engine import LearnerSpec, OptimizerSpec, _lr_lambda
+from learner.objectives import LossSpec, PolicyGradient
 from rollout import GeneratedSample, append_columns, build_rollout_table
 
 
@@ -23,7 +26,7 @@ def learner(tiny_model):
         model_path=tiny_model,
         policy_optim=OptimizerSpec(lr=1e-3),
         critic_optim=OptimizerSpec(lr=1e-2),
-        loss=LossSpec(),
+        objective=PolicyGradient(LossSpec(), critic=True),
         micro_batch_tokens=16,  # several micro-batches per mini-batch
         num_mini_batches=2,
     )
@@ -101,7 +104,7 @@ def test_every_zero_stage_trains_and_hands_out_full_weights(tiny_model, learner,
     spec = LearnerSpec(
         model_path=tiny_model,
         policy_optim=OptimizerSpec(lr=1e-3),
-        loss=LossSpec(),
+        objective=PolicyGradient(LossSpec()),
         zero_stage=stage,
     )
     zero = Learner(spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
@@ -120,7 +123,7 @@ def fresh(tiny_model, stage: int, critic: bool = True, cosine: bool = True) -> L
         model_path=tiny_model,
         policy_optim=optim if cosine else OptimizerSpec(lr=1e-3),
         critic_optim=OptimizerSpec(lr=1e-2) if critic else None,
-        loss=LossSpec(),
+        objective=PolicyGradient(LossSpec(), critic=critic),
         micro_batch_tokens=16,
         num_mini_batches=2,
         zero_stage=stage,

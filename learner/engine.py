@@ -1,9 +1,13 @@
-"""The DeepSpeed learner: one data-parallel rank of the policy (and, for PPO, the critic).
+"""The learner engine: one data-parallel DeepSpeed rank, training whatever objective it is given.
 
-A plain class; ``actors`` wraps it in a Ray actor, one per rank. Each rank gets its share of the
-rollout rows from the driver, and the ranks agree on every loss denominator with one small
-all-reduce per mini-batch, so the loss (and gradient) of a mini-batch is the same however its rows
-are spread over ranks and micro-batches (see ``learner.losses.aggregate``).
+A plain class; ``actors.learner_actor`` wraps it in a Ray actor, one per rank. The engine owns
+what every training method shares: the process group, the DeepSpeed engines (the policy, and a
+critic when the objective asks for one), micro-batches cut by tokens, the loss denominators
+agreed over ranks with one small all-reduce per mini-batch (so a mini-batch's loss and gradient
+are the same however its rows are spread over ranks and micro-batches; see
+``learner.losses.aggregate``), skip-or-step on non-finite values, checkpoints, the Hugging Face
+export, and the weights handed to weight sync. The loss itself is the objective's
+(``learner.objectives``).
 
 Gradient accumulation runs in DeepSpeed's unmanaged mode (``managed_gradient_accumulation:
 false``): micro-batches are cut by tokens, so their number varies; ``backward`` only accumulates,
@@ -15,17 +19,16 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from learner import weight_sync
-from learner.losses import aggregate, kl_loss, policy_loss, value_loss
-from learner.models import CriticModel, critic_forward, load_causal_lm, policy_forward
-from rollout import schema as S
+from learner.models import CriticModel, load_causal_lm
+from learner.objectives import Counts, Objective
 from rollout.ops import append_columns, split_by_tokens
 from rollout.tensors import PaddedBatch, to_list_column, to_padded
 
@@ -50,31 +53,20 @@ class OptimizerSpec:
 
 
 @dataclass(frozen=True)
-class LossSpec:
-    """Which losses a training step adds up, and their coefficients (see ``learner.losses``)."""
-
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    agg: str = "token-mean"
-    entropy_coef: float = 0.0
-    kl_loss_coef: float = 0.0  # GRPO-style KL to the reference as a loss term; 0 = off
-    kl_kind: str = "k3"
-    value_clip: float | None = 0.2
-
-
-@dataclass(frozen=True)
 class LearnerSpec:
-    """What one learner rank needs (the orchestration config narrows itself to this)."""
+    """What one learner rank needs (``orchestration.specs`` narrows the run config to this).
+
+    ``micro_batch_tokens``: the most prompt + response tokens (unpadded, summed over rows) in one
+    forward or forward/backward pass.
+    """
 
     model_path: str
     policy_optim: OptimizerSpec
-    loss: LossSpec
-    critic_optim: OptimizerSpec | None = None  # None: no critic (GRPO, RLOO, ...)
+    objective: Objective
+    critic_optim: OptimizerSpec | None = None  # needed when the objective trains a critic
     dtype: str = "float32"
     trust_remote_code: bool = False
     zero_stage: int = 0
-    temperature: float = 1.0
     micro_batch_tokens: int = 4096
     ppo_epochs: int = 1
     num_mini_batches: int = 1
@@ -83,9 +75,10 @@ class LearnerSpec:
     collective_timeout_s: float = 600.0  # a collective waiting longer (a dead rank) fails
 
 
-# Metrics that are this micro-batch's share of the mini-batch loss (global denominators, see
-# ``learner.losses.aggregate``): summed over micro-batches and ranks, not averaged.
-_ADDITIVE = frozenset({"actor/pg_loss", "actor/entropy", "actor/kl_loss", "critic/value_loss"})
+_CHECKPOINT_DIRS = {"actor": "policy", "critic": "critic"}
+
+# The engine's own metrics per model: rates (one value per mini-batch, averaged).
+_ENGINE_RATES = ("grad_norm", "lr")
 
 
 def _lr_lambda(spec: OptimizerSpec):
@@ -199,13 +192,19 @@ def _init_distributed(
     return "cuda:0" if on_gpu else "cpu"
 
 
-class Learner:
-    """One rank of the policy (+ critic) learner."""
+class Engine:
+    """One rank of the learner, training ``spec.objective``."""
 
     def __init__(
         self, spec: LearnerSpec, *, rank: int, world_size: int, master_addr: str, master_port: int
     ):
-        self.spec = spec
+        self.spec, self.objective = spec, spec.objective
+        wants_critic = "critic" in self.objective.models
+        if wants_critic != (spec.critic_optim is not None):
+            raise ValueError(
+                f"objective {self.objective.name} {'trains' if wants_critic else 'has no'} a "
+                f"critic, but the spec {'has no' if wants_critic else 'has a'} critic optimizer"
+            )
         self.rank, self.world_size = rank, world_size
         self.device = _init_distributed(
             rank, world_size, master_addr, master_port, spec.collective_timeout_s
@@ -218,20 +217,26 @@ class Learner:
         )
         self.policy = _deepspeed_engine(policy, spec.policy_optim, spec.zero_stage, spec.dtype)
         self.critic = None
-        if spec.critic_optim is not None:
+        if wants_critic:
             critic = CriticModel.from_pretrained(
                 spec.model_path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
             )
             self.critic = _deepspeed_engine(critic, spec.critic_optim, spec.zero_stage, spec.dtype)
-        # No dropout anywhere: the ratio old/new must compare the same function of the weights.
-        self.policy.eval()
+        self.engines = {"actor": self.policy}
         if self.critic is not None:
-            self.critic.eval()
-        self.skipped_steps = {"actor": 0, "critic": 0}
+            self.engines["critic"] = self.critic
+        # No dropout anywhere: the ratio old/new must compare the same function of the weights.
+        for engine in self.engines.values():
+            engine.eval()
+        self.skipped_steps = dict.fromkeys(self.engines, 0)
         self.skipped_in_a_row = 0  # mini-batches in a row whose update was dropped
-        self._bad_step = False
-        self._sync_group = None  # rank 0 only: the collective weight-sync group
-        self._send_buffers, self._send_plan = None, None  # rank 0: reused packing buffers
+        self.sender = weight_sync.PolicySender(
+            self.policy.module, rank, spec.zero_stage, self.device
+        )
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {name: engine.module for name, engine in self.engines.items()}
 
     # ------------------------------------------------------------------ helpers
 
@@ -248,29 +253,22 @@ class Learner:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t.cpu().tolist()
 
-    def _loss_mask(self, table: pa.Table, response_mask: torch.Tensor) -> torch.Tensor:
-        # Unscorable rows (null score) teach nothing: they leave every loss term.
-        if S.SCORE not in table.column_names:
-            return response_mask
-        valid = pc.is_valid(S.column_array(table, S.SCORE)).to_numpy(zero_copy_only=False)
-        return response_mask & torch.from_numpy(valid).to(response_mask.device).unsqueeze(1)
-
-    # ------------------------------------------------------------------ scoring passes
+    # ------------------------------------------------------------------ scoring pass
 
     @torch.no_grad()
     def compute_old(self, table: pa.Table) -> pa.Table:
-        """Append ``old_logprobs`` (and, with a critic, ``values``) for this rank's rows."""
-        logprobs, values = [], []
+        """Append the objective's forward-pass columns (for policy gradients ``old_logprobs``
+        and, with a critic, ``values``) for this rank's rows, before any update."""
+        parts: dict[str, list] = defaultdict(list)
         for part in split_by_tokens(table, self.spec.micro_batch_tokens):
             batch = self._pad(part)
-            out = policy_forward(self.policy.module, batch, temperature=self.spec.temperature)
-            logprobs.append(to_list_column(out.logprobs, batch.response_mask))
-            if self.critic is not None:
-                v = critic_forward(self.critic.module, batch)
-                values.append(to_list_column(v, batch.response_mask))
-        new = {S.OLD_LOGPROBS: pa.chunked_array(logprobs, S.PER_TOKEN_TYPE)}
-        if self.critic is not None:
-            new[S.VALUES] = pa.chunked_array(values, S.PER_TOKEN_TYPE)
+            for name, values in self.objective.forward(self.modules, batch).items():
+                parts[name].append(to_list_column(values, batch.response_mask))
+        if not parts:
+            return table
+        from rollout import schema as S
+
+        new = {k: pa.chunked_array(v, S.PER_TOKEN_TYPE) for k, v in parts.items()}
         return append_columns(table, new)
 
     # ------------------------------------------------------------------ training
@@ -288,7 +286,6 @@ class Learner:
             engine.zero_grad()
             engine.optimizer.zero_grad()
             self.skipped_steps[name] += 1
-            self._bad_step = True
             return {}
         engine.step()
         norm = engine.get_global_grad_norm()
@@ -299,36 +296,40 @@ class Learner:
         parts = np.array_split(order, self.spec.num_mini_batches)
         return [table.take(pa.array(p)) for p in parts]
 
-    def train(self, table: pa.Table) -> dict[str, float]:
-        """PPO epochs x mini-batches x micro-batches on this rank's rows; returns mean metrics.
+    def train(self, table: pa.Table, settings: Mapping[str, float] | None = None) -> dict:
+        """Epochs x mini-batches x micro-batches of the objective on this rank's rows; returns
+        the metrics (shares summed per mini-batch over ranks, then every metric averaged over
+        the mini-batches). ``settings`` go to the objective (say, the current KL coefficient).
 
-        ``table`` needs ``old_logprobs`` and ``advantages``; ``ref_logprobs`` when the KL is a
-        loss term; ``values`` and ``returns`` with a critic.
+        ``table`` needs the objective's ``columns``.
         """
-        spec = self.spec
-        columns = [S.OLD_LOGPROBS, S.ADVANTAGES]
-        if spec.loss.kl_loss_coef > 0:
-            columns.append(S.REF_LOGPROBS)
-        if self.critic is not None:
-            columns += [S.VALUES, S.RETURNS]
+        spec, objective, settings = self.spec, self.objective, dict(settings or {})
+        shares = objective.shares
+        rates = objective.rates | {f"{m}/{r}" for m in self.engines for r in _ENGINE_RATES}
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
-        partial: dict[str, float] = defaultdict(float)  # this mini-batch's loss parts (additive)
+        partial: dict[str, float] = defaultdict(float)  # this mini-batch's loss parts (shares)
 
         def record(metrics: dict) -> None:
             for k, v in metrics.items():
-                if k in _ADDITIVE:  # a share of the mini-batch's loss: add up, then one value
+                if k in shares:  # a share of the mini-batch's loss: add up, then one value
                     partial[k] += float(v)
-                else:  # a rate over the micro-batch's tokens (clipfrac, ...): mean of them
+                elif k in rates:  # a rate over the micro-batch's tokens: mean of them
                     sums[k] += float(v)
                     counts[k] += 1
+                else:
+                    raise KeyError(
+                        f"objective {objective.name} reports metric {k!r} without declaring "
+                        "how it aggregates (add it to its shares or rates)"
+                    )
 
         for _ in range(spec.ppo_epochs):
             for mini in self._mini_batches(table):
                 micro = split_by_tokens(mini, spec.micro_batch_tokens) if mini.num_rows else []
-                padded = [self._pad(m, tuple(columns)) for m in micro]
+                padded = [self._pad(m, tuple(objective.columns)) for m in micro]
                 masks = [
-                    self._loss_mask(m, b.response_mask) for m, b in zip(micro, padded, strict=True)
+                    objective.loss_mask(m, b.response_mask)
+                    for m, b in zip(micro, padded, strict=True)
                 ]
                 local = [
                     float(sum(int(k.sum()) for k in masks)),
@@ -337,76 +338,31 @@ class Learner:
                 n_tok, n_seq = self._all_reduce(local)
                 if n_tok == 0:  # nothing to learn from (say, all unscorable): no update at all
                     continue
-                bad_actor = bad_critic = False
-                self._bad_step = False
+                total = Counts(tokens=n_tok, sequences=n_seq)
+                bad = dict.fromkeys(self.engines, False)
                 for batch, mask in zip(padded, masks, strict=True):
-                    metrics, bad = self._actor_micro(batch, mask, n_tok, n_seq)
-                    bad_actor |= bad
-                    record(metrics)
-                    if self.critic is not None:
-                        metrics, bad = self._critic_micro(batch, mask, n_tok, n_seq)
-                        bad_critic |= bad
+                    for name, engine in self.engines.items():  # one model's graph at a time
+                        loss, metrics = objective.micro_loss(
+                            name, self.modules, batch, mask, total, settings
+                        )
                         record(metrics)
-                record(self._step("actor", self.policy, bad_actor))
-                if self.critic is not None:
-                    record(self._step("critic", self.critic, bad_critic))
-                self.skipped_in_a_row = self.skipped_in_a_row + 1 if self._bad_step else 0
+                        # Ranks' gradients are averaged; the global denominators make them sum.
+                        bad[name] |= self._backward(engine, loss * self.world_size)
+                skipped = sum(self.skipped_steps.values())
+                for name, engine in self.engines.items():
+                    record(self._step(name, engine, bad[name]))
+                dropped = sum(self.skipped_steps.values()) > skipped
+                self.skipped_in_a_row = self.skipped_in_a_row + 1 if dropped else 0
                 names = sorted(partial)
                 for k, v in zip(names, self._all_reduce([partial[k] for k in names]), strict=True):
                     sums[k] += v  # the whole mini-batch's loss, over every rank
                     counts[k] += 1
                 partial.clear()
         out = {k: sums[k] / counts[k] for k in sums}
-        for name in ("actor", "critic") if self.critic is not None else ("actor",):
+        for name in self.engines:
             out[f"{name}/skipped_steps"] = float(self.skipped_steps[name])  # a count, not a mean
         out["learner/skipped_in_a_row"] = float(self.skipped_in_a_row)
         return out
-
-    def _actor_micro(self, batch: PaddedBatch, mask, n_tok, n_seq) -> tuple[dict, bool]:
-        loss_spec, agg = self.spec.loss, self.spec.loss.agg
-        out = policy_forward(
-            self.policy.module, batch, temperature=self.spec.temperature, with_entropy=True
-        )
-        t = batch.per_token
-        pg_loss, metrics = policy_loss(
-            out.logprobs,
-            t[S.OLD_LOGPROBS],
-            t[S.ADVANTAGES],
-            mask,
-            clip_low=loss_spec.clip_low,
-            clip_high=loss_spec.clip_high,
-            dual_clip=loss_spec.dual_clip,
-            agg=agg,
-            num_tokens=n_tok,
-            num_seqs=n_seq,
-        )
-        entropy = aggregate(out.entropy, mask, agg, num_tokens=n_tok, num_seqs=n_seq)
-        loss = pg_loss - loss_spec.entropy_coef * entropy
-        metrics["actor/pg_loss"] = pg_loss.detach()
-        metrics["actor/entropy"] = entropy.detach()
-        if loss_spec.kl_loss_coef > 0:
-            kl, kl_metrics = kl_loss(
-                out.logprobs, t[S.REF_LOGPROBS], mask, loss_spec.kl_kind, agg, n_tok, n_seq
-            )
-            loss = loss + loss_spec.kl_loss_coef * kl
-            metrics |= kl_metrics
-        # Ranks' gradients are averaged; the global denominators make them sum: scale back up.
-        return metrics, self._backward(self.policy, loss * self.world_size)
-
-    def _critic_micro(self, batch: PaddedBatch, mask, n_tok, n_seq) -> tuple[dict, bool]:
-        t = batch.per_token
-        values = critic_forward(self.critic.module, batch)
-        loss, metrics = value_loss(
-            values,
-            t[S.VALUES],
-            t[S.RETURNS],
-            mask,
-            clip=self.spec.loss.value_clip,
-            num_tokens=n_tok,
-            num_seqs=n_seq,
-        )
-        metrics["critic/value_loss"] = loss.detach()
-        return metrics, self._backward(self.critic, loss * self.world_size)
 
     def _backward(self, engine, loss: torch.Tensor) -> bool:
         """Backward unless the loss is not finite; returns True when it was not."""
@@ -449,9 +405,8 @@ class Learner:
         from learner import checkpoint
 
         root = Path(path)
-        checkpoint.save_engine(self.policy, root / "policy")
-        if self.critic is not None:
-            checkpoint.save_engine(self.critic, root / "critic")
+        for name, engine in self.engines.items():
+            checkpoint.save_engine(engine, root / _CHECKPOINT_DIRS[name])
         state = {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -482,87 +437,26 @@ class Learner:
                 f"(critic: {have[2]}). Resume with the same learner.num_ranks, "
                 "learner.zero_stage and algorithm"
             )
-        checkpoint.load_engine(self.policy, root / "policy")
-        if self.critic is not None:
-            checkpoint.load_engine(self.critic, root / "critic")
-        self.policy.eval()
-        if self.critic is not None:
-            self.critic.eval()
+        for name, engine in self.engines.items():
+            checkpoint.load_engine(engine, root / _CHECKPOINT_DIRS[name])
+            engine.eval()
         self.skipped_steps = dict(state["skipped_steps"])
         self.skipped_in_a_row = int(state["skipped_in_a_row"])
         checkpoint.set_rng_state(self._rng, state["rng"])
 
-    # ------------------------------------------------------------------ collective weight sync
+    # ------------------------------------------------------------------ weight sync
 
     def sync_plan(self, bucket_bytes: int) -> weight_sync.SyncPlan:
-        """The bucket layout every sync uses (parameters only; tied weights appear once)."""
-        params = dict(self.policy.module.named_parameters())
-        return weight_sync.plan_buckets(weight_sync.describe(params), bucket_bytes)
+        return self.sender.plan(bucket_bytes)
 
     def open_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
-        """Rank 0 joins the sync group as its root (and hosts its store at ``host:port``)."""
-        if self.rank != 0:
-            raise RuntimeError("only learner rank 0 joins the weight-sync group")
-        self._sync_group = weight_sync.open_group(
-            host, port, 0, world_size, device=self.device, timeout_s=timeout_s
-        )
+        self.sender.open_group(host, port, world_size, timeout_s)
 
-    def broadcast_weights(
-        self, plan: weight_sync.SyncPlan, verify: bool = False
-    ) -> tuple[int, str | None]:
-        """Send the policy to the sync group, bucket by bucket. Every rank calls it (under ZeRO-3
-        each bucket's parameters are gathered collectively); rank 0 sends. Returns the bytes sent
-        and, with ``verify``, a checksum of them (rank 0; ``(0, None)`` elsewhere)."""
-        buffers = self._packed_buckets(plan)
-        if self.rank != 0:
-            for _ in buffers:  # take part in the ZeRO-3 gathers
-                pass
-            return 0, None
-        if self._sync_group is None:
-            raise RuntimeError("broadcast_weights before open_sync_group")
-        checksum = weight_sync.Checksum() if verify else None
-        sent = weight_sync.send(self._sync_group, buffers, checksum)
-        return sent, checksum.hexdigest() if checksum else None
+    def broadcast_weights(self, plan: weight_sync.SyncPlan, verify: bool = False):
+        return self.sender.broadcast(plan, verify)
 
     def share_ipc(self, plan: weight_sync.SyncPlan) -> list:
-        """Pack the policy into GPU buffers and return their CUDA IPC handles, for the generator
-        on this rank's GPU (full colocation: every rank serves its own). The buffers live until
-        :meth:`release_ipc`. Costs one copy of the policy in GPU memory while shared."""
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        if self.device == "cpu":
-            raise RuntimeError("CUDA IPC weight sync needs GPUs; use weight_sync.method=collective")
-        self._ipc_buffers = list(self._packed_buckets(plan, every_rank=True))
-        torch.cuda.synchronize()
-        return [reduce_tensor(b) for b in self._ipc_buffers]
+        return self.sender.share_ipc(plan)
 
     def release_ipc(self) -> None:
-        self._ipc_buffers = None
-        torch.cuda.empty_cache()
-
-    @torch.no_grad()
-    def _packed_buckets(self, plan: weight_sync.SyncPlan, every_rank: bool = False):
-        """Each bucket packed (on rank 0, or on every rank for IPC), gathered first under
-        ZeRO-3. The broadcast path reuses two send buffers; IPC needs every bucket at once."""
-        params = dict(self.policy.module.named_parameters())
-        packs = every_rank or self.rank == 0
-        reuse = packs and not every_rank
-        if reuse and self._send_plan != plan:
-            self._send_buffers = weight_sync.SendBuffers(plan, self.device)
-            self._send_plan = plan
-
-        def pack(i: int, bucket: weight_sync.Bucket):
-            if not packs:
-                return None
-            out = self._send_buffers.get(i, bucket) if reuse else None
-            return weight_sync.pack(bucket, params, self.device, out=out)
-
-        for i, bucket in enumerate(plan.buckets):
-            if self.spec.zero_stage == 3:
-                import deepspeed
-
-                group = [params[m.name] for m in bucket.tensors]
-                with deepspeed.zero.GatheredParameters(group):
-                    yield pack(i, bucket)
-            else:
-                yield pack(i, bucket)
+        self.sender.release_ipc()

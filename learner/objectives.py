@@ -1,0 +1,196 @@
+"""Objectives: what the learner engine (``learner.engine``) trains towards.
+
+An objective declares what it needs and computes one micro-batch's loss; the engine does the
+rest (process group, DeepSpeed, micro-batches cut by tokens, global token and sequence counts
+over every rank, skip-or-step on non-finite values, checkpoints, export, weight sync). A new
+training method is one small objective here (or in its own file) plus its loss in
+``learner.losses``; the engine does not change.
+
+An objective declares:
+
+- ``models``: the engine models it trains, ``"actor"`` (the policy, always) and ``"critic"``
+  (a value head on the policy's body);
+- ``columns``: the per-token rollout columns it reads (padded onto each micro-batch);
+- ``shares`` and ``rates``: how each metric it reports aggregates. A *share* is this
+  micro-batch's part of the mini-batch's loss (computed with the global counts): shares are
+  summed over micro-batches and ranks. A *rate* (a clip fraction, a mean ratio) is averaged over
+  micro-batches. The engine refuses a metric declared as neither, instead of averaging a loss
+  share by mistake.
+
+and implements ``micro_loss(model, models, batch, mask, counts, settings)``: one model's loss on
+a micro-batch and its metrics (the engine calls it per model, backward after each); optionally
+``forward`` (the columns a scoring pass adds before training, such as ``old_logprobs``) and
+``loss_mask`` (which response tokens count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from learner.losses import aggregate, kl_loss, policy_loss, value_loss
+from learner.models import critic_forward, policy_forward
+from rollout import schema as S
+from rollout.tensors import PaddedBatch
+
+Metrics = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The mini-batch's loss denominators, summed over every rank: response tokens in the loss
+    mask, and sequences with at least one of them."""
+
+    tokens: float
+    sequences: float
+
+
+class Objective:
+    """The seam between the engine and a training method (see the module docstring)."""
+
+    name = "objective"
+    models: tuple[str, ...] = ("actor",)
+    columns: tuple[str, ...] = ()
+    shares: frozenset[str] = frozenset()
+    rates: frozenset[str] = frozenset()
+
+    def loss_mask(self, table: pa.Table, response_mask: torch.Tensor) -> torch.Tensor:
+        """The response tokens that count in the loss (and its denominators)."""
+        return response_mask
+
+    def forward(self, models: Mapping[str, torch.nn.Module], batch: PaddedBatch) -> dict:
+        """Per-token tensors (B, R) to append as columns before training; none by default."""
+        return {}
+
+    def micro_loss(
+        self,
+        model: str,
+        models: Mapping[str, torch.nn.Module],
+        batch: PaddedBatch,
+        mask: torch.Tensor,
+        counts: Counts,
+        settings: Mapping[str, float],
+    ) -> tuple[torch.Tensor, Metrics]:
+        """Model ``model``'s loss on this micro-batch (its share of the mini-batch's loss, with
+        ``counts`` as denominators) and its metrics. Called once per model in ``models``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The clipped policy loss's settings, and the value loss's (see ``learner.losses``)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    agg: str = "token-mean"
+    entropy_coef: float = 0.0
+    kl_loss_coef: float = 0.0  # GRPO-style KL to the reference as a loss term; 0 = off
+    kl_kind: str = "k3"
+    value_clip: float | None = 0.2
+
+
+@dataclass(frozen=True)
+class PolicyGradient(Objective):
+    """PPO / GRPO: the clipped policy loss (with entropy bonus and, GRPO-style, the KL to the
+    reference as a loss term) and, with a critic, the clipped value loss.
+
+    ``settings["kl_coef"]`` (the run's KL controller, every step) overrides
+    ``loss.kl_loss_coef``, the starting coefficient, when the KL is a loss term.
+    """
+
+    loss: LossSpec = LossSpec()
+    temperature: float = 1.0
+    critic: bool = False
+
+    name = "policy_gradient"
+    shares = frozenset({"actor/pg_loss", "actor/entropy", "actor/kl_loss", "critic/value_loss"})
+    rates = frozenset(
+        {
+            "actor/clipfrac",
+            "actor/dual_clipfrac",
+            "actor/approx_kl",
+            "actor/ratio_mean",
+            "actor/ratio_min",
+            "actor/ratio_max",
+            "critic/vf_clipfrac",
+            "critic/vpred_mean",
+        }
+    )
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return ("actor", "critic") if self.critic else ("actor",)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        columns = [S.OLD_LOGPROBS, S.ADVANTAGES]
+        if self.loss.kl_loss_coef > 0:
+            columns.append(S.REF_LOGPROBS)
+        if self.critic:
+            columns += [S.VALUES, S.RETURNS]
+        return tuple(columns)
+
+    def loss_mask(self, table: pa.Table, response_mask: torch.Tensor) -> torch.Tensor:
+        # Unscorable rows (null score) teach nothing: they leave every loss term.
+        if S.SCORE not in table.column_names:
+            return response_mask
+        valid = pc.is_valid(S.column_array(table, S.SCORE)).to_numpy(zero_copy_only=False)
+        return response_mask & torch.from_numpy(valid).to(response_mask.device).unsqueeze(1)
+
+    def forward(self, models, batch: PaddedBatch) -> dict:
+        policy = policy_forward(models["actor"], batch, temperature=self.temperature)
+        out = {S.OLD_LOGPROBS: policy.logprobs}
+        if self.critic:
+            out[S.VALUES] = critic_forward(models["critic"], batch)
+        return out
+
+    def micro_loss(self, model, models, batch, mask, counts, settings):
+        if model == "actor":
+            return self._actor(models["actor"], batch, mask, counts, settings)
+        t = batch.per_token
+        values = critic_forward(models["critic"], batch)
+        loss, metrics = value_loss(
+            values,
+            t[S.VALUES],
+            t[S.RETURNS],
+            mask,
+            clip=self.loss.value_clip,
+            num_tokens=counts.tokens,
+            num_seqs=counts.sequences,
+        )
+        metrics["critic/value_loss"] = loss.detach()
+        return loss, metrics
+
+    def _actor(self, model, batch, mask, counts: Counts, settings) -> tuple[torch.Tensor, Metrics]:
+        spec, agg = self.loss, self.loss.agg
+        n_tok, n_seq = counts.tokens, counts.sequences
+        out = policy_forward(model, batch, temperature=self.temperature, with_entropy=True)
+        t = batch.per_token
+        pg_loss, metrics = policy_loss(
+            out.logprobs,
+            t[S.OLD_LOGPROBS],
+            t[S.ADVANTAGES],
+            mask,
+            clip_low=spec.clip_low,
+            clip_high=spec.clip_high,
+            dual_clip=spec.dual_clip,
+            agg=agg,
+            num_tokens=n_tok,
+            num_seqs=n_seq,
+        )
+        entropy = aggregate(out.entropy, mask, agg, num_tokens=n_tok, num_seqs=n_seq)
+        loss = pg_loss - spec.entropy_coef * entropy
+        metrics["actor/pg_loss"] = pg_loss.detach()
+        metrics["actor/entropy"] = entropy.detach()
+        if spec.kl_loss_coef > 0:
+            kl, kl_metrics = kl_loss(
+                out.logprobs, t[S.REF_LOGPROBS], mask, spec.kl_kind, agg, n_tok, n_seq
+            )
+            loss = loss + settings.get("kl_coef", spec.kl_loss_coef) * kl
+            metrics |= kl_metrics
+        return loss, metrics

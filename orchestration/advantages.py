@@ -1,0 +1,119 @@
+"""The advantages stage: a pure function of the scored rollout table, on CPU, without Ray.
+
+KL to the reference, token rewards (with the KL in the reward for PPO and REINFORCE++), the
+estimator's advantages and returns, and the rollout's metrics. The KL coefficient comes in (the
+loop's controller owns it and updates it from the ``kl_ref`` returned here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from learner.algorithms import (
+    AdvantageInputs,
+    compute_advantages,
+    kl_estimate,
+    masked_mean,
+    token_rewards,
+)
+from rollout import schema as S
+from rollout.groups import zero_spread_fraction
+from rollout.ops import append_columns, group_ids
+from rollout.tensors import to_list_column, to_padded
+
+
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """What the stage needs from the config (``orchestration.specs.advantage_spec``)."""
+
+    estimator: str
+    kl_in_reward: bool
+    needs_critic: bool
+    kl_kind: str
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    pad_token_id: int = 0
+
+
+@dataclass(frozen=True)
+class Advantages:
+    table: pa.Table  # the input with ``advantages`` and ``returns`` appended
+    metrics: dict[str, float]
+    kl_ref: float  # mean KL(old || ref) over response tokens: the KL controller's input
+
+
+def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: int) -> Advantages:
+    """Advantages and returns of a scored rollout sampled by weight ``version``, which needs
+    ``rollout_logprobs``, ``old_logprobs``, ``ref_logprobs``, ``score`` (null: unscorable) and,
+    with a critic, ``values``."""
+    versions = pc.unique(S.column_array(table, S.WEIGHT_VERSION)).to_pylist()
+    if versions != [version]:
+        raise RuntimeError(
+            f"rollout mixes or misses weight versions {versions}; expected only {version}"
+        )
+    columns = [S.ROLLOUT_LOGPROBS, S.OLD_LOGPROBS, S.REF_LOGPROBS]
+    if spec.needs_critic:
+        columns.append(S.VALUES)
+    batch = to_padded(table, pad_token_id=spec.pad_token_id, per_token_columns=columns)
+    t, mask = batch.per_token, batch.response_mask
+    score_col = S.column_array(table, S.SCORE)
+    scores = torch.from_numpy(
+        np.array(score_col.fill_null(float("nan")).to_numpy(zero_copy_only=False), np.float32)
+    )
+    kl = kl_estimate(t[S.OLD_LOGPROBS], t[S.REF_LOGPROBS], spec.kl_kind)
+    inputs = AdvantageInputs(
+        response_mask=mask,
+        scores=scores,
+        group_ids=group_ids(table),
+        token_rewards=token_rewards(scores, kl, mask, kl_coef) if spec.kl_in_reward else None,
+        values=t.get(S.VALUES),
+        gamma=spec.gamma,
+        lam=spec.lam,
+        whiten_advantages=spec.whiten,
+    )
+    adv, returns = compute_advantages(spec.estimator, inputs)
+    kl_ref = float(masked_mean(t[S.OLD_LOGPROBS] - t[S.REF_LOGPROBS], mask))
+    scorable = torch.isfinite(scores)
+    mismatch = (t[S.ROLLOUT_LOGPROBS] - t[S.OLD_LOGPROBS]).abs()
+    finish = S.column_array(table, S.FINISH_REASON)
+    lengths = batch.response_lengths
+    prompt_tokens = pc.sum(pc.list_value_length(S.column_array(table, S.PROMPT_TOKEN_IDS)))
+    metrics = {
+        "reward/score_mean": float(scores[scorable].mean()) if scorable.any() else float("nan"),
+        "reward/score_max": float(scores[scorable].max()) if scorable.any() else float("nan"),
+        "reward/unscorable_fraction": float((~scorable).float().mean()),
+        "actor/kl_ref": kl_ref,
+        "rollout/samples": float(table.num_rows),
+        "rollout/response_length": float(lengths.float().mean()),
+        "rollout/response_tokens": float(lengths.sum()),
+        "rollout/prompt_tokens": float(prompt_tokens.as_py()),
+        "rollout/stop_fraction": float(pc.mean(pc.equal(finish, "stop")).as_py()),
+        "rollout/truncated_fraction": float(pc.mean(pc.equal(finish, "length")).as_py()),
+        "reward/zero_spread_groups": zero_spread_fraction(scores.numpy(), inputs.group_ids.numpy()),
+        "rollout/logprob_mismatch": float(masked_mean(mismatch, mask)),
+        "rollout/logprob_mismatch_max": float(torch.where(mask, mismatch, 0).max()),
+        "rollout/weight_version": float(version),
+        "advantage/mean": float(masked_mean(adv, mask)),
+        "advantage/abs_mean": float(masked_mean(adv.abs(), mask)),
+    }
+    new = {S.ADVANTAGES: to_list_column(adv, mask), S.RETURNS: to_list_column(returns, mask)}
+    return Advantages(table=append_columns(table, new), metrics=metrics, kl_ref=kl_ref)
+
+
+def throughput(metrics: dict[str, float], timings: dict[str, float]) -> dict[str, float]:
+    """``perf/``: samples and tokens (prompt + response) per second of the whole iteration, and
+    generated tokens per second of the generate stage."""
+    seconds = timings["timing/iteration"]
+    tokens = metrics["rollout/prompt_tokens"] + metrics["rollout/response_tokens"]
+    return {
+        "perf/samples_per_s": metrics["rollout/samples"] / seconds,
+        "perf/tokens_per_s": tokens / seconds,
+        "perf/generated_tokens_per_s": metrics["rollout/response_tokens"]
+        / timings["timing/generate"],
+    }

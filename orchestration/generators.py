@@ -1,0 +1,214 @@
+"""The generator pool: the vLLM replicas as one thing that generates and serves a version.
+
+It dispatches prompts to whichever replica is free, seeds each prompt's sampling by its place
+in the run's stream, brings a replica that Ray restarted (or that serves other weights) back to
+the current version, and pushes new versions through the run's :class:`WeightSync`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from actors.generator import SAMPLE_SEED, StaleWeightsError
+from actors.vllm_engine import Sampling
+from orchestration import calls
+from orchestration.sync import WeightSync
+from rollout.ops import concat, split_rows
+
+
+@ray.remote(num_cpus=0)  # joins tables; must not wait for a CPU the actors hold
+def _concat(*tables: pa.Table) -> pa.Table:
+    return concat(list(tables))
+
+
+def concat_refs(refs: list, stage: str, timeout: float) -> ray.ObjectRef:
+    """One table (ref) of the tables behind ``refs``, joined next to them, in order."""
+    if len(refs) == 1:
+        return refs[0]
+    return calls.ready(_concat.remote(*refs), stage, timeout)
+
+
+class Faults:
+    """``faults/<name>`` counters of recoveries and ``faults/<name>_seconds``, in every
+    iteration's metrics."""
+
+    def __init__(self):
+        self.metrics: dict[str, float] = {}
+
+    def count(self, fault: str, seconds: float) -> None:
+        for key, value in ((f"faults/{fault}", 1.0), (f"faults/{fault}_seconds", seconds)):
+            self.metrics[key] = self.metrics.get(key, 0.0) + value
+
+
+class GeneratorPool:
+    """The replicas (``actors.generators``), the version they serve and the prompt stream's
+    seeds. ``sync`` is the run's weight-sync object; ``faults`` counts recoveries."""
+
+    def __init__(
+        self,
+        actors,
+        sync: WeightSync,
+        faults: Faults,
+        *,
+        timeout: float,
+        chunks_per_replica: int = 2,
+        max_restarts: int = 3,
+        seed: int = 0,
+    ):
+        self.actors, self.sync, self.faults, self.timeout = actors, sync, faults, timeout
+        self.chunks_per_replica, self.max_restarts, self.seed = (
+            chunks_per_replica,
+            max_restarts,
+            seed,
+        )
+        self.version = 0
+        self.requests = 0  # prompts sent for sampling so far: seeds each prompt's sampling
+        self._pids: list[int] | None = None
+
+    def seeds(self, rows: int, n: int) -> np.ndarray:
+        """Sampling seeds for the next ``rows`` prompts: prompt r of the run's stream samples
+        from seeds ``base + r*n ... base + r*n + n-1`` (vLLM adds the sample index), so its
+        tokens depend on the run's seed and its place in the stream only, never on which
+        replica served it or whether the run was resumed."""
+        first = self.requests
+        self.requests += rows
+        base = (self.seed * 1_000_003) % 2**40 * 2**20
+        return base + (first + np.arange(rows, dtype=np.int64)) * n
+
+    def generate(
+        self, prompts: pa.Table, sampling: Sampling, seeds: np.ndarray | None = None
+    ) -> ray.ObjectRef:
+        """Prompts in chunks to whichever replica is free (a slow replica takes fewer chunks
+        instead of stalling the batch); one rollout table (ref) back, in prompt order.
+
+        Each prompt samples with its own seed (``seeds``, else the next of :meth:`seeds`). A
+        replica that died (Ray restarts it) or serves other weights is re-synced to the current
+        version and its chunk re-issued; the tokens come out the same."""
+        if self._pids is None:
+            self.restarted()  # the processes a restart would replace
+        gens = self.actors.generators
+        if seeds is None:
+            seeds = self.seeds(prompts.num_rows, sampling.n)
+        prompts = prompts.append_column(SAMPLE_SEED, pa.array(seeds, pa.int64()))
+        chunks = 1 if len(gens) == 1 else len(gens) * self.chunks_per_replica
+        parts = split_rows(prompts, max(1, -(-prompts.num_rows // chunks)))
+        results: list[ray.ObjectRef | None] = [None] * len(parts)
+        idle, busy, todo = list(range(len(gens))), {}, list(range(len(parts)))[::-1]
+        retries = 0
+        while todo or busy:
+            while idle and todo:
+                k, i = todo.pop(), idle.pop()
+                call = gens[i].generate_checked.options(num_returns=2)
+                table, version = call.remote(parts[k], sampling, self.version)
+                busy[version] = (i, k, table)
+            done = calls.first_ready(list(busy), "generate", self.timeout)
+            i, k, table = busy.pop(done)
+            try:
+                calls.wait(done, "generate", self.timeout)
+            except (ray.exceptions.RayActorError, StaleWeightsError) as e:
+                retries += 1
+                if retries > self.max_restarts * len(gens):
+                    raise
+                print(
+                    f"generator {i}: {type(e).__name__} during generate; re-syncing it to weight "
+                    f"version {self.version} and re-issuing its {parts[k].num_rows} prompts",
+                    flush=True,
+                )
+                self.recover(self.version)
+                todo.append(k)
+            else:
+                results[k] = table
+            idle.append(i)
+        return concat_refs(results, "generate", self.timeout)
+
+    def restarted(self) -> bool:
+        """Whether any generator process changed since the last look (Ray restarted it)."""
+        gens = self.actors.generators
+        pids = calls.wait([g.process_id.remote() for g in gens], "generator pids", self.timeout)
+        changed = self._pids is not None and pids != self._pids
+        self._pids = pids
+        return changed
+
+    def recover(self, version: int) -> None:
+        """Bring every generator to ``version`` after one died: wait for Ray to restart it
+        (calls queue until it is back), give each generator serving another version the
+        learner's current weights, and reopen the sync (a collective group lost a member)."""
+        start = time.perf_counter()
+        gens = self.actors.generators
+        served = [self._when_back(g) for g in gens]
+        behind = [g for g, v in zip(gens, served, strict=True) if v != version]
+        if behind:
+            self.sync.restore(version, behind, stage="re-sync generator")
+        self.sync.reopen()
+        self.restarted()  # remember the new processes
+        self.faults.count("generator_recoveries", time.perf_counter() - start)
+
+    def _when_back(self, generator) -> int:
+        """The weight version ``generator`` serves, once it answers (Ray may be restarting it:
+        calls fail as unavailable until it is back)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return ray.get(generator.weight_version.remote(), timeout=self.timeout)
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        "restart generator: not back within cluster.call_timeout_s="
+                        f"{self.timeout:g}"
+                    ) from None
+                time.sleep(0.5)
+            except ray.exceptions.ActorDiedError as e:
+                raise RuntimeError(
+                    "a generator died and Ray did not restart it (cluster.max_actor_restarts="
+                    f"{self.max_restarts}): {e}"
+                ) from e
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(
+                    f"restart generator: no answer within cluster.call_timeout_s={self.timeout:g}"
+                ) from None
+
+    def restore(self, version: int) -> None:
+        """Every generator serves the learner's current weights as ``version`` (after a resume
+        or a rollback: versions may go back). Waits for generators Ray is restarting."""
+        start = time.perf_counter()
+        gens = self.actors.generators
+        for g in gens:
+            self._when_back(g)
+        served = self.sync.restore(version, gens)
+        if set(served) != {version}:
+            raise RuntimeError(f"generators serve versions {served} after restoring {version}")
+        self.version = version
+        if self._pids is not None and self.restarted():  # one died meanwhile
+            self.sync.reopen()
+            self.faults.count("generator_recoveries", time.perf_counter() - start)
+
+    def update(self) -> dict[str, float]:
+        """The learner's weights -> every generator as the next version. A generator that dies
+        on the way is restarted by Ray and given the new weights through the object store
+        (:meth:`recover`)."""
+        version = self.version + 1
+        start = time.perf_counter()
+        try:
+            sent = self.sync.push(version)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            # A generator that died mid-sync breaks the learner's send too; anything else is a
+            # real error.
+            if not isinstance(e, ray.exceptions.RayActorError) and not self.restarted():
+                raise
+            print(
+                f"weight sync {version}: {type(e).__name__}; re-syncing the generators",
+                flush=True,
+            )
+            self.recover(version)
+            sent = float("nan")
+        seconds = time.perf_counter() - start
+        self.version = version
+        return {
+            "sync/bytes": float(sent),
+            "sync/seconds": seconds,
+            "sync/gbytes_per_s": sent / seconds / 1e9,
+        }

@@ -1,0 +1,248 @@
+"""The run, top to bottom: every iteration's stages in order, and what is due around them.
+
+Per iteration ``k``:
+
+1. evaluate the current weights, if due (``eval.every``);
+2. rollout: generate and reward (more rounds under dynamic sampling, until enough groups
+   teach), the generators sleep when colocated, the reference's and the learner's own
+   log-probabilities;
+3. advantages (a pure function) and the KL controller's update;
+4. train the objective on every learner rank, with the controller's current KL coefficient;
+5. sync: the new weights to every generator as the next version;
+6. log, then the run-health checks (``orchestration.guards``): a numerical-fault stop comes from
+   the train stage's typed result;
+7. the rollout file, export and checkpoint, when due.
+
+The stages are plain calls over the started actors (``orchestration.stages``); a learner rank
+that dies sends the run back to its last checkpoint (``orchestration.recovery``). The entry
+point (``orchestration.train``) builds all of it with :func:`start_loop`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from orchestration import specs
+from orchestration.advantages import throughput
+from orchestration.config import RunConfig
+from orchestration.guards import Guards, RunStopped
+from orchestration.metrics import StageTimer
+from orchestration.recovery import Recovery
+from orchestration.sampler import PromptSampler, all_prompts
+
+
+class Loop:
+    """Synchronous iterations of the configured algorithm over ``stages``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        stages,
+        sampler: PromptSampler,
+        run_dir: Path,
+        eval_prompts=None,
+        recovery: Recovery | None = None,
+    ):
+        self.cfg, self.stages, self.sampler, self.run_dir = cfg, stages, sampler, run_dir
+        self.kl_ctl = specs.kl_controller(cfg)
+        self.guards = Guards(cfg, lambda: stages.rewards.describe_unscorable())
+        self.recovery = recovery
+        self.sync_enabled = True  # tests turn it off to show what a missed sync looks like
+        self.last_batch: pa.Table | None = None  # the iteration's whole table
+        self.eval_table = None
+        if eval_prompts is not None:
+            table, limit = all_prompts(eval_prompts), cfg.eval.max_prompts
+            self.eval_table = table.slice(0, limit) if limit else table
+            self.eval_sampling = specs.eval_sampling(cfg)
+
+    @property
+    def version(self) -> int:
+        """The weight version the generators serve."""
+        return self.stages.pool.version
+
+    @property
+    def actors(self):
+        return self.stages.actors
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, log, start: int = 0) -> None:
+        """Iterations ``start`` .. ``iterations - 1``, then the final evaluation."""
+        cfg = self.cfg
+        if start == 0 and self.recovery is not None:
+            self.recovery.remember(self)
+        k = start
+        while k < cfg.iterations:
+            try:
+                metrics, skipped = self.step(k)
+            except Exception as e:  # noqa: BLE001 - only a dead learner rank is handled
+                if self.recovery is None or not self.recovery.learner_died(e, self.actors.learners):
+                    raise
+                k = self.recovery.rollback(self, log, e)
+                continue
+            log.log(k, metrics)
+            try:
+                self.guards.numerical(k, skipped)
+                for warning in self.guards.check(k, metrics):
+                    print(warning, flush=True)
+            except RunStopped as stop:
+                path = self.save_checkpoint(k)
+                raise type(stop)(f"{stop} (checkpoint: {path})") from None
+            every = cfg.checkpoint.every
+            if k == cfg.iterations - 1 or (every and (k + 1) % every == 0):
+                self.save_checkpoint(k)
+            k += 1
+        if self.eval_table is not None:  # the final weights, as their own record
+            log.log(cfg.iterations, self.evaluate(cfg.iterations))
+
+    def step(self, k: int) -> tuple[dict[str, float], int]:
+        """Iteration ``k`` with its evaluation, rollout file and export as due; returns its
+        metrics and the learner's dropped updates in a row."""
+        cfg, last = self.cfg, self.cfg.iterations - 1
+        metrics: dict[str, float] = {}
+        if self.eval_table is not None and k % cfg.eval.every == 0:
+            metrics |= self.evaluate(k)
+        iteration, skipped = self._iterate()
+        metrics |= iteration | {"data/epoch": self.sampler.progress}
+        every = cfg.logging.rollouts_every
+        if every and (k == 0 or k == last or k % every == 0):
+            from orchestration.evaluation import write_table
+
+            write_table(self.last_batch, self.run_dir / "rollouts" / f"iter_{k:06d}.parquet")
+        if cfg.export.every and (k + 1) % cfg.export.every == 0 and k != last:
+            start = time.perf_counter()
+            self.export(self.run_dir / "exports" / f"iter_{k:06d}")
+            self.prune_exports()
+            metrics["timing/export"] = time.perf_counter() - start
+        return metrics, skipped
+
+    def iteration(self) -> dict[str, float]:
+        """One synchronous iteration; its metrics (including ``timing/*`` and ``faults/*``)."""
+        return self._iterate()[0]
+
+    def _iterate(self) -> tuple[dict[str, float], int]:
+        stages, timer = self.stages, StageTimer()
+        wanted = self.cfg.data.prompts_per_iteration
+        with timer("iteration"):
+            rounds = []
+            while True:  # one round, or more under dynamic sampling until enough groups teach
+                with timer("generate"):
+                    generated = stages.generate(self.sampler.next_batch(wanted))
+                with timer("reward"):
+                    rounds.append(stages.reward(generated))
+                if stages.enough(rounds, wanted):
+                    break
+            stages.sleep()  # colocated: the learner and reference take the GPUs until the sync
+            scored, metrics = stages.select(rounds, wanted)
+            with timer("reference"):
+                with_ref = stages.reference(scored)
+            with timer("learner_forward"):
+                table = stages.learner_forward(with_ref)
+            with timer("advantages"):
+                adv = stages.advantages(table, self.kl_ctl.value)
+                self.kl_ctl.update(adv.kl_ref, n_steps=table.num_rows)
+            self.last_batch = adv.table
+            metrics |= adv.metrics | {"actor/kl_coef": self.kl_ctl.value}
+            with timer("train"):
+                trained = stages.train(adv.table, {"kl_coef": self.kl_ctl.value})
+            metrics |= trained.metrics
+            with timer("sync"):
+                if self.sync_enabled:
+                    metrics |= stages.sync_weights()
+                    if self.cfg.weight_sync.verify_checksum:
+                        self.verify_served()
+        metrics |= timer.timings | throughput(metrics, timer.timings) | stages.faults.metrics
+        return metrics, trained.skipped_in_a_row
+
+    def verify_served(self) -> None:
+        """Every generator computes with the learner's weights (``Stages.verify_served``)."""
+        if self.last_batch is not None:
+            self.stages.verify_served(self.last_batch)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """What the driver holds that the next iteration depends on."""
+        return {
+            "weight_version": self.version,
+            "requests": self.stages.pool.requests,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "reward_shaper": self.stages.rewards.shaper.state_dict(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the generators are not touched (``GeneratorPool.restore``
+        gives them the learner's weights)."""
+        self.stages.pool.requests = int(state["requests"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.stages.rewards.shaper.load_state_dict(state["reward_shaper"])
+        self.sampler.load_state_dict(state["sampler"])
+
+    def save_checkpoint(self, k: int) -> Path:
+        """Checkpoint after iteration ``k`` (committed), keeping the newest
+        ``checkpoint.keep``."""
+        from orchestration import checkpoint
+
+        state = self.state_dict() | {"rng": checkpoint.rng_states()}
+        config = self.cfg.model_dump(mode="json")
+        timeout = self.cfg.cluster.call_timeout_s
+        path = checkpoint.save(self.run_dir, k, state, config, self.actors.learners, timeout)
+        checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
+        return path
+
+    def restore(self, path: Path) -> int:
+        """Load checkpoint ``path`` into the learner ranks and the driver, and give the
+        generators its weights before they generate again. Returns its iteration."""
+        from orchestration import calls, checkpoint
+
+        state = checkpoint.check_compatible(path, self.cfg.model_dump(mode="json"))
+        loads = [r.load_checkpoint.remote(str(path / "learner")) for r in self.actors.learners]
+        calls.wait(loads, "restore checkpoint", self.cfg.cluster.call_timeout_s)
+        self.load_state_dict(state)
+        checkpoint.set_rng_states(state["rng"])
+        self.stages.pool.restore(state["weight_version"])
+        return int(state["iteration"])
+
+    # ------------------------------------------------------------------ outputs
+
+    def evaluate(self, k: int) -> dict[str, float]:
+        """The eval set under the current weights -> ``eval/*`` metrics and
+        ``eval/iter_<k>.parquet``."""
+        from orchestration.evaluation import eval_metrics, write_table
+
+        start = time.perf_counter()
+        table = self.stages.evaluate(self.eval_table, self.eval_sampling)
+        write_table(table, self.run_dir / "eval" / f"iter_{k:06d}.parquet")
+        metrics = eval_metrics(table, self.cfg.eval_component, self.cfg.eval.correct_threshold)
+        return metrics | {"timing/eval": time.perf_counter() - start}
+
+    def export(self, path: Path) -> None:
+        """The learner's current policy as a Hugging Face directory (every rank takes part
+        under ZeRO-3; rank 0 writes)."""
+        from orchestration import calls
+
+        refs = [a.save_policy.remote(str(path)) for a in self.actors.learners]
+        calls.wait(refs, "export", self.cfg.cluster.call_timeout_s)
+
+    def prune_exports(self) -> None:
+        keep = self.cfg.export.keep
+        exports = sorted((self.run_dir / "exports").glob("iter_*[0-9]"))
+        for old in exports[:-keep] if keep else []:
+            shutil.rmtree(old)
+
+
+def start_loop(cfg: RunConfig, actors, sampler: PromptSampler, prep) -> Loop:
+    """The loop over started ``actors``: its stages, generator pool, weight sync (opened) and
+    learner recovery. ``prep``: the entry point's ``Prepared`` (run directory, model path, pad
+    token, eval prompts)."""
+    from orchestration.stages import Stages
+
+    stages = Stages(cfg, actors, prep.pad_token_id)
+    stages.sync.open()
+    recovery = Recovery(cfg, prep.model_path, prep.pad_token_id, prep.run_dir)
+    return Loop(cfg, stages, sampler, prep.run_dir, prep.eval_prompts, recovery)

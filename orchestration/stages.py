@@ -1,0 +1,196 @@
+"""The stages of an iteration, as plain calls over the started actors.
+
+Each stage takes what the one before returned and gives back a table (or a reference to one:
+tables move between actors as ``ObjectRef``s, and the driver pulls a batch only where it must,
+the advantage math) and every wait is bounded and named (``orchestration.calls``). The loop
+(``orchestration.loop``) calls them in order; a test can hand it stand-ins with the same
+methods. Advantages are a pure function (``orchestration.advantages``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from actors.generator import SAMPLE_SEED
+from actors.vllm_engine import Sampling
+from orchestration import calls, specs
+from orchestration.advantages import Advantages, advantages
+from orchestration.config import RunConfig
+from orchestration.generators import Faults, GeneratorPool, concat_refs
+from orchestration.placement import Actors
+from orchestration.reward_stage import RewardStage, Scored, enough_groups, select_groups
+from orchestration.sync import WeightSync, weight_sync_for
+from rollout import schema as S
+from rollout.ops import concat, split_rows
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What the train stage reports: the metrics (averaged over ranks), and how many updates
+    in a row the learner has dropped for non-finite values (the numerical-fault guard's
+    input)."""
+
+    metrics: dict[str, float]
+    skipped_in_a_row: int
+
+
+class Stages:
+    """The run's stages over ``actors`` (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, actors: Actors, pad_token_id: int):
+        self.cfg, self.actors, self.pad_token_id = cfg, actors, pad_token_id
+        self.timeout = cfg.cluster.call_timeout_s
+        self.faults = Faults()
+        self.sampling = specs.sampling(cfg)
+        self.advantage_spec = specs.advantage_spec(cfg, pad_token_id)
+        self.rewards = RewardStage(specs.shaping_spec(cfg), actors.scorers, self.timeout)
+        self.pool = GeneratorPool(
+            actors,
+            weight_sync_for(cfg, actors),
+            self.faults,
+            timeout=self.timeout,
+            chunks_per_replica=cfg.generator.chunks_per_replica,
+            max_restarts=cfg.cluster.max_actor_restarts,
+            seed=cfg.generator.seed,
+        )
+        ds = cfg.reward.dynamic_sampling
+        self.dynamic = ds if ds.enabled else None
+
+    @property
+    def sync(self) -> WeightSync:
+        return self.pool.sync
+
+    def _wait(self, refs, stage: str):
+        return calls.wait(refs, stage, self.timeout)
+
+    # ------------------------------------------------------------------ rollout
+
+    def generate(self, prompts: pa.Table) -> ray.ObjectRef:
+        return self.pool.generate(prompts, self.sampling)
+
+    def reward(self, generated: ray.ObjectRef) -> Scored:
+        return self.rewards.score(generated)
+
+    def enough(self, rounds: list[Scored], wanted: int) -> bool:
+        """Whether the rounds so far make the batch: always without dynamic sampling, else when
+        ``wanted`` groups have a score spread or the rounds are used up."""
+        if not self.dynamic or len(rounds) == self.dynamic.max_rounds:
+            return True
+        return enough_groups(rounds, wanted, self.dynamic.min_std)
+
+    def select(self, rounds: list[Scored], wanted: int) -> tuple[ray.ObjectRef, dict]:
+        """The scored batch: the one round as it is, or under dynamic sampling ``wanted``
+        groups with a score spread, taken over the rounds (``reward_stage.select_groups``)."""
+        metrics = {
+            k: float(np.mean([r.metrics[k] for r in rounds if k in r.metrics]))
+            for k in {k for r in rounds for k in r.metrics}
+        }
+        if not self.dynamic:
+            return rounds[0].finish(), metrics
+        keep, selection = select_groups(rounds, wanted, self.dynamic.min_std)
+        parts = [r.finish(k) for r, k in zip(rounds, keep, strict=True) if len(k)]
+        return concat_refs(parts, "select", self.timeout), metrics | selection
+
+    def reference(self, table: ray.ObjectRef) -> ray.ObjectRef:
+        """Frozen reference policy -> ``ref_logprobs``."""
+        return calls.ready(self.actors.reference.logprobs.remote(table), "reference", self.timeout)
+
+    def learner_forward(self, table: ray.ObjectRef) -> pa.Table:
+        """The learner's own log-probabilities (and values) for the batch, rows split over ranks.
+        The batch is pulled here: the advantage math runs in the driver."""
+        learners = self.actors.learners
+        if len(learners) == 1:
+            return self._wait(learners[0].compute_old.remote(table), "learner_forward")
+        whole = self._wait(table, "learner_forward")
+        parts = split_rows(whole, -(-whole.num_rows // len(learners)))
+        refs = [r.compute_old.remote(p) for r, p in zip(learners, parts, strict=True)]
+        return concat(self._wait(refs, "learner_forward"))
+
+    # ------------------------------------------------------------------ update
+
+    def advantages(self, table: pa.Table, kl_coef: float) -> Advantages:
+        return advantages(table, self.advantage_spec, kl_coef, self.pool.version)
+
+    def train(self, table: pa.Table, settings: dict[str, float]) -> Trained:
+        """Epochs x mini-batches of the objective on every learner rank (``settings``: the
+        objective's per-step values, such as the current KL coefficient)."""
+        learners = self.actors.learners
+        parts = split_rows(table, table.num_rows // len(learners))
+        refs = [r.train.remote(p, settings) for r, p in zip(learners, parts, strict=True)]
+        results = self._wait(refs, "train")
+        metrics = {k: float(np.mean([m[k] for m in results])) for k in results[0]}
+        skipped = max(int(m["learner/skipped_in_a_row"]) for m in results)
+        return Trained(metrics=metrics, skipped_in_a_row=skipped)
+
+    def sleep(self) -> None:
+        self.sync.sleep()
+
+    def sync_weights(self) -> dict[str, float]:
+        return self.pool.update()
+
+    # ------------------------------------------------------------------ around the loop
+
+    def verify_served(self, batch: pa.Table) -> None:
+        """``weight_sync.verify_checksum``: beyond the bytes, check what each generator computes
+        with. Every replica samples one probe prompt (the first of ``batch``) under the new
+        version, the learner scores the same tokens, and the mean gap between their
+        log-probabilities must stay within ``generator.max_logprob_mismatch``. A weight that
+        arrived but does not reach the engine's kernels (a tied output head, say) fails here."""
+        from orchestration.guards import max_mismatch
+
+        first = batch.slice(0, 1)
+        probe = pa.table(
+            {
+                S.PROMPT_ID: pa.array([0], pa.int64()),
+                S.PROMPT_TOKEN_IDS: S.column_array(first, S.PROMPT_TOKEN_IDS),
+                SAMPLE_SEED: pa.array([self.cfg.seed], pa.int64()),
+            }
+        )
+        sampling = dataclasses.replace(
+            self.sampling,
+            n=len(self.actors.learners),
+            max_new_tokens=min(8, self.sampling.max_new_tokens),
+        )
+        bound, version = max_mismatch(self.cfg), self.pool.version
+        for i, g in enumerate(self.actors.generators):
+            table, _ = g.generate_checked.options(num_returns=2).remote(probe, sampling, version)
+            scored = self.learner_forward(table)
+            rollout, old = (
+                np.concatenate(S.column_array(scored, c).to_numpy(zero_copy_only=False))
+                for c in (S.ROLLOUT_LOGPROBS, S.OLD_LOGPROBS)
+            )
+            gap = float(np.abs(rollout - old).mean()) if rollout.size else 0.0
+            if not gap <= bound:
+                raise RuntimeError(
+                    f"weight sync {version}: generator {i} computes with other weights than "
+                    f"the learner's: on a probe prompt its log-probabilities are {gap:.3g} away "
+                    f"on average (generator.max_logprob_mismatch={bound:g}), though the bytes "
+                    "arrived intact"
+                )
+
+    def reference_baselines(self, prompts: pa.Table) -> dict[str, float]:
+        """ChatGLM-RLHF's baseline: the generators still serve the initial (reference) weights;
+        sample ``reward.reference_baseline_samples`` responses per prompt and record their
+        mean combined score per dataset row. Call before the first iteration."""
+        if self.pool.version != 0:
+            raise RuntimeError("reference baselines need the initial weights (version 0)")
+        n = self.cfg.reward.reference_baseline_samples
+        generated = self.pool.generate(prompts, dataclasses.replace(self.sampling, n=n))
+        return self.rewards.set_baselines(generated)
+
+    def evaluate(self, prompts: pa.Table, sampling: Sampling) -> pa.Table:
+        """The current policy's responses to ``prompts`` with ``sampling``, with one
+        ``reward/<name>`` column per reward component (unshaped: no running statistics or
+        baselines move)."""
+        seeds = self.cfg.seed * 2**20 + np.arange(prompts.num_rows, dtype=np.int64) * sampling.n
+        generated = self.pool.generate(prompts, sampling, seeds)  # the same every evaluation
+        columns, _ = self.rewards.components(generated)
+        table = self._wait(generated, "evaluate")
+        for name in columns.column_names:
+            table = table.append_column(name, columns[name])
+        return table
