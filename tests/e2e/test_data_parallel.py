@@ -63,6 +63,25 @@ def with_advantages(table: pa.Table) -> pa.Table:
     return append_columns(table, {"advantages": column, "returns": column, "score": scores})
 
 
+def one_step_on_one_and_on_two_ranks(spec: LearnerSpec, prepare):
+    """One training step of ``spec`` on one rank (the whole batch) and on two (a half each):
+    the metrics of each rank and the weights after it. ``prepare(rank_0, table)`` makes the
+    batch from the rollout."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        one = learners(spec, 1)
+        two = learners(spec, 2)
+        batch = prepare(one[0], rollout())
+        halves = split_rows(batch, batch.num_rows // 2)
+        m1 = ray.get(one[0].train.remote(batch), timeout=300)
+        m2 = ray.get([r.train.remote(h) for r, h in zip(two, halves, strict=True)], timeout=300)
+        w1 = ray.get(one[0].policy_weights.remote(), timeout=120)
+        w2 = ray.get([r.policy_weights.remote() for r in two], timeout=120)[0]
+    finally:
+        ray.shutdown()
+    return m1, m2, w1, w2
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_two_ranks_on_halves_end_the_step_where_one_rank_on_the_whole_batch_does(
     private_env, tiny_model, zero_stage
@@ -74,19 +93,10 @@ def test_two_ranks_on_halves_end_the_step_where_one_rank_on_the_whole_batch_does
         micro_batch_tokens=24,  # several micro-batches, differently cut on each side
         zero_stage=zero_stage,
     )
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        one = learners(spec, 1)
-        two = learners(spec, 2)
-        table = rollout()
-        batch = with_advantages(ray.get(one[0].compute_old.remote(table), timeout=120))
-        halves = split_rows(batch, batch.num_rows // 2)
-        m1 = ray.get(one[0].train.remote(batch), timeout=300)
-        m2 = ray.get([r.train.remote(h) for r, h in zip(two, halves, strict=True)], timeout=300)
-        w1 = ray.get(one[0].policy_weights.remote(), timeout=120)
-        w2 = ray.get([r.policy_weights.remote() for r in two], timeout=120)[0]
-    finally:
-        ray.shutdown()
+    m1, m2, w1, w2 = one_step_on_one_and_on_two_ranks(
+        spec,
+        lambda one, table: with_advantages(ray.get(one.compute_old.remote(table), timeout=120)),
+    )
 
     # the loss reported is the whole batch's on every rank, as it is for one rank
     assert [m["actor/pg_loss"] for m in m2] == pytest.approx([m1["actor/pg_loss"]] * 2, abs=1e-6)
@@ -122,17 +132,9 @@ def test_a_second_objective_trains_on_two_ranks_as_on_one(private_env, tiny_mode
         objective=ce.NextTokenCE(),
         micro_batch_tokens=24,
     )
-    ray.init(num_cpus=2, include_dashboard=False)
     try:
-        one, two = learners(spec, 1), learners(spec, 2)
-        table = rollout()
-        halves = split_rows(table, table.num_rows // 2)
-        m1 = ray.get(one[0].train.remote(table), timeout=300)
-        m2 = ray.get([r.train.remote(h) for r, h in zip(two, halves, strict=True)], timeout=300)
-        w1 = ray.get(one[0].policy_weights.remote(), timeout=120)
-        w2 = ray.get([r.policy_weights.remote() for r in two], timeout=120)[0]
+        m1, m2, w1, w2 = one_step_on_one_and_on_two_ranks(spec, lambda one, table: table)
     finally:
-        ray.shutdown()
         cloudpickle.unregister_pickle_by_value(ce)
     assert [m["sft/nll"] for m in m2] == pytest.approx([m1["sft/nll"]] * 2, abs=1e-6)
     assert [m["actor/grad_norm"] for m in m2] == pytest.approx([m1["actor/grad_norm"]] * 2, 1e-5)
