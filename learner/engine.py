@@ -29,6 +29,7 @@ import torch
 from learner import weight_sync
 from learner.models import CriticModel, load_causal_lm
 from learner.objectives import Counts, Objective
+from rollout import schema as S
 from rollout.ops import append_columns, split_by_tokens
 from rollout.tensors import PaddedBatch, to_list_column, to_padded
 
@@ -266,8 +267,6 @@ class Engine:
                 parts[name].append(to_list_column(values, batch.response_mask))
         if not parts:
             return table
-        from rollout import schema as S
-
         new = {k: pa.chunked_array(v, S.PER_TOKEN_TYPE) for k, v in parts.items()}
         return append_columns(table, new)
 

@@ -80,15 +80,7 @@ def filter_prompts(cfg, source: str, samples: int, min_std: float, batch: int, o
         # Ray restarts serves the initial weights again, which is all the filter samples from.
         actors = SimpleNamespace(generators=generators, learners=[])
         sync = WeightSync(actors, timeout, colocated=False, tp=cfg.generator.tensor_parallel_size)
-        pool = GeneratorPool(
-            actors,
-            sync,
-            Faults(),
-            timeout=timeout,
-            chunks_per_replica=cfg.generator.chunks_per_replica,
-            max_restarts=cfg.cluster.max_actor_restarts,
-            seed=cfg.generator.seed,
-        )
+        pool = GeneratorPool.for_run(cfg, actors, sync, Faults())
         sampling = dataclasses.replace(specs.sampling(cfg), n=samples)
         rows, scores = [], []
         start = time.perf_counter()

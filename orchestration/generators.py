@@ -69,6 +69,19 @@ class GeneratorPool:
         self.requests = 0  # prompts sent for sampling so far: seeds each prompt's sampling
         self._pids: list[int] | None = None
 
+    @classmethod
+    def for_run(cls, cfg, actors, sync: WeightSync, faults: Faults) -> GeneratorPool:
+        """The pool as the run config sets it (timeout, chunks, restarts, seed)."""
+        return cls(
+            actors,
+            sync,
+            faults,
+            timeout=cfg.cluster.call_timeout_s,
+            chunks_per_replica=cfg.generator.chunks_per_replica,
+            max_restarts=cfg.cluster.max_actor_restarts,
+            seed=cfg.generator.seed,
+        )
+
     def seeds(self, rows: int, n: int) -> np.ndarray:
         """Sampling seeds for the next ``rows`` prompts: prompt r of the run's stream samples
         from seeds ``base + r*n ... base + r*n + n-1`` (vLLM adds the sample index), so its

@@ -49,15 +49,7 @@ class Stages:
         self.sampling = specs.sampling(cfg)
         self.advantage_spec = specs.advantage_spec(cfg, pad_token_id)
         self.rewards = RewardStage(specs.shaping_spec(cfg), actors.scorers, self.timeout)
-        self.pool = GeneratorPool(
-            actors,
-            weight_sync_for(cfg, actors),
-            self.faults,
-            timeout=self.timeout,
-            chunks_per_replica=cfg.generator.chunks_per_replica,
-            max_restarts=cfg.cluster.max_actor_restarts,
-            seed=cfg.generator.seed,
-        )
+        self.pool = GeneratorPool.for_run(cfg, actors, weight_sync_for(cfg, actors), self.faults)
         ds = cfg.reward.dynamic_sampling
         self.dynamic = ds if ds.enabled else None
 
