@@ -49,6 +49,7 @@ class Sampling:
     temperature: float = 1.0
     max_new_tokens: int = 64
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: every response exactly max_new_tokens long
 
 
 def on_cpu() -> bool:
@@ -116,6 +117,7 @@ class VLLMEngine:
                 max_tokens=sampling.max_new_tokens,
                 logprobs=0,  # the sampled token's log-probability only
                 seed=seed,
+                ignore_eos=sampling.ignore_eos,
             )
 
         if seeds is None:

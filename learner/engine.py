@@ -303,11 +303,12 @@ class Engine:
         ``table`` needs the objective's ``columns``.
         """
         spec, objective, settings = self.spec, self.objective, dict(settings or {})
-        shares = objective.shares
+        shares, maxima = objective.shares, objective.maxima
         rates = objective.rates | {f"{m}/{r}" for m in self.engines for r in _ENGINE_RATES}
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         partial: dict[str, float] = defaultdict(float)  # this mini-batch's loss parts (shares)
+        largest: dict[str, float] = {}
 
         def record(metrics: dict) -> None:
             for k, v in metrics.items():
@@ -316,6 +317,8 @@ class Engine:
                 elif k in rates:  # a rate over the micro-batch's tokens: mean of them
                     sums[k] += float(v)
                     counts[k] += 1
+                elif k in maxima:
+                    largest[k] = max(largest.get(k, -math.inf), float(v))
                 else:
                     raise KeyError(
                         f"objective {objective.name} reports metric {k!r} without declaring "
@@ -358,6 +361,12 @@ class Engine:
                     counts[k] += 1
                 partial.clear()
         out = {k: sums[k] / counts[k] for k in sums}
+        if maxima:
+            import torch.distributed as dist
+
+            names = sorted(maxima)
+            found = self._all_reduce([largest.get(k, -math.inf) for k in names], dist.ReduceOp.MAX)
+            out |= {k: v for k, v in zip(names, found, strict=True) if math.isfinite(v)}
         for name in self.engines:
             out[f"{name}/skipped_steps"] = float(self.skipped_steps[name])  # a count, not a mean
         out["learner/skipped_in_a_row"] = float(self.skipped_in_a_row)

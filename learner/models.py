@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from learner.functional import entropy_from_logits, logprobs_from_logits
 from rollout.tensors import PaddedBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,10 +79,43 @@ class CriticModel(nn.Module):
 
 @dataclass(frozen=True)
 class PolicyOutputs:
-    """Per-token outputs of a policy forward over a batch's responses, all (B, R)."""
+    """Per-token outputs of a policy forward over a batch's responses, all (B, R) float32; 0 at
+    padded response positions."""
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
+
+
+LOGITS_CHUNK_BYTES = 256 << 20
+"""Default most bytes of float32 full-vocabulary logits held at once (see ``policy_forward``)."""
+
+
+def plain_head(model: nn.Module) -> nn.Module | None:
+    """The output layer when the model's logits are just ``head(last_hidden_state)`` (Llama,
+    Qwen2, Mistral, GPT-2 and most causal LMs), else None: a model that scales or soft-caps its
+    logits (Gemma 2, Cohere) takes the whole forward instead."""
+    head = model.get_output_embeddings()
+    config = model.config
+    if not isinstance(head, nn.Linear) or model.get_decoder() is model:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return head
+
+
+def _token_stats(
+    head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, temperature: float, entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``ids`` (N,) and entropy (N,) (empty unless ``entropy``) from the
+    hidden states (N, H) of the positions that predict them."""
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return logprobs, logprobs.new_zeros(0)
+    return logprobs, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def policy_forward(
@@ -92,26 +124,62 @@ def policy_forward(
     *,
     temperature: float,
     with_entropy: bool = False,
+    chunk_bytes: int = LOGITS_CHUNK_BYTES,
 ) -> PolicyOutputs:
     """Log-probabilities (and entropy) of each response token under ``model``.
 
-    The logit at position ``P - 1 + t`` predicts response token ``t``; logits are divided by
-    ``temperature`` before normalising, the convention the generator samples with, so the result
-    is comparable with ``rollout_logprobs``.
+    The hidden state at position ``P - 1 + t`` predicts response token ``t``; its logits are
+    divided by ``temperature`` before normalising, the convention the generator samples with,
+    so the result is comparable with ``rollout_logprobs``.
+
+    Logits exist only where they are used: the output head runs on the hidden states of the
+    real (unpadded) response positions, never on prompt positions, in chunks whose float32
+    logits take at most ``chunk_bytes``. With gradients on and more than one chunk, each chunk
+    is checkpointed (its logits are recomputed in backward), so memory stays bounded however
+    long the responses grow. Without a plain head (``plain_head``), the model's own forward
+    computes the response positions' logits (``logits_to_keep``), unchunked.
     """
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).logits
     p, r = batch.prompt_width, batch.response_ids.shape[1]
-    response_logits = logits[:, p - 1 : p - 1 + r]  # (B, R, V)
-    logprobs = logprobs_from_logits(response_logits, batch.response_ids, temperature)
-    entropy = None
-    if with_entropy:
-        entropy = entropy_from_logits(response_logits.float() / temperature)
-    return PolicyOutputs(logprobs=logprobs, entropy=entropy)
+    mask = batch.response_mask.bool()
+    ids = batch.response_ids[mask]
+    head = plain_head(model)
+    inputs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+        "use_cache": False,
+    }
+    if head is None:  # the last r + 1 positions: P - 1 .. P + r - 1; the very last predicts none
+        logits = model(**inputs, logits_to_keep=r + 1).logits[:, :r][mask]
+        head, hidden = nn.Identity(), logits
+    else:
+        hidden = model.get_decoder()(**inputs).last_hidden_state[:, p - 1 : p - 1 + r][mask]
+    vocab = model.config.get_text_config().vocab_size
+    chunk = max(1, chunk_bytes // (4 * vocab))
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk
+    logprobs, entropy = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        args = (head, hidden[start : start + chunk], ids[start : start + chunk])
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            lp, ent = checkpoint(
+                _token_stats, *args, temperature, with_entropy, use_reentrant=False
+            )
+        else:
+            lp, ent = _token_stats(*args, temperature, with_entropy)
+        logprobs.append(lp)
+        entropy.append(ent)
+
+    def per_token(values: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(
+            mask, flat
+        )
+
+    return PolicyOutputs(
+        logprobs=per_token(logprobs), entropy=per_token(entropy) if with_entropy else None
+    )
 
 
 def critic_forward(critic: nn.Module, batch: PaddedBatch) -> torch.Tensor:

@@ -11,11 +11,11 @@ An objective declares:
 - ``models``: the engine models it trains, ``"actor"`` (the policy, always) and ``"critic"``
   (a value head on the policy's body);
 - ``columns``: the per-token rollout columns it reads (padded onto each micro-batch);
-- ``shares`` and ``rates``: how each metric it reports aggregates. A *share* is this
-  micro-batch's part of the mini-batch's loss (computed with the global counts): shares are
-  summed over micro-batches and ranks. A *rate* (a clip fraction, a mean ratio) is averaged over
-  micro-batches. The engine refuses a metric declared as neither, instead of averaging a loss
-  share by mistake.
+- ``shares``, ``rates`` and ``maxima``: how each metric it reports aggregates. A *share* is
+  this micro-batch's part of the mini-batch's loss (computed with the global counts): shares
+  are summed over micro-batches and ranks. A *rate* (a clip fraction, a mean ratio) is averaged
+  over micro-batches. A *maximum* is the largest over micro-batches and ranks. The engine
+  refuses a metric declared as none of them, instead of averaging a loss share by mistake.
 
 and implements ``micro_loss(model, models, batch, mask, counts, settings)``: one model's loss on
 a micro-batch and its metrics (the engine calls it per model, backward after each); optionally
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import torch
 
 from learner.losses import aggregate, kl_loss, policy_loss, value_loss
-from learner.models import critic_forward, policy_forward
+from learner.models import LOGITS_CHUNK_BYTES, critic_forward, policy_forward
 from rollout import schema as S
 from rollout.tensors import PaddedBatch
 
@@ -57,6 +57,7 @@ class Objective:
     columns: tuple[str, ...] = ()
     shares: frozenset[str] = frozenset()
     rates: frozenset[str] = frozenset()
+    maxima: frozenset[str] = frozenset()
 
     def loss_mask(self, table: pa.Table, response_mask: torch.Tensor) -> torch.Tensor:
         """The response tokens that count in the loss (and its denominators)."""
@@ -101,14 +102,37 @@ class PolicyGradient(Objective):
 
     ``settings["kl_coef"]`` (the run's KL controller, every step) overrides
     ``loss.kl_loss_coef``, the starting coefficient, when the KL is a loss term.
+
+    ``on_policy``: the update is exactly on-policy (one epoch of one mini-batch, no critic):
+    the old log-probabilities are this forward's own, detached, so no scoring pass runs before
+    training (``forward`` is still there for probes). The loss and its gradient are those the
+    scoring pass would give (the ratio is 1 in value, ``exp(logp - sg(logp))`` in gradient), and
+    the rollout metrics that need the learner's log-probabilities (``actor/kl_ref``,
+    ``rollout/logprob_mismatch``, ``rollout/logprob_mismatch_max``) come from here, over the
+    tokens in the loss.
+
+    ``logits_chunk_bytes``: the most memory full-vocabulary logits take at once
+    (``learner.models.policy_forward``).
     """
 
     loss: LossSpec = LossSpec()
     temperature: float = 1.0
     critic: bool = False
+    on_policy: bool = False
+    logits_chunk_bytes: int = LOGITS_CHUNK_BYTES
 
     name = "policy_gradient"
-    shares = frozenset({"actor/pg_loss", "actor/entropy", "actor/kl_loss", "critic/value_loss"})
+    shares = frozenset(
+        {
+            "actor/pg_loss",
+            "actor/entropy",
+            "actor/kl_loss",
+            "critic/value_loss",
+            "actor/kl_ref",
+            "rollout/logprob_mismatch",
+        }
+    )
+    maxima = frozenset({"rollout/logprob_mismatch_max"})
     rates = frozenset(
         {
             "actor/clipfrac",
@@ -122,12 +146,18 @@ class PolicyGradient(Objective):
         }
     )
 
+    def __post_init__(self):
+        if self.on_policy and self.critic:
+            raise ValueError("on_policy needs no critic: the critic's values come from a pass")
+
     @property
     def models(self) -> tuple[str, ...]:
         return ("actor", "critic") if self.critic else ("actor",)
 
     @property
     def columns(self) -> tuple[str, ...]:
+        if self.on_policy:
+            return (S.ADVANTAGES, S.ROLLOUT_LOGPROBS, S.REF_LOGPROBS)
         columns = [S.OLD_LOGPROBS, S.ADVANTAGES]
         if self.loss.kl_loss_coef > 0:
             columns.append(S.REF_LOGPROBS)
@@ -143,7 +173,12 @@ class PolicyGradient(Objective):
         return response_mask & torch.from_numpy(valid).to(response_mask.device).unsqueeze(1)
 
     def forward(self, models, batch: PaddedBatch) -> dict:
-        policy = policy_forward(models["actor"], batch, temperature=self.temperature)
+        policy = policy_forward(
+            models["actor"],
+            batch,
+            temperature=self.temperature,
+            chunk_bytes=self.logits_chunk_bytes,
+        )
         out = {S.OLD_LOGPROBS: policy.logprobs}
         if self.critic:
             out[S.VALUES] = critic_forward(models["critic"], batch)
@@ -169,11 +204,18 @@ class PolicyGradient(Objective):
     def _actor(self, model, batch, mask, counts: Counts, settings) -> tuple[torch.Tensor, Metrics]:
         spec, agg = self.loss, self.loss.agg
         n_tok, n_seq = counts.tokens, counts.sequences
-        out = policy_forward(model, batch, temperature=self.temperature, with_entropy=True)
+        out = policy_forward(
+            model,
+            batch,
+            temperature=self.temperature,
+            with_entropy=True,
+            chunk_bytes=self.logits_chunk_bytes,
+        )
         t = batch.per_token
+        old = out.logprobs.detach() if self.on_policy else t[S.OLD_LOGPROBS]
         pg_loss, metrics = policy_loss(
             out.logprobs,
-            t[S.OLD_LOGPROBS],
+            old,
             t[S.ADVANTAGES],
             mask,
             clip_low=spec.clip_low,
@@ -193,4 +235,17 @@ class PolicyGradient(Objective):
             )
             loss = loss + settings.get("kl_coef", spec.kl_loss_coef) * kl
             metrics |= kl_metrics
+        if self.on_policy:
+            metrics |= _rollout_metrics(old, t[S.ROLLOUT_LOGPROBS], t[S.REF_LOGPROBS], mask, n_tok)
         return loss, metrics
+
+
+def _rollout_metrics(logprobs, rollout, ref, mask, num_tokens: float) -> Metrics:
+    """This micro-batch's shares of the batch's mean ``logprobs - ref`` and
+    ``|rollout - logprobs|`` over ``num_tokens`` tokens, and the largest gap."""
+    gap = torch.where(mask, (rollout - logprobs).abs(), 0.0)
+    return {
+        "actor/kl_ref": torch.where(mask, logprobs - ref, 0.0).sum() / num_tokens,
+        "rollout/logprob_mismatch": gap.sum() / num_tokens,
+        "rollout/logprob_mismatch_max": gap.max() if gap.numel() else gap.new_zeros(()),
+    }

@@ -45,19 +45,24 @@ class AdvantageSpec:
 class Advantages:
     table: pa.Table  # the input with ``advantages`` and ``returns`` appended
     metrics: dict[str, float]
-    kl_ref: float  # mean KL(old || ref) over response tokens: the KL controller's input
+    kl_ref: float | None  # mean KL(old || ref) over response tokens: the KL controller's input
+    # (None without old_logprobs: on-policy updates report it from the train stage)
 
 
 def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: int) -> Advantages:
     """Advantages and returns of a scored rollout sampled by weight ``version``, which needs
-    ``rollout_logprobs``, ``old_logprobs``, ``ref_logprobs``, ``score`` (null: unscorable) and,
-    with a critic, ``values``."""
+    ``rollout_logprobs``, ``ref_logprobs``, ``score`` (null: unscorable), with a critic
+    ``values``, and ``old_logprobs`` unless the update is on-policy (``specs.on_policy``: then
+    the train stage reports the metrics that need them, and the KL is not in the reward)."""
     versions = pc.unique(S.column_array(table, S.WEIGHT_VERSION)).to_pylist()
     if versions != [version]:
         raise RuntimeError(
             f"rollout mixes or misses weight versions {versions}; expected only {version}"
         )
-    columns = [S.ROLLOUT_LOGPROBS, S.OLD_LOGPROBS, S.REF_LOGPROBS]
+    has_old = S.OLD_LOGPROBS in table.column_names
+    if not has_old and (spec.kl_in_reward or spec.needs_critic):
+        raise ValueError("the KL in the reward and the critic need the learner's old_logprobs")
+    columns = [S.ROLLOUT_LOGPROBS, S.REF_LOGPROBS] + [S.OLD_LOGPROBS] * has_old
     if spec.needs_critic:
         columns.append(S.VALUES)
     batch = to_padded(table, pad_token_id=spec.pad_token_id, per_token_columns=columns)
@@ -66,7 +71,7 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
     scores = torch.from_numpy(
         np.array(score_col.fill_null(float("nan")).to_numpy(zero_copy_only=False), np.float32)
     )
-    kl = kl_estimate(t[S.OLD_LOGPROBS], t[S.REF_LOGPROBS], spec.kl_kind)
+    kl = kl_estimate(t[S.OLD_LOGPROBS], t[S.REF_LOGPROBS], spec.kl_kind) if has_old else None
     inputs = AdvantageInputs(
         response_mask=mask,
         scores=scores,
@@ -78,9 +83,7 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
         whiten_advantages=spec.whiten,
     )
     adv, returns = compute_advantages(spec.estimator, inputs)
-    kl_ref = float(masked_mean(t[S.OLD_LOGPROBS] - t[S.REF_LOGPROBS], mask))
     scorable = torch.isfinite(scores)
-    mismatch = (t[S.ROLLOUT_LOGPROBS] - t[S.OLD_LOGPROBS]).abs()
     finish = S.column_array(table, S.FINISH_REASON)
     lengths = batch.response_lengths
     prompt_tokens = pc.sum(pc.list_value_length(S.column_array(table, S.PROMPT_TOKEN_IDS)))
@@ -88,7 +91,6 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
         "reward/score_mean": float(scores[scorable].mean()) if scorable.any() else float("nan"),
         "reward/score_max": float(scores[scorable].max()) if scorable.any() else float("nan"),
         "reward/unscorable_fraction": float((~scorable).float().mean()),
-        "actor/kl_ref": kl_ref,
         "rollout/samples": float(table.num_rows),
         "rollout/response_length": float(lengths.float().mean()),
         "rollout/response_tokens": float(lengths.sum()),
@@ -96,12 +98,19 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
         "rollout/stop_fraction": float(pc.mean(pc.equal(finish, "stop")).as_py()),
         "rollout/truncated_fraction": float(pc.mean(pc.equal(finish, "length")).as_py()),
         "reward/zero_spread_groups": zero_spread_fraction(scores.numpy(), inputs.group_ids.numpy()),
-        "rollout/logprob_mismatch": float(masked_mean(mismatch, mask)),
-        "rollout/logprob_mismatch_max": float(torch.where(mask, mismatch, 0).max()),
         "rollout/weight_version": float(version),
         "advantage/mean": float(masked_mean(adv, mask)),
         "advantage/abs_mean": float(masked_mean(adv.abs(), mask)),
     }
+    kl_ref = None
+    if has_old:
+        kl_ref = float(masked_mean(t[S.OLD_LOGPROBS] - t[S.REF_LOGPROBS], mask))
+        mismatch = (t[S.ROLLOUT_LOGPROBS] - t[S.OLD_LOGPROBS]).abs()
+        metrics |= {
+            "actor/kl_ref": kl_ref,
+            "rollout/logprob_mismatch": float(masked_mean(mismatch, mask)),
+            "rollout/logprob_mismatch_max": float(torch.where(mask, mismatch, 0).max()),
+        }
     new = {S.ADVANTAGES: to_list_column(adv, mask), S.RETURNS: to_list_column(returns, mask)}
     return Advantages(table=append_columns(table, new), metrics=metrics, kl_ref=kl_ref)
 

@@ -69,6 +69,9 @@ class GeneratorConfig(Section):
     """Sampling temperature; the learner and reference divide logits by the same value."""
     max_new_tokens: int = Field(16, ge=1)
     """Longest response sampled, in tokens."""
+    ignore_eos: bool = False
+    """Keep sampling past EOS, so every training response is exactly ``max_new_tokens`` long
+    (for benchmarks at fixed shapes; a real run leaves it off). Evaluation is not affected."""
     max_model_len: int = Field(512, ge=8)
     """Longest prompt + response the engine accepts."""
     kv_cache_mib: int = Field(256, ge=16)
@@ -142,6 +145,11 @@ class LearnerConfig(Section):
     """Most prompt + response tokens in one forward/backward pass, unpadded and summed over the
     rows of the micro-batch (a longer row gets one to itself). The reference model batches its
     forward passes by the same value."""
+    logits_chunk_mib: int = Field(256, ge=1)
+    """Most memory the full-vocabulary float32 logits of one pass take at once, learner and
+    reference alike: the output head runs only on response positions, in chunks of this size
+    (recomputed in backward when there is more than one), so memory stays bounded as responses
+    grow."""
     lr: float = Field(1e-6, gt=0)
     """Policy learning rate (AdamW)."""
     critic_lr: float = Field(1e-5, gt=0)

@@ -4,8 +4,9 @@ Per iteration ``k``:
 
 1. evaluate the current weights, if due (``eval.every``);
 2. rollout: generate and reward (more rounds under dynamic sampling, until enough groups
-   teach), the generators sleep when colocated, the reference's and the learner's own
-   log-probabilities;
+   teach), the generators sleep when colocated, then the scoring passes at once: the
+   reference's log-probabilities and the learner's own (skipped when the update is exactly
+   on-policy: the train stage's first forward gives them);
 3. advantages (a pure function) and the KL controller's update;
 4. train the objective on every learner rank, with the controller's current KL coefficient;
 5. sync: the new weights to every generator as the next version;
@@ -138,13 +139,12 @@ class Loop:
                     break
             stages.sleep()  # colocated: the learner and reference take the GPUs until the sync
             scored, metrics = stages.select(rounds, wanted)
-            with timer("reference"):
-                with_ref = stages.reference(scored)
-            with timer("learner_forward"):
-                table = stages.learner_forward(with_ref)
+            with timer("passes"):  # the reference's and the learner's, at once
+                table, pass_timings = stages.passes(scored)
             with timer("advantages"):
                 adv = stages.advantages(table, self.kl_ctl.value)
-                self.kl_ctl.update(adv.kl_ref, n_steps=table.num_rows)
+                if adv.kl_ref is not None:
+                    self.kl_ctl.update(adv.kl_ref, n_steps=table.num_rows)
             self.last_batch = adv.table
             metrics |= adv.metrics | {"actor/kl_coef": self.kl_ctl.value}
             with timer("train"):
@@ -155,7 +155,8 @@ class Loop:
                     metrics |= stages.sync_weights()
                     if self.cfg.weight_sync.verify_checksum:
                         self.verify_served()
-        metrics |= timer.timings | throughput(metrics, timer.timings) | stages.faults.metrics
+        timings = timer.timings | pass_timings
+        metrics |= timings | throughput(metrics, timings) | stages.faults.metrics
         return metrics, trained.skipped_in_a_row
 
     def verify_served(self) -> None:

@@ -36,6 +36,21 @@ def kl_controller(cfg: RunConfig):
     return FixedKLController(algo.kl_coef)
 
 
+def on_policy(cfg: RunConfig) -> bool:
+    """Whether each update is exactly on-policy, so the learner's scoring pass is skipped (its
+    log-probabilities would equal the first forward's): one epoch of one mini-batch, and nothing
+    before the train stage needs the learner's log-probabilities (no critic's values, no KL in
+    the reward, no adaptive KL controller)."""
+    algo, lc = cfg.algorithm, cfg.learner
+    return (
+        lc.ppo_epochs == 1
+        and lc.num_mini_batches == 1
+        and not algo.spec.needs_critic
+        and not algo.spec.kl_in_reward
+        and algo.kl_target is None
+    )
+
+
 def objective(cfg: RunConfig) -> PolicyGradient:
     """The learner's objective for the configured estimator."""
     algo, spec = cfg.algorithm, cfg.algorithm.spec
@@ -52,6 +67,8 @@ def objective(cfg: RunConfig) -> PolicyGradient:
         ),
         temperature=cfg.generator.temperature,
         critic=spec.needs_critic,
+        on_policy=on_policy(cfg),
+        logits_chunk_bytes=cfg.learner.logits_chunk_mib << 20,
     )
 
 
@@ -112,7 +129,10 @@ def sampling(cfg: RunConfig) -> Sampling:
     """How training rollouts sample."""
     gen = cfg.generator
     return Sampling(
-        n=gen.samples_per_prompt, temperature=gen.temperature, max_new_tokens=gen.max_new_tokens
+        n=gen.samples_per_prompt,
+        temperature=gen.temperature,
+        max_new_tokens=gen.max_new_tokens,
+        ignore_eos=gen.ignore_eos,
     )
 
 
@@ -133,6 +153,7 @@ def reference_kwargs(cfg: RunConfig, model_path: str, pad_token_id: int) -> dict
         "model_path": model_path,
         "temperature": cfg.generator.temperature,
         "micro_batch_tokens": cfg.learner.micro_batch_tokens,
+        "logits_chunk_bytes": cfg.learner.logits_chunk_mib << 20,
         "pad_token_id": pad_token_id,
         "dtype": cfg.model.dtype,
         "trust_remote_code": cfg.model.trust_remote_code,

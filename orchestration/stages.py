@@ -52,6 +52,7 @@ class Stages:
         self.pool = GeneratorPool.for_run(cfg, actors, weight_sync_for(cfg, actors), self.faults)
         ds = cfg.reward.dynamic_sampling
         self.dynamic = ds if ds.enabled else None
+        self.on_policy = specs.on_policy(cfg)
 
     @property
     def sync(self) -> WeightSync:
@@ -88,20 +89,36 @@ class Stages:
         parts = [r.finish(k) for r, k in zip(rounds, keep, strict=True) if len(k)]
         return concat_refs(parts, "select", self.timeout), metrics | selection
 
-    def reference(self, table: ray.ObjectRef) -> ray.ObjectRef:
-        """Frozen reference policy -> ``ref_logprobs``."""
-        return calls.ready(self.actors.reference.logprobs.remote(table), "reference", self.timeout)
+    def passes(self, table: ray.ObjectRef) -> tuple[pa.Table, dict[str, float]]:
+        """The scoring passes over the batch, at once on their own actors: the frozen
+        reference's ``ref_logprobs`` and, unless the update is on-policy (``specs.on_policy``:
+        the train stage takes its own first forward's instead), the learner's own
+        log-probabilities (and values), rows split over ranks. Returns the batch, pulled here
+        for the advantage math, with their columns, and each pass's seconds as
+        ``timing/reference`` and ``timing/learner_forward`` (they overlap)."""
+        jobs = {"reference": [self.actors.reference.logprobs.remote(table)]}
+        if self.on_policy:
+            jobs["batch"] = [table]
+        else:
+            jobs["learner_forward"] = self._learner_forward(table)
+        done = calls.wait_each(jobs, self.timeout)
+        (with_ref,), _ = done["reference"]
+        base = done["batch"][0][0] if self.on_policy else concat(done["learner_forward"][0])
+        whole = base.append_column(S.REF_LOGPROBS, S.column_array(with_ref, S.REF_LOGPROBS))
+        timings = {f"timing/{k}": t for k, (_, t) in done.items() if k != "batch"}
+        return whole, timings
 
-    def learner_forward(self, table: ray.ObjectRef) -> pa.Table:
-        """The learner's own log-probabilities (and values) for the batch, rows split over ranks.
-        The batch is pulled here: the advantage math runs in the driver."""
+    def _learner_forward(self, table: ray.ObjectRef) -> list[ray.ObjectRef]:
         learners = self.actors.learners
         if len(learners) == 1:
-            return self._wait(learners[0].compute_old.remote(table), "learner_forward")
+            return [learners[0].compute_old.remote(table)]
         whole = self._wait(table, "learner_forward")
         parts = split_rows(whole, -(-whole.num_rows // len(learners)))
-        refs = [r.compute_old.remote(p) for r, p in zip(learners, parts, strict=True)]
-        return concat(self._wait(refs, "learner_forward"))
+        return [r.compute_old.remote(p) for r, p in zip(learners, parts, strict=True)]
+
+    def learner_forward(self, table) -> pa.Table:
+        """The learner's own log-probabilities (and values) for ``table`` (a table or ref)."""
+        return concat(self._wait(self._learner_forward(table), "learner_forward"))
 
     # ------------------------------------------------------------------ update
 

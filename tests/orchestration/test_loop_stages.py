@@ -55,13 +55,9 @@ class StandInStages:
         self.calls.append(("select", len(rounds), wanted))
         return "batch", {"reward/rounds": float(len(rounds))}
 
-    def reference(self, table):
-        self.calls.append(("reference", table))
-        return "with_ref"
-
-    def learner_forward(self, table):
-        self.calls.append(("learner_forward", table))
-        return pa.table({"x": [1, 2, 3, 4]})
+    def passes(self, table):
+        self.calls.append(("passes", table))
+        return pa.table({"x": [1, 2, 3, 4]}), {"timing/reference": 0.25}
 
     def advantages(self, table, kl_coef):
         self.calls.append(("advantages", table.num_rows, kl_coef))
@@ -98,19 +94,18 @@ def test_one_iteration_runs_the_stages_in_order_and_hands_each_its_input():
         "enough",
         "sleep",
         "select",
-        "reference",
-        "learner_forward",
+        "passes",
         "advantages",
         "train",
         "sync",
     ]
     assert stages.calls[0] == ("generate", "prompts[2]")
-    assert stages.calls[5] == ("reference", "batch")
-    assert stages.calls[6] == ("learner_forward", "with_ref")
+    assert stages.calls[5] == ("passes", "batch")
     assert metrics["sync/bytes"] == 10.0 and metrics["actor/pg_loss"] == 0.5
     assert metrics["reward/rounds"] == 1.0 and "faults/generator_recoveries" in metrics
     assert metrics["perf/samples_per_s"] > 0
     assert {f"timing/{s}" for s in ("generate", "train", "sync", "iteration")} <= set(metrics)
+    assert metrics["timing/reference"] == 0.25  # the passes' own timings are reported
     assert stages.pool.version == 1
 
 
