@@ -104,10 +104,16 @@ def plain_head(model: nn.Module) -> nn.Module | None:
 
 
 def _token_stats(
-    head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, temperature: float, entropy: bool
+    head: nn.Module,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float,
+    entropy: bool,
+    entropy_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of ``ids`` (N,) and entropy (N,) (empty unless ``entropy``) from the
-    hidden states (N, H) of the positions that predict them."""
+    """Log-probability of ``ids`` (N,) and entropy (N,) (empty unless ``entropy``; without
+    ``entropy_grad`` a detached metric) from the hidden states (N, H) of the positions that
+    predict them."""
     logits = head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -115,7 +121,9 @@ def _token_stats(
     logprobs = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
     if not entropy:
         return logprobs, logprobs.new_zeros(0)
-    return logprobs, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        z = logits if entropy_grad else logits.detach()
+        return logprobs, (lse if entropy_grad else lse.detach()) - (z.softmax(-1) * z).sum(-1)
 
 
 def policy_forward(
@@ -124,6 +132,7 @@ def policy_forward(
     *,
     temperature: float,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
     chunk_bytes: int = LOGITS_CHUNK_BYTES,
 ) -> PolicyOutputs:
     """Log-probabilities (and entropy) of each response token under ``model``.
@@ -138,6 +147,9 @@ def policy_forward(
     is checkpointed (its logits are recomputed in backward), so memory stays bounded however
     long the responses grow. Without a plain head (``plain_head``), the model's own forward
     computes the response positions' logits (``logits_to_keep``), unchunked.
+
+    ``entropy_grad=False``: the entropy is a metric only (no entropy bonus in the loss), computed
+    without autograd, so it adds no backward work.
     """
     p, r = batch.prompt_width, batch.response_ids.shape[1]
     mask = batch.response_mask.bool()
@@ -164,10 +176,10 @@ def policy_forward(
             from torch.utils.checkpoint import checkpoint
 
             lp, ent = checkpoint(
-                _token_stats, *args, temperature, with_entropy, use_reentrant=False
+                _token_stats, *args, temperature, with_entropy, entropy_grad, use_reentrant=False
             )
         else:
-            lp, ent = _token_stats(*args, temperature, with_entropy)
+            lp, ent = _token_stats(*args, temperature, with_entropy, entropy_grad)
         logprobs.append(lp)
         entropy.append(ent)
 

@@ -209,6 +209,7 @@ class PolicyGradient(Objective):
             batch,
             temperature=self.temperature,
             with_entropy=True,
+            entropy_grad=spec.entropy_coef != 0,  # else a metric: no backward through it
             chunk_bytes=self.logits_chunk_bytes,
         )
         t = batch.per_token
@@ -226,7 +227,7 @@ class PolicyGradient(Objective):
             num_seqs=n_seq,
         )
         entropy = aggregate(out.entropy, mask, agg, num_tokens=n_tok, num_seqs=n_seq)
-        loss = pg_loss - spec.entropy_coef * entropy
+        loss = pg_loss - spec.entropy_coef * entropy if spec.entropy_coef else pg_loss
         metrics["actor/pg_loss"] = pg_loss.detach()
         metrics["actor/entropy"] = entropy.detach()
         if spec.kl_loss_coef > 0:

@@ -4,7 +4,8 @@ Per iteration ``k``:
 
 1. evaluate the current weights, if due (``eval.every``);
 2. rollout: generate and reward (more rounds under dynamic sampling, until enough groups
-   teach), the generators sleep when colocated, then the scoring passes at once: the
+   teach), the generators sleep when colocated; the scoring passes run at once, on the
+   generated batch while it is rewarded when it is final (else on the selected one): the
    reference's log-probabilities and the learner's own (skipped when the update is exactly
    on-policy: the train stage's first forward gives them);
 3. advantages (a pure function) and the KL controller's update;
@@ -129,10 +130,12 @@ class Loop:
         stages, timer = self.stages, StageTimer()
         wanted = self.cfg.data.prompts_per_iteration
         with timer("iteration"):
-            rounds = []
+            rounds, passes = [], None
             while True:  # one round, or more under dynamic sampling until enough groups teach
                 with timer("generate"):
                     generated = stages.generate(self.sampler.next_batch(wanted))
+                if stages.early_passes:  # the batch is final: score it while it is rewarded
+                    passes = stages.start_passes(generated)
                 with timer("reward"):
                     rounds.append(stages.reward(generated))
                 if stages.enough(rounds, wanted):
@@ -140,7 +143,9 @@ class Loop:
             stages.sleep()  # colocated: the learner and reference take the GPUs until the sync
             scored, metrics = stages.select(rounds, wanted)
             with timer("passes"):  # the reference's and the learner's, at once
-                table, pass_timings = stages.passes(scored)
+                table, pass_timings = stages.finish_passes(
+                    passes or stages.start_passes(scored), scored
+                )
             with timer("advantages"):
                 adv = stages.advantages(table, self.kl_ctl.value)
                 if adv.kl_ref is not None:

@@ -10,6 +10,7 @@ methods. Advantages are a pure function (``orchestration.advantages``).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,19 @@ from orchestration.reward_stage import RewardStage, Scored, enough_groups, selec
 from orchestration.sync import WeightSync, weight_sync_for
 from rollout import schema as S
 from rollout.ops import concat, split_rows
+
+
+@dataclass
+class Passes:
+    """Scoring passes in flight (``Stages.start_passes``): their refs by name, and when they
+    started."""
+
+    jobs: dict[str, list[ray.ObjectRef]]
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 @dataclass(frozen=True)
@@ -89,24 +103,40 @@ class Stages:
         parts = [r.finish(k) for r, k in zip(rounds, keep, strict=True) if len(k)]
         return concat_refs(parts, "select", self.timeout), metrics | selection
 
-    def passes(self, table: ray.ObjectRef) -> tuple[pa.Table, dict[str, float]]:
-        """The scoring passes over the batch, at once on their own actors: the frozen
+    @property
+    def early_passes(self) -> bool:
+        """Whether the scoring passes can start on the generated batch, while it is rewarded:
+        the batch is final (no dynamic sampling) and the generators keep their GPUs (not
+        ``cluster.colocate=all``, where they sleep first)."""
+        return not self.dynamic and self.cfg.cluster.colocate != "all"
+
+    def start_passes(self, table: ray.ObjectRef) -> Passes:
+        """Start the scoring passes over ``table``, at once on their own actors: the frozen
         reference's ``ref_logprobs`` and, unless the update is on-policy (``specs.on_policy``:
         the train stage takes its own first forward's instead), the learner's own
-        log-probabilities (and values), rows split over ranks. Returns the batch, pulled here
-        for the advantage math, with their columns, and each pass's seconds as
-        ``timing/reference`` and ``timing/learner_forward`` (they overlap)."""
+        log-probabilities (and values), rows split over ranks."""
         jobs = {"reference": [self.actors.reference.logprobs.remote(table)]}
-        if self.on_policy:
-            jobs["batch"] = [table]
-        else:
+        if not self.on_policy:
             jobs["learner_forward"] = self._learner_forward(table)
-        done = calls.wait_each(jobs, self.timeout)
-        (with_ref,), _ = done["reference"]
-        base = done["batch"][0][0] if self.on_policy else concat(done["learner_forward"][0])
-        whole = base.append_column(S.REF_LOGPROBS, S.column_array(with_ref, S.REF_LOGPROBS))
-        timings = {f"timing/{k}": t for k, (_, t) in done.items() if k != "batch"}
-        return whole, timings
+        return Passes(jobs)
+
+    def finish_passes(self, passes: Passes, scored: ray.ObjectRef) -> tuple[pa.Table, dict]:
+        """The scored batch (the rows the passes ran on, in their order), pulled here for the
+        advantage math, with the passes' columns; and each pass's seconds from its start until
+        the driver saw it done as ``timing/reference`` and ``timing/learner_forward`` (they
+        overlap each other and, started early, the reward stage)."""
+        offset = passes.elapsed
+        done = calls.wait_each(passes.jobs | {"batch": [scored]}, self.timeout)
+        whole = done.pop("batch")[0][0]
+        for name, (tables, _) in done.items():
+            part = concat(tables)
+            same = part.num_rows == whole.num_rows and part[S.PROMPT_ID].equals(whole[S.PROMPT_ID])
+            if not same:
+                raise RuntimeError(f"{name} ran on other rows than the scored batch's")
+            for column in part.column_names:
+                if column not in whole.column_names:
+                    whole = whole.append_column(part.schema.field(column), part[column])
+        return whole, {f"timing/{k}": offset + t for k, (_, t) in done.items()}
 
     def _learner_forward(self, table: ray.ObjectRef) -> list[ray.ObjectRef]:
         learners = self.actors.learners

@@ -55,8 +55,14 @@ class StandInStages:
         self.calls.append(("select", len(rounds), wanted))
         return "batch", {"reward/rounds": float(len(rounds))}
 
-    def passes(self, table):
-        self.calls.append(("passes", table))
+    early_passes = False
+
+    def start_passes(self, table):
+        self.calls.append(("start_passes", table))
+        return "passes"
+
+    def finish_passes(self, passes, scored):
+        self.calls.append(("finish_passes", passes, scored))
         return pa.table({"x": [1, 2, 3, 4]}), {"timing/reference": 0.25}
 
     def advantages(self, table, kl_coef):
@@ -94,19 +100,32 @@ def test_one_iteration_runs_the_stages_in_order_and_hands_each_its_input():
         "enough",
         "sleep",
         "select",
-        "passes",
+        "start_passes",
+        "finish_passes",
         "advantages",
         "train",
         "sync",
     ]
     assert stages.calls[0] == ("generate", "prompts[2]")
-    assert stages.calls[5] == ("passes", "batch")
+    assert stages.calls[5] == ("start_passes", "batch")
+    assert stages.calls[6] == ("finish_passes", "passes", "batch")
     assert metrics["sync/bytes"] == 10.0 and metrics["actor/pg_loss"] == 0.5
     assert metrics["reward/rounds"] == 1.0 and "faults/generator_recoveries" in metrics
     assert metrics["perf/samples_per_s"] > 0
     assert {f"timing/{s}" for s in ("generate", "train", "sync", "iteration")} <= set(metrics)
     assert metrics["timing/reference"] == 0.25  # the passes' own timings are reported
     assert stages.pool.version == 1
+
+
+def test_a_final_batch_is_scored_by_the_passes_while_it_is_rewarded():
+    stages = StandInStages()
+    stages.early_passes = True
+    loop_over(stages).iteration()
+    names = [c[0] for c in stages.calls]
+    assert names[:3] == ["generate", "start_passes", "reward"]
+    assert stages.calls[1] == ("start_passes", "generated")
+    assert ("finish_passes", "passes", "batch") in stages.calls
+    assert names.count("start_passes") == 1
 
 
 def test_dynamic_sampling_generates_and_rewards_until_the_stage_says_enough():
