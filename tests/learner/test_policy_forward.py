@@ -84,8 +84,9 @@ def test_response_only_chunked_logits_match_the_whole_logits(model, chunk_tokens
     )
     got = grads(out.logprobs, out.entropy)
     assert want.keys() == got.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, g in want.items():
+        gap = float((got[name] - g).norm() / g.norm().clamp(min=1e-12))
+        assert gap < 1e-5, (name, gap)  # measured: 2e-6 at most
 
 
 def test_the_head_never_sees_prompt_or_padding_positions(model):
