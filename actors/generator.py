@@ -97,15 +97,20 @@ class PolicyGenerator:
     def update_weights(
         self,
         version: int,
-        weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        weights: Mapping[str, torch.Tensor]
+        | Iterable[tuple[str, torch.Tensor]]
+        | weight_sync.HostArrays,
         reset: bool = False,
     ) -> int:
-        """Serve ``weights`` (full policy state, Hugging Face names) as ``version`` from now on.
+        """Serve ``weights`` (full policy state, Hugging Face names; tensors, or the object
+        store's arrays, ``weight_sync.to_host_arrays``, read in place) as ``version`` from now on.
 
         Versions only move forward, except with ``reset`` (a run rolled back to a checkpoint).
         Returns the version now served.
         """
         self._check_newer(version, reset)
+        if isinstance(weights, list) and weights and len(weights[0]) == 3:  # the object store's
+            weights = weight_sync.from_host_arrays(weights)
         items = weights.items() if isinstance(weights, Mapping) else weights
         _check_kernels(version, self.engine.load_weights(items))
         self._version = version

@@ -52,6 +52,9 @@ class LearnerActor:
     def policy_weights(self) -> dict[str, torch.Tensor] | None:
         return self.learner.policy_weights()
 
+    def policy_arrays(self) -> list | None:
+        return self.learner.policy_arrays()
+
     def save_policy(self, path: str) -> None:
         self.learner.save_policy(path)
 

@@ -55,7 +55,7 @@ def _raw_send(nbytes: int):
         # Allocated and touched once (the warm-up call), so the timed calls only broadcast.
         if getattr(actor_self, "_bench_buffer", None) is None:
             actor_self._bench_buffer = torch.ones(nbytes // 4, dtype=torch.float32)
-        actor_self.learner._sync_group.broadcast(actor_self._bench_buffer).wait()
+        actor_self.learner.sender._group.broadcast(actor_self._bench_buffer).wait()
 
     return run
 

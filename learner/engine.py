@@ -394,6 +394,17 @@ class Engine:
             weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         return weights if self.rank == 0 else None
 
+    def policy_arrays(self) -> weight_sync.HostArrays | None:
+        """The full policy for the object store (``weight_sync.to_host_arrays``) on rank 0, None
+        on other ranks; every rank calls it. On CPU without ZeRO-3 the arrays are the
+        parameters' own memory (no copy here: Ray copies them once when the call returns, before
+        this rank trains again)."""
+        if self.device == "cpu" and self.spec.zero_stage != 3:
+            state = self.policy.module.state_dict() if self.rank == 0 else None
+        else:
+            state = self.policy_weights()
+        return weight_sync.to_host_arrays(state) if state is not None else None
+
     def save_policy(self, path: str) -> None:
         """Write the policy as a Hugging Face directory from rank 0: safetensors weights, config,
         generation config and the tokenizer, loadable as is by transformers and vLLM. Written

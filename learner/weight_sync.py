@@ -21,10 +21,42 @@ import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+# ------------------------------------------------------------------ through the object store
+
+HostArrays = list[tuple[str, str, np.ndarray]]
+"""The policy as ``(name, torch dtype, array)`` for Ray's object store."""
+
+
+def to_host_arrays(weights: Mapping[str, torch.Tensor]) -> HostArrays:
+    """``weights`` (CPU tensors) as numpy arrays, which Ray stores out of band: a reader on the
+    same node gets views of the shared memory, not copies (a dict of tensors would be pickled and
+    copied again on the way out). 16-bit floats travel as their raw 16-bit words. The arrays
+    share memory with the tensors: Ray copies them once, when they are put."""
+    out = []
+    for name, t in weights.items():
+        t = t.detach()
+        raw = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+        out.append((name, str(t.dtype), raw.numpy()))
+    return out
+
+
+def from_host_arrays(arrays: HostArrays) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of :func:`to_host_arrays`, as views of its arrays (read-only memory: read
+    them, do not write)."""
+    import warnings
+
+    for name, dtype, array in arrays:
+        with warnings.catch_warnings():  # Ray's arrays are read-only; nothing writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(array)
+        yield name, t.view(_DTYPES[dtype]) if t.dtype != _DTYPES[dtype] else t
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class WeightSync:
         under ZeRO-3 the parameters are gathered collectively). With ``reload`` a generator
         reloads even when it already serves ``version`` (versions may go back). Returns the
         versions they serve."""
-        weights = [r.policy_weights.remote() for r in self.actors.learners]
+        weights = [r.policy_arrays.remote() for r in self.actors.learners]
         refs = [
             g.update_weights.remote(version, weights[0], *([True] if reload else []))
             for g in generators

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +93,15 @@ def test_checksums_tell_one_flipped_bit_apart():
     ca.update(a)
     cb.update(b)
     assert torch.allclose(a, b) and ca.hexdigest() != cb.hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_host_arrays_carry_every_dtype_bit_for_bit_without_a_copy(dtype):
+    weights = {"a": torch.randn(3, 4).to(dtype), "b": torch.randn(5).to(dtype)}
+    arrays = W.to_host_arrays(weights)
+    assert all(isinstance(a, np.ndarray) for _, _, a in arrays)
+    raw = weights["a"] if dtype == torch.float32 else weights["a"].view(torch.int16)
+    assert np.shares_memory(arrays[0][2], raw.numpy())  # Ray's put is the one copy
+    back = dict(W.from_host_arrays(arrays))
+    for name, t in weights.items():
+        assert back[name].dtype == dtype and torch.equal(back[name], t)
