@@ -142,10 +142,10 @@ class Loop:
                     break
             stages.sleep()  # colocated: the learner and reference take the GPUs until the sync
             scored, metrics = stages.select(rounds, wanted)
+            if passes is None:  # a final batch's passes need not wait for its scores
+                passes = stages.start_passes(scored if stages.dynamic else generated)
             with timer("passes"):  # the reference's and the learner's, at once
-                table, pass_timings = stages.finish_passes(
-                    passes or stages.start_passes(scored), scored
-                )
+                table, pass_timings = stages.finish_passes(passes, scored)
             with timer("advantages"):
                 adv = stages.advantages(table, self.kl_ctl.value)
                 if adv.kl_ref is not None:

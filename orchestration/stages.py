@@ -105,10 +105,14 @@ class Stages:
 
     @property
     def early_passes(self) -> bool:
-        """Whether the scoring passes can start on the generated batch, while it is rewarded:
-        the batch is final (no dynamic sampling) and the generators keep their GPUs (not
-        ``cluster.colocate=all``, where they sleep first)."""
-        return not self.dynamic and self.cfg.cluster.colocate != "all"
+        """Whether the scoring passes start on the generated batch, while it is rewarded: the
+        batch is final (no dynamic sampling), the generators keep their GPUs (not
+        ``cluster.colocate=all``, where they sleep first), and the reference has a GPU of its
+        own. On CPU every actor shares the node's cores, and scoring during the reward stage
+        only slows both (benchmarks/bench_shapes.py W1 on 2 cores: the step no faster, the
+        reference 1.39x its time alone)."""
+        cl = self.cfg.cluster
+        return not self.dynamic and cl.colocate != "all" and cl.reference.num_gpus > 0
 
     def start_passes(self, table: ray.ObjectRef) -> Passes:
         """Start the scoring passes over ``table``, at once on their own actors: the frozen

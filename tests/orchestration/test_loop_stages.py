@@ -57,6 +57,10 @@ class StandInStages:
 
     early_passes = False
 
+    @property
+    def dynamic(self):
+        return self.rounds_needed > 1
+
     def start_passes(self, table):
         self.calls.append(("start_passes", table))
         return "passes"
@@ -107,7 +111,7 @@ def test_one_iteration_runs_the_stages_in_order_and_hands_each_its_input():
         "sync",
     ]
     assert stages.calls[0] == ("generate", "prompts[2]")
-    assert stages.calls[5] == ("start_passes", "batch")
+    assert stages.calls[5] == ("start_passes", "generated")  # not waiting for the scores
     assert stages.calls[6] == ("finish_passes", "passes", "batch")
     assert metrics["sync/bytes"] == 10.0 and metrics["actor/pg_loss"] == 0.5
     assert metrics["reward/rounds"] == 1.0 and "faults/generator_recoveries" in metrics
@@ -134,6 +138,7 @@ def test_dynamic_sampling_generates_and_rewards_until_the_stage_says_enough():
     names = [c[0] for c in stages.calls]
     assert names[:9] == ["generate", "reward", "enough"] * 3
     assert ("select", 3, 2) in stages.calls
+    assert ("start_passes", "batch") in stages.calls  # the selected groups, not a round
 
 
 def test_the_loss_gets_the_kl_controllers_current_coefficient():
