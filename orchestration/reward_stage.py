@@ -22,7 +22,7 @@ from rollout import schema as S
 from rollout.groups import group_spread
 from rollout.ops import append_columns
 
-DATASET_ROW = "dataset_row"  # passthrough column: which dataset prompt a sample answers
+DATASET_ROW = S.DATASET_ROW  # which dataset prompt a sample answers
 
 
 @ray.remote(num_cpus=0)

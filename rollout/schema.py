@@ -19,6 +19,7 @@ score, per-reward columns  float32 (nullable)    reward service; null = unscorab
 ref_logprobs               list<float32>         reference model
 old_logprobs, values       list<float32>         learner
 advantages, returns        list<float32>         driver (learner.algorithms)
+sft_mask                   list<float32>         supervised data (orchestration.sft_data)
 =========================  ====================  =========================================
 
 Any other column (``label`` and prompt metadata) passes through untouched.
@@ -42,6 +43,15 @@ OLD_LOGPROBS = "old_logprobs"
 VALUES = "values"
 ADVANTAGES = "advantages"
 RETURNS = "returns"
+SFT_MASK = "sft_mask"  # 1.0: the response token is in the supervised loss; 0.0: not
+DATASET_ROW = "dataset_row"  # passthrough: the dataset row (prompt, example) a row came from
+
+# Prompt groups (reward-model training: ``orchestration.preferences``, ``learner.supervised``),
+# one row per prompt: its distinct responses and the pairs ranked among them.
+RESPONSES = "responses"  # list<list<int32>>: the group's distinct responses
+PAIR_CHOSEN = "pair_chosen"  # list<int32>: per pair, the index of the better response
+PAIR_REJECTED = "pair_rejected"  # list<int32>: per pair, the index of the worse response
+PAIR_MARGIN = "pair_margin"  # list<float32>: per pair, the margin m of -log sigmoid(r_w - r_l - m)
 
 FINISH_REASONS = ("stop", "length", "abort")
 """Allowed ``finish_reason`` values; only ``abort`` may come with an empty response."""
@@ -69,6 +79,7 @@ PER_TOKEN_COLUMNS: tuple[str, ...] = (
     VALUES,
     ADVANTAGES,
     RETURNS,
+    SFT_MASK,
 )
 """list<float32> columns with exactly one entry per response token."""
 
@@ -79,6 +90,7 @@ STAGE_FIELDS: dict[str, pa.Field] = {
     VALUES: pa.field(VALUES, PER_TOKEN_TYPE, nullable=False),
     ADVANTAGES: pa.field(ADVANTAGES, PER_TOKEN_TYPE, nullable=False),
     RETURNS: pa.field(RETURNS, PER_TOKEN_TYPE, nullable=False),
+    SFT_MASK: pa.field(SFT_MASK, PER_TOKEN_TYPE, nullable=False),
 }
 """Columns that later stages append, with their types. Reward columns other than ``score``
 (one per reward function) are float32 and nullable too; see :func:`expected_type`."""
