@@ -1,11 +1,14 @@
-"""An HTML report for a run directory: training curves, the last iteration's numbers, and sample
-prompts and responses, in one self-contained file (plots embedded as PNG; no network, no JS).
+"""An HTML report for a run directory: training curves, the last iteration's numbers, the reward
+model's evaluation and sample prompts and responses, in one self-contained file (plots embedded
+as PNG; no network, no JS). RL and supervised (SFT, reward model) runs alike.
 
     python -m orchestration.report runs/<run> [--out PATH] [--samples N]
 
 Reads ``metrics.jsonl`` (required) and, when present, ``config.yaml``, ``summary.json``,
-``rollouts/iter_<k>.parquet`` and ``eval/iter_<k>.parquet``; writes ``<run_dir>/report.html``.
-Any metric may be missing: a plot with no data is skipped and named in a note.
+``rollouts/iter_<k>.parquet``, ``eval/iter_<k>.parquet`` and ``rm_eval/<name>.json``
+(``orchestration.rm_eval``); writes ``<run_dir>/report.html``. Any metric may be missing: an RL
+run's plot with no data is skipped and named in a note; the plots only some runs have
+(supervised losses, learning rate) are left out silently.
 """
 
 from __future__ import annotations
@@ -32,28 +35,39 @@ from matplotlib.figure import Figure  # used without pyplot: Agg canvas, no glob
 from matplotlib.ticker import MaxNLocator
 
 from orchestration.metrics import HEADLINE
+from orchestration.report_rm import BUCKET_HEAD, calibration_figure, rm_bucket_rows, rm_rows
+from orchestration.rm_eval import read_rm_eval
 
 # The printed line's metrics, then a few more (dict.fromkeys: in order, without repeats).
 SUMMARY_KEYS = tuple(
     dict.fromkeys([*HEADLINE, "reward/score_max", "actor/grad_norm", "critic/value_loss"])
     | dict.fromkeys(["rollout/truncated_fraction", "perf/tokens_per_s", "perf/samples_per_s"])
+    | dict.fromkeys(["sft/loss", "sft/accuracy", "rm/loss", "rm/accuracy", "rm/margin_mean"])
+    | dict.fromkeys(["actor/ptx_loss", "actor/lr"])
 )
 STAGES = ("generate", "reward", "reference", "learner_forward", "advantages", "train", "sync")
 STAGES += ("eval", "export")  # pipeline order, so the stacked areas read bottom-up as the loop
 ROLLING_FROM = 30  # series at least this long get a rolling mean over faint raw values
 OUTLIER_FACTOR = 3.0  # an iteration over this many times the median is drawn off the scale
 NO_ROLLOUTS = "no rollouts saved; set logging.rollouts_every"
+NO_ROLLOUTS_SUPERVISED = "no rollouts: a supervised run generates none"
+# A supervised run's kind, from the training loss it logs; a run with neither is RL.
+SUPERVISED = {"sft/loss": "SFT (supervised fine-tuning)", "rm/loss": "reward model"}
+LOSSES = ("sft/loss", "eval/sft_loss", "rm/loss", "eval/rm_loss", "actor/ptx_loss")
+ACCURACIES = ("sft/accuracy", "eval/sft_accuracy", "rm/accuracy", "eval/rm_accuracy")
 SAMPLE_COLUMNS = ("prompt_token_ids", "response_token_ids", "score", "finish_reason")
 
 
 @dataclass(frozen=True)
 class Metrics:
     """``metrics.jsonl`` as columns: ``iteration`` (N,), one (N,) float array per metric name
-    (NaN where an iteration did not log it); and the training records' count and last record
-    (a run with evaluation ends on a record holding only the final evaluation)."""
+    (NaN where an iteration did not log it); ``training`` (N,) True on the training records; and
+    their count and last record (a run with evaluation ends on a record holding only the final
+    evaluation)."""
 
     iteration: np.ndarray
     columns: dict[str, np.ndarray]
+    training: np.ndarray
     trained: int
     last: dict[str, Any]
 
@@ -68,9 +82,17 @@ class Metrics:
             n for n in self.columns if re.fullmatch(pattern, n) and self.get(n) is not None
         )
 
+    @property
+    def supervised(self) -> str | None:
+        """The supervised run's kind (a ``SUPERVISED`` value), or None for an RL run."""
+        if self.get("reward/score_mean") is not None:
+            return None
+        return next((kind for n, kind in SUPERVISED.items() if self.get(n) is not None), None)
+
 
 def _is_training(record: dict) -> bool:
-    """A training iteration's record, not the final evaluation's (``eval/*`` only)."""
+    """A training iteration's record (RL's ``reward/*``, supervised ``sft/*`` or ``rm/*``, any
+    other stage's metrics), not an evaluation's alone (``eval/*``, ``timing/eval``)."""
     return any(not k.startswith(("eval/", "timing/eval")) for k in record if k != "iteration")
 
 
@@ -92,9 +114,10 @@ def load_metrics(run_dir: Path) -> Metrics:
         for n in names
     }
     iteration = np.array([r.get("iteration", i) for i, r in enumerate(records)], float)
-    training = [r for r in records if _is_training(r)]
+    is_training = np.array([_is_training(r) for r in records], bool)
+    training = [r for r, t in zip(records, is_training, strict=True) if t]
     last = training[-1] if training else records[-1] if records else {}
-    return Metrics(iteration, columns, len(training), last)
+    return Metrics(iteration, columns, is_training, len(training), last)
 
 
 # ------------------------------------------------------------------------------ plots
@@ -123,26 +146,38 @@ def _line(ax: Axes, x: np.ndarray, y: np.ndarray, label: str, **style) -> None:
     ax.plot(x, _rolling_mean(y, window), label=f"{label} (mean of {window})", **style)
 
 
-def _lines(ax: Axes, m: Metrics, names: list[str], unit: str) -> bool:
+def _series(ax: Axes, m: Metrics, name: str, label: str, **style) -> None:
+    """A metric as a line over the training records; an ``eval/*`` one (sparse) as markers at the
+    iterations evaluated."""
+    if name.startswith("eval/"):
+        ok = np.isfinite(m.columns[name])
+        ax.plot(m.iteration[ok], m.columns[name][ok], marker="o", label=label, **style)
+    else:
+        _line(ax, m.iteration[m.training], m.columns[name][m.training], label, **style)
+
+
+def _lines(ax: Axes, m: Metrics, names: list[str], unit: str, label=_short) -> bool:
     """Each named metric with data as a line; False when none has data."""
     drawn = [n for n in names if m.get(n) is not None]
     for n in drawn:
-        _line(ax, m.iteration, m.columns[n], _short(n))
+        _series(ax, m, n, label(n))
     ax.set_ylabel(unit)
     return bool(drawn)
 
 
-def _two_scales(ax: Axes, m: Metrics, left: list[str], right: str, units: tuple[str, str]) -> bool:
-    """``left`` on ``ax``, ``right`` dashed on a twin y axis when both have data (units differ)."""
-    n_left = sum(m.get(n) is not None for n in left)
-    _lines(ax, m, left, units[0])
-    if m.get(right) is None:
-        return n_left > 0
-    other = ax.twinx() if n_left else ax
-    color = f"C{n_left}"  # the twin axis starts its own colour cycle: continue the left's
-    _line(other, m.iteration, m.columns[right], _short(right), color=color, ls="--")
-    other.set_ylabel(units[1])
-    return True
+def _two_scales(
+    ax: Axes, m: Metrics, left: list[str], right: list[str], units: tuple[str, str], label=_short
+) -> bool:
+    """``left`` on ``ax``, ``right`` dashed on a twin y axis when both have data (units differ);
+    ``label`` names a metric's line."""
+    left, right = ([n for n in names if m.get(n) is not None] for names in (left, right))
+    _lines(ax, m, left, units[0], label)
+    other = ax.twinx() if left and right else ax
+    for i, n in enumerate(right, len(left)):  # the twin axis starts its own colour cycle
+        _series(other, m, n, label(n), color=f"C{i}", ls="--")
+    if right:
+        other.set_ylabel(units[1])
+    return bool(left or right)
 
 
 def _plot_reward(ax: Axes, m: Metrics) -> bool:
@@ -180,8 +215,10 @@ def _plot_timing(ax: Axes, m: Metrics) -> bool:
 
 def _plot_eval(ax: Axes, m: Metrics) -> bool:
     """Rates in [0, 1] (scores, pass@k, fractions) on the left axis; the rest (lengths, counts)
-    dashed on a twin right axis. Sparse: markers at the evaluated iterations."""
-    names = [n for n in m.names(r"eval/.+") if n != "eval/prompts"]  # a constant: the set size
+    dashed on a twin right axis. Sparse: markers at the evaluated iterations. Not the supervised
+    held-out metrics: they are on the supervised loss plot."""
+    # eval/prompts is a constant, the set's size.
+    names = [n for n in m.names(r"eval/(?!(sft|rm)_).+") if n != "eval/prompts"]
     rates = [n for n in names if np.nanmin(m.columns[n]) >= 0 and np.nanmax(m.columns[n]) <= 1]
     other = [n for n in names if n not in rates]
     right = ax.twinx() if rates and other else ax
@@ -206,7 +243,7 @@ SECTIONS: tuple[tuple[str, str, Draw], ...] = (
     ("Entropy", "actor/entropy: mean per-token entropy of the policy",
      lambda ax, m: _lines(ax, m, ["actor/entropy"], "nats")),
     ("Response length", "mean response length; dashed, right axis: fraction cut at the limit",
-     lambda ax, m: _two_scales(ax, m, ["rollout/response_length"], "rollout/truncated_fraction",
+     lambda ax, m: _two_scales(ax, m, ["rollout/response_length"], ["rollout/truncated_fraction"],
                                ("tokens", "fraction truncated"))),
     ("Time per stage", "seconds per stage, stacked; dashed: timing/iteration, the training step "
      "(evaluation and export run outside it); iterations over 3x the median (the first one's "
@@ -214,21 +251,37 @@ SECTIONS: tuple[tuple[str, str, Draw], ...] = (
     ("Throughput", "tokens (prompt + response) per second of the iteration, generated tokens "
      "per second of generation; dashed, right axis: samples per second",
      lambda ax, m: _two_scales(ax, m, ["perf/tokens_per_s", "perf/generated_tokens_per_s"],
-                               "perf/samples_per_s",
-                               ("tokens / s", "samples / s"))),
+                               ["perf/samples_per_s"], ("tokens / s", "samples / s"))),
     ("Evaluation", "eval/* at the iterations that ran one; dashed, right axis: metrics "
      "outside [0, 1]", _plot_eval),
+)  # fmt: skip
+# Metrics only some runs log: drawn when there is data, never named as skipped.
+OPTIONAL_SECTIONS: tuple[tuple[str, str, Draw], ...] = (
+    ("Supervised loss", "training loss per iteration (sft/loss; rm/loss, the pairwise ranking "
+     "loss; actor/ptx_loss, an RL run's pretraining term) and held-out loss (eval/*, markers "
+     "at the evaluated iterations); dashed, right axis: accuracy (SFT: of the next token; "
+     "reward model: of the pair's ranking)",
+     lambda ax, m: _two_scales(ax, m, list(LOSSES), list(ACCURACIES), ("loss", "accuracy"), str)),
+    ("Reward margin", "rm/margin_mean: the mean over the batch's pairs of r_w - r_l, the chosen "
+     "response's score less the other's", lambda ax, m: _lines(ax, m, ["rm/margin_mean"], "score")),
+    ("Optimizer", "gradient norm of each model's update; dashed, right axis: learning rate",
+     lambda ax, m: _two_scales(ax, m, m.names(r"[^/]+/grad_norm"), m.names(r"[^/]+/lr"),
+                               ("gradient norm", "learning rate"), str)),
 )  # fmt: skip
 
 
 def make_figures(m: Metrics) -> tuple[list[tuple[str, str, Figure]], list[str]]:
-    """One figure per section with data, as (title, caption, figure); and the skipped titles."""
-    figures, skipped = [], []
-    for title, caption, draw in SECTIONS:
+    """One figure per section with data, as (title, caption, figure); and the skipped titles:
+    an RL run's ``SECTIONS`` without data (a supervised run's are left out silently)."""
+    figures, skipped, supervised = [], [], m.supervised is not None
+    rl = [title for title, _, _ in SECTIONS]
+    order = (*OPTIONAL_SECTIONS, *SECTIONS) if supervised else (*SECTIONS, *OPTIONAL_SECTIONS)
+    for title, caption, draw in order:
         fig = Figure(figsize=(9, 3.2), layout="constrained")
         ax = fig.add_subplot()
         if not draw(ax, m):
-            skipped.append(title)
+            if title in rl and not supervised:
+                skipped.append(title)
             continue
         ax.set(title=title, xlabel="iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -321,6 +374,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _grid(head: list[str], rows: list[str], css: str) -> str:
+    """An HTML table: a header row of ``head`` (escaped) over ``rows`` (each a row's cells)."""
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join(f"<tr>{cells}</tr>" for cells in rows)
+    return f'<table class="{css}"><tr>{header}</tr>{body}</table>'
+
+
 def samples_table(samples: list[Sample]) -> str:
     """An HTML table of samples; every value escaped."""
     components = sorted({c for s in samples for c in s.rewards})
@@ -332,17 +392,16 @@ def samples_table(samples: list[Sample]) -> str:
         numbers = [s.score, *(s.rewards.get(c) for c in components)]
         cells += [f"<td>{html.escape(_fmt(v))}</td>" for v in numbers]
         cells.append(f"<td>{html.escape(s.finish_reason)}</td>")
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    return f'<table class="samples"><tr>{header}</tr>{"".join(rows)}</table>'
+        rows.append("".join(cells))
+    return _grid(head, rows, "samples")
 
 
-def _samples_html(run_dir: Path, config: dict, n: int) -> str:
+def _samples_html(run_dir: Path, config: dict, n: int, supervised: bool) -> str:
     rollouts = iteration_files(run_dir / "rollouts")
     evals = iteration_files(run_dir / "eval")
     out = ["<h2>Samples</h2>"]
     if not rollouts:
-        out.append(f'<p class="note">{NO_ROLLOUTS}</p>')
+        out.append(f'<p class="note">{NO_ROLLOUTS_SUPERVISED if supervised else NO_ROLLOUTS}</p>')
     if not rollouts and not evals:
         return "".join(out)
     tokenizer, tried = load_tokenizer(run_dir, config)
@@ -379,9 +438,9 @@ def _table(rows: list[tuple[str, str]], css: str) -> str:
 
 
 def _header_html(run_dir: Path, m: Metrics, config: dict, summary: dict) -> str:
-    algorithm = config.get("algorithm") or {}
+    estimator = (config.get("algorithm") or {}).get("estimator", "unknown (no config.yaml)")
     rows = [
-        ("algorithm", str(algorithm.get("estimator", "unknown (no config.yaml)"))),
+        ("algorithm", str(m.supervised or estimator)),
         ("model", str((config.get("model") or {}).get("path", "unknown (no config.yaml)"))),
         ("iterations", str(summary.get("iterations", m.trained))),
     ]
@@ -389,7 +448,8 @@ def _header_html(run_dir: Path, m: Metrics, config: dict, summary: dict) -> str:
         wall = summary.get("wall_time_s")
         rows.append(("wall time", f"{wall:.0f} s" if isinstance(wall, (int, float)) else "–"))
         first, last = summary.get("reward_first"), summary.get("reward_last")
-        rows.append(("reward, first → last iterations", f"{_fmt(first)} → {_fmt(last)}"))
+        if first is not None or last is not None:  # an RL run's
+            rows.append(("reward, first → last iterations", f"{_fmt(first)} → {_fmt(last)}"))
     else:
         rows.append(("summary", "no summary.json: the run failed or is still running"))
     rows.append(("report generated", datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")))
@@ -407,15 +467,37 @@ def _last_iteration_html(m: Metrics) -> str:
     return f"<h2>{html.escape(str(title))}</h2>{_table(rows, 'metrics')}"
 
 
+def _figure_html(title: str, caption: str, fig: Figure) -> str:
+    alt, src = html.escape(f"{title} plot"), f"data:image/png;base64,{_png_base64(fig)}"
+    text = f"<b>{html.escape(title)}</b>: {html.escape(caption)}"
+    return f'<figure><img alt="{alt}" src="{src}"><figcaption>{text}</figcaption></figure>'
+
+
 def _figures_html(m: Metrics) -> str:
     figures, skipped = make_figures(m)
-    out = ["<h2>Training curves</h2>"]
-    for title, caption, fig in figures:
-        alt, src = html.escape(f"{title} plot"), f"data:image/png;base64,{_png_base64(fig)}"
-        text = f"<b>{html.escape(title)}</b>: {html.escape(caption)}"
-        out.append(f'<figure><img alt="{alt}" src="{src}"><figcaption>{text}</figcaption></figure>')
+    out = ["<h2>Training curves</h2>", *(_figure_html(*figure) for figure in figures)]
     if skipped:
         out.append(f'<p class="note">skipped, no data: {html.escape(", ".join(skipped))}</p>')
+    return "".join(out)
+
+
+def _reward_model_html(run_dir: Path) -> str:
+    """The ``rm_eval/`` results: a table of each evaluation set's numbers and its accuracy by
+    length difference, then one calibration plot of them all; "" when there are none."""
+    evals = read_rm_eval(run_dir)
+    if not evals:
+        return ""
+    out = ["<h2>Reward model</h2>"]
+    for name, metrics in evals.items():
+        out.append(f"<h3>{html.escape(name)}</h3>")
+        out.append(_table([(k, _fmt(v)) for k, v in rm_rows(metrics)], "rm"))
+        rows = [
+            "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) for r in rm_bucket_rows(metrics)
+        ]
+        out.append(_grid(list(BUCKET_HEAD), rows, "rm-buckets"))
+    figure = calibration_figure(evals)
+    if figure is not None:
+        out.append(_figure_html(*figure))
     return "".join(out)
 
 
@@ -434,7 +516,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
     config = _read_optional(run_dir / "config.yaml")
     summary = _read_optional(run_dir / "summary.json")
     body = _header_html(run_dir, m, config, summary) + _last_iteration_html(m)
-    body += _figures_html(m) + _samples_html(run_dir, config, samples)
+    body += _figures_html(m) + _reward_model_html(run_dir)
+    body += _samples_html(run_dir, config, samples, m.supervised is not None)
     title = html.escape(f"Raylign report: {run_dir.resolve().name}")
     page = f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>'
     page += f"<style>{CSS}</style></head><body>{body}</body></html>\n"

@@ -11,6 +11,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +20,7 @@ from transformers import AutoTokenizer
 
 from orchestration.report import (
     NO_ROLLOUTS,
+    NO_ROLLOUTS_SUPERVISED,
     SECTIONS,
     Sample,
     load_metrics,
@@ -28,6 +30,7 @@ from orchestration.report import (
     samples_table,
     write_report,
 )
+from orchestration.rm_eval import read_rm_eval, rm_metrics, write_rm_eval
 
 TITLES = [title for title, _, _ in SECTIONS]
 EOS = "<|endoftext|>"
@@ -305,3 +308,141 @@ def test_a_slow_first_iteration_does_not_flatten_the_stage_plot(run_dir):
     ax = {t: fig for t, _, fig in figures}["Time per stage"].axes[0]
     assert ax.get_ylim()[1] == pytest.approx(1.3)  # 1.3 x the slowest normal iteration (1 s)
     assert [t.get_text() for t in ax.texts] == ["20.0 s"]
+
+
+# ------------------------------------------------------------------------------ supervised runs
+
+
+def sft_records(n: int = 10) -> list[dict]:
+    """``n`` SFT iterations; held-out evaluation as records of its own at 0, 5 and after the
+    last iteration (so the training series are NaN there)."""
+    records = []
+    for i in range(n):
+        records.append(
+            {
+                "iteration": i,
+                "sft/loss": 2.0 - 0.1 * i,
+                "sft/accuracy": 0.3 + 0.02 * i,
+                "actor/lr": 1e-5,
+                "actor/grad_norm": 1.5,
+            }
+        )
+        if i % 5 == 0:
+            records.append(
+                {"iteration": i, "eval/sft_loss": 2.1 - 0.1 * i, "eval/sft_accuracy": 0.3}
+            )
+    return records + [{"iteration": n, "eval/sft_loss": 1.2, "eval/sft_accuracy": 0.5}]
+
+
+@pytest.fixture
+def sft_run(tmp_path) -> Path:
+    """A supervised run: metrics.jsonl, summary.json without rewards, two reward-model
+    evaluations; no config, rollouts or eval parquet."""
+    run = tmp_path / "sft-run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_records()))
+    (run / "summary.json").write_text(json.dumps({"iterations": 10, "wall_time_s": 50.0}))
+    # 4 pairs (tests/orchestration/test_rm_eval.py): accuracy 0.625, longer preferred 2/3.
+    scores = np.array([2.0, 1.0, 0.5, 3.0]), np.array([1.0, 1.0, 1.5, 0.0])
+    lengths = np.array([10, 5, 3, 16]), np.array([4, 5, 8, 18])
+    write_rm_eval(run, "held_out", rm_metrics(*scores, *lengths, [0, 3, 6]))
+    write_rm_eval(run, "equal_quality", rm_metrics(scores[0] + 1, scores[1], *lengths, [0]))
+    return run
+
+
+def test_training_records_include_supervised_ones(sft_run):
+    m = load_metrics(sft_run)
+    assert m.trained == 10 and m.last["iteration"] == 9 and m.supervised.startswith("SFT")
+    assert m.training.sum() == 10 and len(m.training) == 13  # and 3 evaluation records
+
+
+def test_supervised_run_has_its_loss_figure_and_no_rl_ones(sft_run):
+    figures, skipped = make_figures(load_metrics(sft_run))
+    assert skipped == []  # an RL figure's absence is no news in a supervised run
+    by_title = {t: fig for t, _, fig in figures}
+    assert list(by_title) == ["Supervised loss", "Optimizer"]
+    legends = {t: [x.get_text() for x in fig.legends[0].get_texts()] for t, fig in by_title.items()}
+    assert legends["Supervised loss"] == [
+        "sft/loss",
+        "eval/sft_loss",
+        "sft/accuracy",
+        "eval/sft_accuracy",
+    ]
+    assert legends["Optimizer"] == ["actor/grad_norm", "actor/lr"]
+    losses, accuracies = by_title["Supervised loss"].axes  # accuracy on its own axis
+    train, held_out = losses.get_lines()
+    assert list(train.get_xdata()) == list(range(10))  # unbroken by the evaluation records
+    assert list(held_out.get_xdata()) == [0, 5, 10] and held_out.get_marker() == "o"
+    assert [line.get_linestyle() for line in accuracies.get_lines()] == ["--", "--"]
+
+
+def test_supervised_report_page(sft_run):
+    page = read_page(write_report(sft_run))
+    text = "".join(page.text)
+    assert [f["alt"] for f in page.figures] == [
+        "Supervised loss plot",
+        "Optimizer plot",
+        "Reward model calibration plot",
+    ]
+    assert "skipped" not in text
+    meta = dict(row for row in page.table("meta")[0])
+    assert meta["algorithm"] == "SFT (supervised fine-tuning)" and meta["iterations"] == "10"
+    assert "reward, first → last iterations" not in meta
+    last = dict(page.table("metrics")[0])
+    assert last["sft/loss"] == "1.1" and last["actor/lr"] == "1e-05"
+    assert last["eval/sft_loss (iteration 10)"] == "1.2"
+    # The reward-model section: one table of numbers and one of buckets per evaluation, by name.
+    assert page.headings[page.headings.index("Reward model") :][1:3] == [
+        "equal_quality",
+        "held_out",
+    ]
+    equal, held_out = (dict((k.split(" (")[0], v) for k, v in t) for t in page.table("rm"))
+    saved = read_rm_eval(sft_run)["held_out"]
+    assert held_out == {
+        "accuracy": "0.625",
+        "pairs": "4",
+        "longer preferred": "0.6667",
+        "length correlation": f"{saved['length_correlation']:.4g}",
+        "ECE": f"{saved['ece']:.4g}",
+    }
+    assert equal["accuracy"] == "0.875"  # +1 on chosen: pair 2 (0.5 + 1 vs 1.5) becomes a tie
+    buckets = page.table("rm-buckets")[1]
+    assert buckets == [
+        ["length difference (tokens)", "pairs", "accuracy", "longer preferred"],
+        ["[0, 3)", "2", "0.75", "0"],
+        ["[3, 6)", "1", "0", "1"],
+        ["[6, inf)", "1", "1", "1"],
+    ]
+    assert "Reward model calibration" in [f["caption"].split(":")[0] for f in page.figures]
+    assert NO_ROLLOUTS_SUPERVISED in text and NO_ROLLOUTS not in text
+    assert page.table("samples") == []
+
+
+def test_reward_model_run_plots_its_margin(tmp_path):
+    records = [
+        {"iteration": i, "rm/loss": 0.7 - 0.05 * i, "rm/accuracy": 0.5 + 0.04 * i}
+        | {"rm/margin_mean": 0.1 * i}
+        | ({"eval/rm_accuracy": 0.6, "eval/rm_loss": 0.65} if i == 4 else {})
+        for i in range(5)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures, skipped = make_figures(load_metrics(tmp_path))
+    legends = {t: [x.get_text() for x in fig.legends[0].get_texts()] for t, _, fig in figures}
+    assert legends == {
+        "Supervised loss": ["rm/loss", "eval/rm_loss", "rm/accuracy", "eval/rm_accuracy"],
+        "Reward margin": ["margin_mean"],
+    }
+    assert skipped == []
+    meta = dict(row for row in read_page(write_report(tmp_path)).table("meta")[0])
+    assert meta["algorithm"] == "reward model"
+
+
+def test_rl_run_with_a_pretraining_loss_adds_the_figure_after_the_rl_ones(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in records[:-1]:
+        r["actor/ptx_loss"] = 1.0
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures, skipped = make_figures(load_metrics(run_dir))
+    assert [t for t, _, _ in figures] == [*TITLES, "Supervised loss"] and skipped == []
+    assert [x.get_text() for x in figures[-1][2].legends[0].get_texts()] == ["actor/ptx_loss"]
+    assert load_metrics(run_dir).supervised is None
