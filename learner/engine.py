@@ -38,8 +38,9 @@ from rollout.tensors import PaddedBatch, to_list_column, to_padded
 class OptimizerSpec:
     """AdamW and its learning-rate schedule for one model.
 
-    ``schedule``: linear warm-up over ``warmup_steps`` optimizer steps, then ``constant`` or
-    ``cosine`` decay to ``min_lr_ratio * lr`` at ``total_steps``.
+    ``schedule``: linear warm-up over ``warmup_steps`` optimizer steps, then ``constant``, or
+    ``cosine`` or ``linear`` decay to ``min_lr_ratio * lr`` at ``total_steps`` (linear: the N+
+    implementation details of RLHF with PPO, arXiv 2403.17031). ``eps``: AdamW's epsilon.
     """
 
     lr: float
@@ -65,6 +66,7 @@ class LearnerSpec:
     policy_optim: OptimizerSpec
     objective: Objective
     critic_optim: OptimizerSpec | None = None  # needed when the objective trains a critic
+    critic_path: str | None = None  # the critic's starting checkpoint; None: model_path
     dtype: str = "float32"
     trust_remote_code: bool = False
     zero_stage: int = 0
@@ -83,6 +85,13 @@ _ENGINE_RATES = ("grad_norm", "lr")
 
 
 def _lr_lambda(spec: OptimizerSpec):
+    """``LambdaLR``'s factor of ``spec.lr`` for optimizer step ``step`` (0-based): ``(step + 1)
+    / warmup_steps`` during warm-up, then 1 (constant) or falling from 1 at ``warmup_steps`` to
+    ``min_lr_ratio`` at ``total_steps`` along a half cosine or a line. The last step of a run,
+    ``total_steps - 1``, is one step short of the end, so its learning rate is not 0."""
+    if spec.schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"lr schedule {spec.schedule!r}: give constant, cosine or linear")
+
     def factor(step: int) -> float:
         if spec.warmup_steps and step < spec.warmup_steps:
             return (step + 1) / spec.warmup_steps
@@ -90,8 +99,11 @@ def _lr_lambda(spec: OptimizerSpec):
             return 1.0
         span = max(spec.total_steps - spec.warmup_steps, 1)
         progress = min((step - spec.warmup_steps) / span, 1.0)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * cosine
+        if spec.schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * decay
 
     return factor
 
@@ -220,7 +232,7 @@ class Engine:
         self.critic = None
         if wants_critic:
             critic = CriticModel.from_pretrained(
-                spec.model_path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
+                spec.critic_path or spec.model_path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
             )
             self.critic = _deepspeed_engine(critic, spec.critic_optim, spec.zero_stage, spec.dtype)
         self.engines = {"actor": self.policy}

@@ -45,12 +45,19 @@ def load_causal_lm(path: str, *, dtype: str = "float32", trust_remote_code: bool
     )
 
 
+VALUE_HEAD_FILE = "value_head.safetensors"
+"""A value-head reward model's head, beside its causal LM: ``weight`` (1, H) and ``bias`` (1,),
+the format ``reward_service.reward_model`` reads and ``reward_service.train_rm`` writes (the two
+roles share no module; a test checks that the names agree)."""
+
+
 class CriticModel(nn.Module):
     """A value model: a causal LM's transformer body with a scalar head on every position.
 
-    Initialised from the policy's checkpoint (no reward model in the loop to start from) with a
-    fresh head drawn from N(0, 1/sqrt(d+1)) and zero bias, the reward/value-head initialisation of
-    "The N+ Implementation Details of RLHF with PPO" (arXiv 2403.17031).
+    A fresh head is drawn from N(0, 1/sqrt(d+1)) with zero bias, the reward/value-head
+    initialisation of "The N+ Implementation Details of RLHF with PPO" (arXiv 2403.17031); N+
+    initialises the critic from the reward model instead, which ``from_pretrained`` does when
+    given one.
     """
 
     def __init__(self, body: nn.Module, hidden_size: int):
@@ -64,9 +71,50 @@ class CriticModel(nn.Module):
     def from_pretrained(
         cls, path: str, *, dtype: str = "float32", trust_remote_code: bool = False
     ) -> CriticModel:
-        """The body of the causal LM at ``path`` (its LM head dropped) plus a new value head."""
-        lm = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
-        critic = cls(lm.get_decoder(), lm.config.hidden_size)
+        """The critic from the checkpoint at ``path``, one of three kinds:
+
+        - a causal LM (the policy's, by default): its body (LM head dropped), a fresh head;
+        - a value-head reward model, a causal LM with ``VALUE_HEAD_FILE`` beside it: its body
+          and that head;
+        - a one-label ``*ForSequenceClassification`` reward model: its body and its ``score``
+          head (bias 0 where the head has none, as in transformers' decoder classifiers).
+
+        Raises:
+            ValueError: a classifier with other than one label or without a ``score`` head, or
+                a value head whose shapes do not fit the body.
+        """
+        from transformers import AutoConfig
+
+        check_model_path(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        hidden_size = config.get_text_config().hidden_size
+        if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+            body, weight, bias = _classifier_parts(path, config, dtype, trust_remote_code)
+        else:
+            lm = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            body, weight, bias = lm.get_decoder(), None, None
+            head_file = os.path.join(os.path.expanduser(path), VALUE_HEAD_FILE)
+            if os.path.isfile(head_file):
+                from safetensors.torch import load_file
+
+                state = load_file(head_file)
+                if set(state) != {"weight", "bias"}:
+                    raise ValueError(
+                        f"critic checkpoint {path}: {VALUE_HEAD_FILE} holds {sorted(state)}; a "
+                        "value head is exactly 'weight' (1, H) and 'bias' (1,)"
+                    )
+                weight, bias = state["weight"], state["bias"]
+        critic = cls(body, hidden_size)
+        if weight is not None:
+            if weight.shape != (1, hidden_size) or bias.shape != (1,):
+                raise ValueError(
+                    f"critic checkpoint {path}: its value head has weight {tuple(weight.shape)} "
+                    f"and bias {tuple(bias.shape)}; the body's hidden size {hidden_size} needs "
+                    f"weight (1, {hidden_size}) and bias (1,)"
+                )
+            with torch.no_grad():
+                critic.value_head.weight.copy_(weight)
+                critic.value_head.bias.copy_(bias)
         return critic.to(DTYPES[dtype])
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -75,6 +123,33 @@ class CriticModel(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
         return self.value_head(hidden).squeeze(-1)
+
+
+def _classifier_parts(path: str, config, dtype: str, trust_remote_code: bool):
+    """``(body, weight (1, H), bias (1,))`` of a one-label sequence classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    if config.num_labels != 1:
+        raise ValueError(
+            f"critic checkpoint {path}: a sequence-classification head with {config.num_labels} "
+            "labels; a reward model to start a critic from has exactly one"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        dtype=DTYPES[dtype],
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        attn_implementation="sdpa",
+    )
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"critic checkpoint {path}: {type(model).__name__} has no linear 'score' head; save "
+            f"the reward model as its causal LM with {VALUE_HEAD_FILE} (weight (1, H), bias (1,))"
+        )
+    weight = head.weight.detach()
+    bias = head.bias.detach() if head.bias is not None else torch.zeros(1, dtype=weight.dtype)
+    return model.base_model, weight, bias
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ not fail at all and train on garbage:
 4. each reward model: the same checks of its files and of its own tokenizer against its own
    embedding, a head the scorer can read, and a note when its vocabulary is not the policy's
    (``reward_service.reward_model.RewardModelScorer`` then decodes each sample to text and
-   re-tokenizes it).
+   re-tokenizes it);
+5. ``learner.critic_init``: a local directory holding a reward model the critic can start from
+   (a causal LM with a whole, well-shaped ``value_head.safetensors``, a one-label classifier,
+   or a plain causal LM, noted), with the policy's vocabulary (the critic reads its token ids).
 
 A hub name (``org/name``) has no local files to check; its config and tokenizer are checked, and
 its weights are fetched and loaded from safetensors only (``use_safetensors=True`` in
@@ -111,7 +114,8 @@ def locate_model(field: str, path: str, timeout_s: float = HUB_TIMEOUT_S) -> str
 def check_inputs(
     cfg: RunConfig, model_path: str, tokenizer, reward_model_paths: dict[str, str]
 ) -> list[str]:
-    """Check the policy and reward-model checkpoints and tokenizers before any actor starts.
+    """Check the policy, critic-init and reward-model checkpoints and tokenizers before any
+    actor starts.
 
     Args:
         cfg: the validated run config.
@@ -139,6 +143,8 @@ def check_inputs(
         )
     _check_positions(cfg.generator.max_model_len, model_path, config)
     notes = []
+    if cfg.learner.critic_init is not None:
+        notes += _check_critic_init(cfg.learner.critic_init, tokenizer, trust)
     for m in cfg.reward.models:
         path, field = reward_model_paths[m.name], f"reward.models[{m.name}].path"
         config = _read_checkpoint(field, path, trust)
@@ -327,6 +333,64 @@ def _check_causal_lm(field: str, path: str, config) -> None:
             f"{field} {path!r}: a {architectures[0]} checkpoint (a classifier, such as a reward "
             "model), not a causal LM; the policy would get a random LM head. Give the policy's "
             "checkpoint (a reward model goes in reward.models)"
+        )
+
+
+def _check_critic_init(path: str, tokenizer, trust_remote_code: bool) -> list[str]:
+    """``learner.critic_init``: a local checkpoint ``learner.models.CriticModel`` can start
+    from (a value-head reward model, a one-label classifier, or a causal LM) that reads the
+    policy's token ids (``tokenizer``) as the policy does. Returns a note for a causal LM
+    without a value head (its head is fresh, as when the critic starts from the policy)."""
+    field = "learner.critic_init"
+    kinds = (
+        f"a reward model's directory: a causal LM with {VALUE_HEAD_FILE}, or a one-label "
+        "*ForSequenceClassification checkpoint"
+    )
+    if not os.path.isdir(os.path.expanduser(path)):
+        raise InputError(f"{field} {path!r} is not a directory; give {kinds}")
+    config = _read_checkpoint(field, path, trust_remote_code)
+    architectures = config.architectures or []
+    head_file = Path(path).expanduser() / VALUE_HEAD_FILE
+    notes = []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        try:
+            head_kind(config, path)
+        except ValueError as e:
+            raise InputError(f"{field}: {e}") from None
+    elif architectures and all(
+        a.endswith(("ForTokenClassification", "ForQuestionAnswering")) for a in architectures
+    ):
+        raise InputError(f"{field} {path!r}: a {architectures[0]} checkpoint; give {kinds}")
+    elif head_file.is_file():
+        _check_value_head(field, head_file, config.get_text_config().hidden_size)
+    else:
+        notes.append(
+            f"{field} {path!r} is a causal LM without {VALUE_HEAD_FILE}: the critic starts from "
+            "its body with a fresh value head"
+        )
+    _check_tokenizer_fits(field, path, tokenizer, config)
+    own = _load_tokenizer(field, path, trust_remote_code)
+    if not same_vocabulary(tokenizer, own):
+        raise InputError(
+            f"{field} {path!r}: its tokenizer differs from the policy's ({len(tokenizer)} and "
+            f"{len(own)} tokens, or other ids); the critic reads the policy's token ids, so start "
+            "it from a reward model trained with the policy's tokenizer"
+        )
+    return notes
+
+
+def _check_value_head(field: str, file: Path, hidden_size: int) -> None:
+    """``file`` is whole and holds exactly ``weight`` (1, H) and ``bias`` (1,)."""
+    from safetensors import safe_open
+
+    _check_safetensors(field, file)
+    with safe_open(str(file), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in sorted(f.keys())}
+    wanted = {"bias": (1,), "weight": (1, hidden_size)}
+    if shapes != wanted:
+        raise InputError(
+            f"{field}: {file} holds {shapes}; a value head for this body (hidden size "
+            f"{hidden_size}) is exactly {wanted}"
         )
 
 

@@ -65,7 +65,7 @@ def component_problems(rw: RewardConfig) -> list[str]:
 
 
 def cross_field_problems(cfg: RunConfig) -> list[str]:
-    """Every rule that spans sections: batch shape, groups, lengths, resume, then scale,
+    """Every rule that spans sections: batch shape, critic, groups, lengths, resume, then scale,
     reward and eval (:func:`scale_problems`, :func:`reward_problems`, :func:`eval_problems`)."""
     problems = []
     samples = cfg.data.prompts_per_iteration * cfg.generator.samples_per_prompt
@@ -75,6 +75,12 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"data.prompts_per_iteration x generator.samples_per_prompt = {samples} samples "
             f"do not split evenly into learner.num_ranks x learner.num_mini_batches = {parts}; "
             "change one of them"
+        )
+    if cfg.learner.critic_init is not None and not cfg.algorithm.spec.needs_critic:
+        problems.append(
+            f"learner.critic_init={cfg.learner.critic_init!r} initialises a critic, but "
+            f"algorithm.estimator={cfg.algorithm.estimator.value} trains none; use "
+            "algorithm.estimator=gae, or drop learner.critic_init"
         )
     if cfg.algorithm.spec.needs_groups and cfg.generator.samples_per_prompt < 2:
         problems.append(

@@ -158,10 +158,19 @@ class LearnerConfig(Section):
     """AdamW weight decay."""
     warmup_steps: int = Field(0, ge=0)
     """Optimizer steps of linear learning-rate warm-up."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """After warm-up: constant, or cosine decay to 0 over the run's optimizer steps."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After warm-up: constant, or cosine or linear decay to 0 at the run's last optimizer step
+    (linear: the N+ implementation details of RLHF with PPO, arXiv 2403.17031)."""
+    adam_eps: float = Field(1e-8, gt=0)
+    """AdamW's epsilon, policy and critic (the N+ implementation details use 1e-5: a larger
+    epsilon damps the update of parameters whose gradients have been tiny)."""
     grad_clip: float = Field(1.0, gt=0)
     """Clip the gradient's global norm to this."""
+    critic_init: str | None = None
+    """gae: initialise the critic from this reward model (a local directory: a causal LM with
+    ``value_head.safetensors``, a one-label ``*ForSequenceClassification`` checkpoint, or a
+    plain causal LM, whose value head is then fresh); its vocabulary must be the policy's.
+    None: the policy's checkpoint with a fresh value head."""
     max_skipped_in_a_row: int = Field(8, ge=1)
     """Updates dropped in a row for a non-finite loss or gradient norm before the run stops
     (with a checkpoint of the last good state); single ones are skipped and counted."""
@@ -304,6 +313,12 @@ class RewardConfig(Section):
     """EOS trick: a response that hits ``generator.max_new_tokens`` without stopping scores
     this, whatever the components say. None: off."""
     overlong: OverlongConfig | None = None
+    whiten: bool = False
+    """Reward whitening (the N+ implementation details of RLHF with PPO, arXiv 2403.17031), the
+    last shaping step: over each scored batch's scorable scores, ``(r - mean) / std + mean``,
+    so the batch keeps its mean and its spread becomes 1 (``reward/whiten_std``: the std
+    divided by). A batch with fewer than 2 scorable scores or no spread is left as it is. With
+    ``dynamic_sampling``, each generation round is a batch."""
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
     function_timeout_s: float = Field(10.0, gt=0)
     """Longest one call of a rule function (``functions``, ``monitors``) may take. Rule functions

@@ -86,6 +86,7 @@ def learner_spec(
         return OptimizerSpec(
             lr=lr,
             weight_decay=lc.weight_decay,
+            eps=lc.adam_eps,
             warmup_steps=lc.warmup_steps,
             total_steps=total_steps,
             schedule=lc.lr_schedule,
@@ -97,6 +98,7 @@ def learner_spec(
         policy_optim=optim(lc.lr),
         objective=goal,
         critic_optim=optim(lc.critic_lr) if goal.critic else None,
+        critic_path=lc.critic_init,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         zero_stage=lc.zero_stage,
@@ -209,7 +211,8 @@ def remote_scorer_args(cfg: RunConfig, r, model_path: str) -> tuple[tuple, dict]
 
 
 def shaping_spec(cfg: RunConfig) -> ShapingSpec:
-    """How components become one score: weights, gate, baselines, normalisation, penalties."""
+    """How components become one score: weights, gate, baselines, normalisation, penalties,
+    whitening."""
     rw = cfg.reward
     gate = rw.safety_gate
     return ShapingSpec(
@@ -222,6 +225,7 @@ def shaping_spec(cfg: RunConfig) -> ShapingSpec:
         overlong_buffer=rw.overlong.buffer_tokens if rw.overlong else None,
         overlong_penalty=rw.overlong.penalty if rw.overlong else 1.0,
         max_new_tokens=cfg.generator.max_new_tokens,
+        whiten=rw.whiten,
     )
 
 

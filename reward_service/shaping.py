@@ -13,9 +13,13 @@ The order, each step optional (see ``TECHNIQUES.md``, "Reward shaping and data s
 4. clip to ``[-clip, clip]``;
 5. the EOS trick: a response cut off at the token budget gets a fixed score (arXiv 2403.17031);
 6. the overlong penalty (DAPO's soft punishment) added for responses in the last
-   ``buffer`` tokens of the budget.
+   ``buffer`` tokens of the budget;
+7. reward whitening over the batch, keeping its mean: ``(r - mean) / std + mean`` (arXiv
+   2403.17031).
 
-Steps 5 and 6 come last so their values mean the same thing whatever the normalisation does.
+Steps 5 and 6 come after 3 and 4 so their values mean the same thing whatever the running
+normalisation and the clip do. Whitening comes last, as in N+, where the EOS trick's score is
+whitened with the rest: it only rescales the batch's spread around its own mean.
 """
 
 from __future__ import annotations
@@ -96,6 +100,27 @@ def overlong_penalty(lengths: np.ndarray, max_tokens: int, buffer: int, penalty:
     return -penalty * over
 
 
+def whiten(scores: np.ndarray) -> tuple[np.ndarray, float]:
+    """``((N,) whitened scores, std)``: reward whitening without shifting the mean (arXiv
+    2403.17031), ``(r - mean) / sqrt(var + 1e-8) + mean`` with the mean and the unbiased
+    variance of the finite scores; NaN stays NaN. The numpy twin of
+    ``learner.functional.masked_whiten(r, finite, shift_mean=False)`` (a test holds them equal;
+    ``reward_service`` imports no ``learner``).
+
+    Fewer than 2 finite scores (no variance) or all of them equal (nothing to rescale): the
+    scores as they are, with std NaN or 0.
+    """
+    x = np.asarray(scores, np.float64)
+    finite = np.isfinite(x)
+    if finite.sum() < 2:
+        return x, float("nan")
+    values = x[finite]
+    if values.min() == values.max():
+        return x, 0.0
+    mean, var = values.mean(), values.var(ddof=1)
+    return np.where(finite, (x - mean) / np.sqrt(var + 1e-8) + mean, x), float(np.sqrt(var))
+
+
 @dataclass(frozen=True)
 class ShapingSpec:
     """Which shaping steps run (None / False: off); see the module docstring for the order."""
@@ -109,6 +134,7 @@ class ShapingSpec:
     overlong_buffer: int | None = None
     overlong_penalty: float = 1.0
     max_new_tokens: int = 0
+    whiten: bool = False
 
 
 class RewardShaper:
@@ -184,6 +210,8 @@ class RewardShaper:
             )
             score = score + penalty
             metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
+        if spec.whiten:
+            score, metrics["reward/whiten_std"] = whiten(score)
         metrics["reward/unscorable"] = float((~np.isfinite(score)).sum())
         return score.astype(np.float32), metrics
 

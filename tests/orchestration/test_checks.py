@@ -405,3 +405,73 @@ def test_a_reward_model_the_scorer_cannot_read(tiny_model):
         rf"\*ForSequenceClassification checkpoint nor a causal LM with {VALUE_HEAD_FILE}",
     ):
         check(tiny_model, helpful=tiny_model)
+
+
+# ------------------------------------------------------------------------------ critic init
+
+
+def check_critic(policy, critic_init) -> list[str]:
+    cfg = RunConfig.model_validate(
+        {
+            "data": {"max_prompt_tokens": 16},
+            "generator": {"max_model_len": 64, "max_new_tokens": 16},
+            "algorithm": {"estimator": "gae"},
+            "learner": {"critic_init": str(critic_init)},
+        }
+    )
+    return check_inputs(cfg, policy, AutoTokenizer.from_pretrained(policy), {})
+
+
+def test_a_value_head_or_classifier_reward_model_passes_as_critic_init(
+    tiny_model, same_vocab_rm, tmp_path
+):
+    path = tmp_path / "vh"
+    shutil.copytree(tiny_model, path)
+    save_file({"weight": torch.randn(1, 128), "bias": torch.zeros(1)}, path / VALUE_HEAD_FILE)
+    assert check_critic(tiny_model, path) == []
+    assert check_critic(tiny_model, same_vocab_rm) == []
+
+
+def test_a_causal_lm_without_a_value_head_as_critic_init_gets_a_note(tiny_model):
+    assert check_critic(tiny_model, tiny_model) == [
+        f"learner.critic_init {tiny_model!r} is a causal LM without {VALUE_HEAD_FILE}: the "
+        "critic starts from its body with a fresh value head"
+    ]
+
+
+def test_a_value_head_that_does_not_fit_the_body_is_refused_as_critic_init(tiny_model, tmp_path):
+    path = tmp_path / "vh64"
+    shutil.copytree(tiny_model, path)
+    save_file({"weight": torch.randn(1, 64), "bias": torch.zeros(1)}, path / VALUE_HEAD_FILE)
+    with pytest.raises(
+        InputError,
+        match=r"learner.critic_init: .*value_head.safetensors holds \{'bias': \(1,\), "
+        r"'weight': \(1, 64\)\}; a value head for this body \(hidden size 128\) is exactly "
+        r"\{'bias': \(1,\), 'weight': \(1, 128\)\}",
+    ):
+        check_critic(tiny_model, path)
+
+
+def test_a_critic_init_with_another_vocabulary_is_refused(tiny_model, other_vocab_rm):
+    with pytest.raises(
+        InputError,
+        match=r"learner.critic_init '.*other': its tokenizer differs from the policy's \(12 and "
+        r"\d+ tokens, or other ids\); the critic reads the policy's token ids",
+    ):
+        check_critic(tiny_model, other_vocab_rm)
+
+
+def test_a_critic_init_that_is_no_directory_or_a_two_label_classifier(
+    tiny_model, policy_tokenizer, tmp_path
+):
+    with pytest.raises(
+        InputError,
+        match=r"learner.critic_init '/no/such/rm' is not a directory; give a reward model's "
+        r"directory: a causal LM with value_head.safetensors, or a one-label",
+    ):
+        check_critic(tiny_model, "/no/such/rm")
+    path = save_qwen2(
+        tmp_path / "two", policy_tokenizer, Qwen2ForSequenceClassification, num_labels=2
+    )
+    with pytest.raises(InputError, match=r"learner.critic_init: .* with 2 labels"):
+        check_critic(tiny_model, path)

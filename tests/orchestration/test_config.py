@@ -6,7 +6,7 @@ import pytest
 from learner.algorithms import AdvantageEstimator
 from learner.estimators import ESTIMATOR_SPECS
 from orchestration.config import ConfigError, load_config, parse_overrides, presets
-from orchestration.specs import kl_kind, learner_spec
+from orchestration.specs import kl_kind, learner_spec, shaping_spec
 
 
 def test_presets_load_and_pick_their_algorithm():
@@ -104,6 +104,31 @@ def test_every_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
         load_config("demo", ["learner.lr=0", "generator.temperature=0"])
     assert "learner.lr" in str(err.value) and "generator.temperature" in str(err.value)
+
+
+def test_critic_init_needs_an_estimator_that_trains_a_critic():
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["learner.critic_init=/rm/helpful"])
+    assert (
+        "learner.critic_init='/rm/helpful' initialises a critic, but algorithm.estimator=grpo "
+        "trains none; use algorithm.estimator=gae, or drop learner.critic_init"
+    ) in str(err.value)
+    spec = learner_spec(load_config("demo-ppo", ["learner.critic_init=/rm/helpful"]), "m", 0, 10)
+    assert spec.critic_path == "/rm/helpful" and spec.model_path == "m"
+    assert learner_spec(load_config("demo-ppo"), "m", 0, 10).critic_path is None  # the policy's
+
+
+def test_n_plus_ppo_details_reach_the_learner_and_the_shaper():
+    cfg = load_config(
+        "demo-ppo", ["learner.adam_eps=1e-5", "learner.lr_schedule=linear", "reward.whiten=true"]
+    )
+    spec = learner_spec(cfg, "m", 0, 10)
+    for optim in (spec.policy_optim, spec.critic_optim):
+        assert optim.eps == 1e-5 and optim.schedule == "linear"
+    assert learner_spec(load_config("demo-ppo"), "m", 0, 10).policy_optim.eps == 1e-8
+    assert shaping_spec(cfg).whiten and not shaping_spec(load_config("demo-ppo")).whiten
+    with pytest.raises(ConfigError, match="learner.adam_eps: Input should be greater than 0"):
+        load_config("demo", ["learner.adam_eps=0"])
 
 
 def test_unknown_config_source(tmp_path):

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
+import torch
 
+from learner.functional import masked_whiten
 from reward_service.shaping import (
     RewardShaper,
     RunningMoments,
@@ -8,6 +10,7 @@ from reward_service.shaping import (
     ShapingSpec,
     combine,
     overlong_penalty,
+    whiten,
 )
 
 NAN = float("nan")
@@ -109,3 +112,47 @@ def test_shaper_state_round_trips():
     a, _ = call(s, [5.0, 3.0], rows=[3, 1])
     b, _ = call(t, [5.0, 3.0], rows=[3, 1])
     np.testing.assert_array_equal(a, b)
+
+
+def test_whitening_keeps_the_batch_mean_and_makes_the_spread_one():
+    # Scorable [1, 1, 1, 5]: mean 2, deviations (-1, -1, -1, 3), unbiased variance 12 / 3 = 4,
+    # std 2. (r - 2) / 2 + 2 = (1.5, 1.5, 1.5, 3.5): mean still 2, std 1. (Not r / std, which
+    # would be (0.5, 0.5, 0.5, 2.5) and move the mean to 1.)
+    out, std = whiten(np.array([1.0, NAN, 1.0, 1.0, 5.0]))
+    assert std == 2.0
+    np.testing.assert_allclose(out[[0, 2, 3, 4]], [1.5, 1.5, 1.5, 3.5], rtol=1e-8)
+    scored = out[np.isfinite(out)]
+    assert scored.mean() == pytest.approx(2.0) and scored.std(ddof=1) == pytest.approx(1.0)
+    assert np.isnan(out[1])  # unscorable stays unscorable
+
+
+def test_whitening_is_masked_whiten_without_shifting_the_mean():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.5, size=9)
+    x[[2, 7]] = NAN
+    finite = np.isfinite(x)
+    expected = masked_whiten(
+        torch.tensor(np.nan_to_num(x)), torch.tensor(finite), shift_mean=False
+    ).numpy()
+    out, _ = whiten(x)
+    np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-12)
+
+
+def test_a_batch_without_spread_is_left_as_it_is():
+    # All scorable scores equal: nothing to rescale (no division by a zero std), std 0.
+    # One scorable score: no variance at all, std NaN. Either way the scores are unchanged.
+    out, std = whiten(np.array([0.1, 0.1, NAN, 0.1]))
+    assert std == 0.0
+    np.testing.assert_array_equal(out, [0.1, 0.1, NAN, 0.1])
+    out, std = whiten(np.array([NAN, 4.0]))
+    assert np.isnan(std)
+    np.testing.assert_array_equal(out, [NAN, 4.0])
+
+
+def test_whitening_is_the_last_step_after_the_eos_trick():
+    s = shaper(no_eos_penalty=5.0, whiten=True)
+    score, metrics = call(s, [1.0, 1.0, 1.0, 7.0], finish=["stop", "stop", "stop", "length"])
+    # The EOS trick first: (1, 1, 1, 5); whitened as above: (1.5, 1.5, 1.5, 3.5).
+    np.testing.assert_allclose(score, [1.5, 1.5, 1.5, 3.5], rtol=1e-6)
+    assert metrics["reward/whiten_std"] == 2.0
+    assert "reward/whiten_std" not in call(shaper(), [1.0, 2.0])[1]
