@@ -46,8 +46,22 @@ class LearnerActor:
     def compute_old(self, table: pa.Table) -> pa.Table:
         return self.learner.compute_old(table)
 
-    def train(self, table: pa.Table, settings: dict[str, float] | None = None) -> dict[str, float]:
-        return self.learner.train(table, settings)
+    def train(
+        self,
+        table: pa.Table,
+        settings: dict[str, float] | None = None,
+        ptx: pa.Table | None = None,
+    ) -> dict[str, float]:
+        return self.learner.train(table, settings, ptx)
+
+    def evaluate(self, table: pa.Table) -> dict[str, float]:
+        return self.learner.evaluate(table)
+
+    def score(self, table: pa.Table) -> list[list[float]]:
+        return self.learner.score(table)
+
+    def shift_rm_bias(self, delta: float) -> float:
+        return self.learner.shift_rm_bias(delta)
 
     def policy_weights(self) -> dict[str, torch.Tensor] | None:
         return self.learner.policy_weights()

@@ -27,10 +27,10 @@ import pyarrow as pa
 import torch
 
 from learner import weight_sync
-from learner.models import CriticModel, load_causal_lm
-from learner.objectives import Counts, Objective
+from learner.models import VALUE_HEAD_FILE, CriticModel, load_causal_lm
+from learner.objectives import Counts, Micro, Objective
 from rollout import schema as S
-from rollout.ops import append_columns, split_by_tokens
+from rollout.ops import append_columns, split_by_tokens, token_ranges
 from rollout.tensors import PaddedBatch, to_list_column, to_padded
 
 
@@ -60,11 +60,19 @@ class LearnerSpec:
 
     ``micro_batch_tokens``: the most prompt + response tokens (unpadded, summed over rows) in one
     forward or forward/backward pass.
+
+    ``policy_optim`` is the optimizer of the objective's first model (the policy, or the reward
+    model of a reward-model objective). ``ptx``: the supervised term in RL (InstructGPT's
+    PPO-ptx), a next-token objective (``learner.supervised.NextToken``) whose loss on the rows
+    ``train`` is given as ``ptx`` is added, times ``ptx_coef``, to the policy's loss in every
+    micro-batch.
     """
 
     model_path: str
     policy_optim: OptimizerSpec
     objective: Objective
+    ptx: Objective | None = None
+    ptx_coef: float = 0.0
     critic_optim: OptimizerSpec | None = None  # needed when the objective trains a critic
     critic_path: str | None = None  # the critic's starting checkpoint; None: model_path
     dtype: str = "float32"
@@ -78,7 +86,7 @@ class LearnerSpec:
     collective_timeout_s: float = 600.0  # a collective waiting longer (a dead rank) fails
 
 
-_CHECKPOINT_DIRS = {"actor": "policy", "critic": "critic"}
+_CHECKPOINT_DIRS = {"actor": "policy", "critic": "critic", "rm": "reward_model"}
 
 # The engine's own metrics per model: rates (one value per mini-batch, averaged).
 _ENGINE_RATES = ("grad_norm", "lr")
@@ -136,9 +144,16 @@ def _deepspeed_engine(model: torch.nn.Module, spec: OptimizerSpec, zero_stage: i
     return engine
 
 
-def export_hf(model, weights: dict[str, torch.Tensor], spec: LearnerSpec, path: str) -> None:
+def export_hf(
+    model,
+    weights: dict[str, torch.Tensor],
+    spec: LearnerSpec,
+    path: str,
+    extra: Mapping[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
     """``model``'s config and generation config, ``weights`` as safetensors and the tokenizer of
-    ``spec.model_path``, into ``path`` (replacing what is there) via a temporary directory."""
+    ``spec.model_path``, into ``path`` (replacing what is there) via a temporary directory;
+    ``extra``: more safetensors files by name (a reward model's value head)."""
     import shutil
     from pathlib import Path
 
@@ -154,6 +169,11 @@ def export_hf(model, weights: dict[str, torch.Tensor], spec: LearnerSpec, path: 
         spec.model_path, trust_remote_code=spec.trust_remote_code
     )
     tokenizer.save_pretrained(str(tmp))
+    if extra:
+        from safetensors.torch import save_file
+
+        for name, tensors in extra.items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -212,12 +232,15 @@ class Engine:
         self, spec: LearnerSpec, *, rank: int, world_size: int, master_addr: str, master_port: int
     ):
         self.spec, self.objective = spec, spec.objective
-        wants_critic = "critic" in self.objective.models
+        models = tuple(self.objective.models)
+        wants_critic = "critic" in models
         if wants_critic != (spec.critic_optim is not None):
             raise ValueError(
                 f"objective {self.objective.name} {'trains' if wants_critic else 'has no'} a "
                 f"critic, but the spec {'has no' if wants_critic else 'has a'} critic optimizer"
             )
+        if spec.ptx is not None and "actor" not in models:
+            raise ValueError(f"a ptx term needs a policy; objective {self.objective.name} has none")
         self.rank, self.world_size = rank, world_size
         self.device = _init_distributed(
             rank, world_size, master_addr, master_port, spec.collective_timeout_s
@@ -225,27 +248,39 @@ class Engine:
         torch.manual_seed(spec.seed)
         self._rng = np.random.default_rng(spec.seed + rank)
 
-        policy = load_causal_lm(
-            spec.model_path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
-        )
-        self.policy = _deepspeed_engine(policy, spec.policy_optim, spec.zero_stage, spec.dtype)
-        self.critic = None
-        if wants_critic:
-            critic = CriticModel.from_pretrained(
-                spec.critic_path or spec.model_path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
+        self.engines: dict = {}
+        for name in models:
+            optim = spec.critic_optim if name == "critic" else spec.policy_optim
+            self.engines[name] = _deepspeed_engine(
+                self._build(name), optim, spec.zero_stage, spec.dtype
             )
-            self.critic = _deepspeed_engine(critic, spec.critic_optim, spec.zero_stage, spec.dtype)
-        self.engines = {"actor": self.policy}
-        if self.critic is not None:
-            self.engines["critic"] = self.critic
-        # No dropout anywhere: the ratio old/new must compare the same function of the weights.
+        self.policy = self.engines.get("actor")
+        self.critic = self.engines.get("critic")
+        # No dropout anywhere: the ratio old/new must compare the same function of the weights,
+        # and a reward model trains without it (the N+ details).
         for engine in self.engines.values():
             engine.eval()
         self.skipped_steps = dict.fromkeys(self.engines, 0)
         self.skipped_in_a_row = 0  # mini-batches in a row whose update was dropped
-        self.sender = weight_sync.PolicySender(
-            self.policy.module, rank, spec.zero_stage, self.device
-        )
+        self.sender = None
+        if self.policy is not None:
+            self.sender = weight_sync.PolicySender(
+                self.policy.module, rank, spec.zero_stage, self.device
+            )
+
+    def _build(self, name: str) -> torch.nn.Module:
+        """Engine model ``name``: the policy (a causal LM), the critic (a value model from
+        ``critic_path``, else the policy's body) or a reward model to train (the policy's body
+        and a fresh head, ``CriticModel``)."""
+        spec = self.spec
+        kwargs = {"dtype": spec.dtype, "trust_remote_code": spec.trust_remote_code}
+        if name == "actor":
+            return load_causal_lm(spec.model_path, **kwargs)
+        if name == "critic":
+            return CriticModel.from_pretrained(spec.critic_path or spec.model_path, **kwargs)
+        if name == "rm":
+            return CriticModel.from_pretrained(spec.model_path, **kwargs)
+        raise ValueError(f"objective {self.objective.name}: unknown model {name!r}")
 
     @property
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -307,15 +342,47 @@ class Engine:
         parts = np.array_split(order, self.spec.num_mini_batches)
         return [table.take(pa.array(p)) for p in parts]
 
-    def train(self, table: pa.Table, settings: Mapping[str, float] | None = None) -> dict:
+    def _micro_batches(self, objective: Objective, table: pa.Table) -> list[Micro]:
+        """``table`` cut into micro-batches of at most ``micro_batch_tokens`` (the objective's
+        ``lengths``), each collated by the objective and on this rank's device."""
+        if not table.num_rows:
+            return []
+        ranges = token_ranges(objective.lengths(table), self.spec.micro_batch_tokens)
+        return [self._collate(objective, table.slice(r.start, len(r))) for r in ranges]
+
+    def _collate(self, objective: Objective, table: pa.Table) -> Micro:
+        micro = objective.collate(table, self.spec.pad_token_id)
+        if self.device == "cpu":
+            return micro
+        mask = micro.mask.to(self.device) if micro.mask is not None else None
+        return Micro(micro.batch.to(self.device), mask, micro.tokens, micro.sequences)
+
+    def _ptx_parts(self, ptx: pa.Table | None, minis: int) -> list[pa.Table | None]:
+        """The PTX rows of one epoch, one slice per mini-batch (None: no PTX term)."""
+        if ptx is None or self.spec.ptx is None or self.spec.ptx_coef == 0 or not ptx.num_rows:
+            return [None] * minis
+        order = self._rng.permutation(ptx.num_rows)
+        return [ptx.take(pa.array(p)) for p in np.array_split(order, minis)]
+
+    def train(
+        self,
+        table: pa.Table,
+        settings: Mapping[str, float] | None = None,
+        ptx: pa.Table | None = None,
+    ) -> dict:
         """Epochs x mini-batches x micro-batches of the objective on this rank's rows; returns
         the metrics (shares summed per mini-batch over ranks, then every metric averaged over
         the mini-batches). ``settings`` go to the objective (say, the current KL coefficient).
 
-        ``table`` needs the objective's ``columns``.
+        ``table`` needs the objective's ``columns``. ``ptx``: rows of the supervised term
+        (``LearnerSpec.ptx``); each mini-batch takes its share of them, spread over its
+        micro-batches, and the policy's loss gains ``ptx_coef`` times their token-mean
+        next-token loss (``actor/ptx_loss``, over the PTX tokens of every rank).
         """
         spec, objective, settings = self.spec, self.objective, dict(settings or {})
         shares, maxima = objective.shares, objective.maxima
+        if spec.ptx is not None:
+            shares = shares | spec.ptx.shares
         rates = objective.rates | {f"{m}/{r}" for m in self.engines for r in _ENGINE_RATES}
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
@@ -338,27 +405,31 @@ class Engine:
                     )
 
         for _ in range(spec.ppo_epochs):
-            for mini in self._mini_batches(table):
-                micro = split_by_tokens(mini, spec.micro_batch_tokens) if mini.num_rows else []
-                padded = [self._pad(m, tuple(objective.columns)) for m in micro]
-                masks = [
-                    objective.loss_mask(m, b.response_mask)
-                    for m, b in zip(micro, padded, strict=True)
-                ]
+            minis = self._mini_batches(table)
+            for mini, ptx_rows in zip(minis, self._ptx_parts(ptx, len(minis)), strict=True):
+                micro = self._micro_batches(objective, mini)
+                extra = self._ptx_micro(ptx_rows, len(micro))
                 local = [
-                    float(sum(int(k.sum()) for k in masks)),
-                    float(sum(int((k.sum(1) > 0).sum()) for k in masks)),
+                    sum(m.tokens for m in micro),
+                    sum(m.sequences for m in micro),
+                    sum(m.tokens for m in extra if m is not None),
                 ]
-                n_tok, n_seq = self._all_reduce(local)
+                n_tok, n_seq, n_ptx = self._all_reduce(local)
                 if n_tok == 0:  # nothing to learn from (say, all unscorable): no update at all
                     continue
                 total = Counts(tokens=n_tok, sequences=n_seq)
                 bad = dict.fromkeys(self.engines, False)
-                for batch, mask in zip(padded, masks, strict=True):
+                for m, p in zip(micro, extra, strict=True):
                     for name, engine in self.engines.items():  # one model's graph at a time
                         loss, metrics = objective.micro_loss(
-                            name, self.modules, batch, mask, total, settings
+                            name, self.modules, m.batch, m.mask, total, settings
                         )
+                        if name == "actor" and p is not None and n_ptx > 0:
+                            ptx_loss, ptx_metrics = spec.ptx.micro_loss(
+                                name, self.modules, p.batch, p.mask, Counts(n_ptx, n_ptx), {}
+                            )
+                            loss = loss + spec.ptx_coef * ptx_loss
+                            metrics = metrics | ptx_metrics
                         record(metrics)
                         # Ranks' gradients are averaged; the global denominators make them sum.
                         bad[name] |= self._backward(engine, loss * self.world_size)
@@ -384,6 +455,74 @@ class Engine:
         out["learner/skipped_in_a_row"] = float(self.skipped_in_a_row)
         return out
 
+    def _ptx_micro(self, rows: pa.Table | None, n: int) -> list[Micro | None]:
+        """The PTX rows of a mini-batch as ``n`` micro-batches, one beside each of the
+        objective's (None where a part is empty)."""
+        if rows is None or not n:
+            return [None] * n
+        parts = np.array_split(np.arange(rows.num_rows), n)
+        return [
+            self._collate(self.spec.ptx, rows.take(pa.array(p))) if len(p) else None for p in parts
+        ]
+
+    @torch.no_grad()
+    def evaluate(self, table: pa.Table) -> dict[str, float]:
+        """The objective's metrics on ``table`` under the current weights, without an update:
+        every rank's rows together (each share over the whole table's loss units)."""
+        objective = self.objective
+        micro = self._micro_batches(objective, table)
+        n_tok, n_seq = self._all_reduce(
+            [sum(m.tokens for m in micro), sum(m.sequences for m in micro)]
+        )
+        sums: dict[str, float] = defaultdict(float)
+        if n_tok > 0:
+            total = Counts(tokens=n_tok, sequences=n_seq)
+            for m in micro:
+                for name in self.engines:
+                    _, metrics = objective.micro_loss(
+                        name, self.modules, m.batch, m.mask, total, {}
+                    )
+                    for k, v in metrics.items():
+                        if k in objective.shares:
+                            sums[k] += float(v)
+        names = sorted(objective.shares)
+        reduced = self._all_reduce([sums.get(k, 0.0) for k in names])
+        return dict(zip(names, reduced, strict=True)) if n_tok > 0 else {}
+
+    @torch.no_grad()
+    def score(self, table: pa.Table) -> list[list[float]]:
+        """A reward model's score of every response of every prompt group in ``table``, per
+        group (``learner.supervised.flatten_groups``)."""
+        from learner.supervised import RESPONSES, flatten_groups, last_token_scores
+
+        model = self.modules["rm"]
+        sizes = [len(r) for r in table.column(RESPONSES).to_pylist()]
+        flat: list[float] = []
+        for r in token_ranges(self.objective.lengths(table), self.spec.micro_batch_tokens):
+            batch = flatten_groups(table.slice(r.start, len(r)), self.spec.pad_token_id)
+            if self.device != "cpu":
+                batch = batch.to(self.device)
+            flat += last_token_scores(model, batch.sequences).cpu().tolist()
+        bounds = np.cumsum([0, *sizes])
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def shift_rm_bias(self, delta: float) -> float:
+        """Add ``delta`` to the reward model's head bias (the N+ bias normalisation: minus the
+        mean score of the reference responses, so they score 0 on average); returns the new
+        bias. Every rank calls it, with the same ``delta``."""
+        head = self.modules["rm"].value_head
+        if self.spec.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([head.bias], modifier_rank=0):
+                with torch.no_grad():
+                    head.bias.add_(delta)
+                value = float(head.bias.detach().float().cpu()[0])
+            return value
+        with torch.no_grad():
+            head.bias.add_(delta)
+        return float(head.bias.detach().float().cpu()[0])
+
     def _backward(self, engine, loss: torch.Tensor) -> bool:
         """Backward unless the loss is not finite; returns True when it was not."""
         if not torch.isfinite(loss):
@@ -393,10 +532,10 @@ class Engine:
 
     # ------------------------------------------------------------------ weights
 
-    def policy_weights(self) -> dict[str, torch.Tensor] | None:
-        """The full policy state dict in Hugging Face names (CPU tensors) on rank 0, None on other
-        ranks. Every rank must call it: under ZeRO-3 the parameters are gathered collectively."""
-        module = self.policy.module
+    def _full_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Engine model ``name``'s full state dict (CPU tensors) on rank 0, None on other ranks.
+        Every rank must call it: under ZeRO-3 the parameters are gathered collectively."""
+        module = self.engines[name].module
         if self.spec.zero_stage == 3:
             import deepspeed
 
@@ -405,6 +544,11 @@ class Engine:
         else:
             weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         return weights if self.rank == 0 else None
+
+    def policy_weights(self) -> dict[str, torch.Tensor] | None:
+        """The full policy state dict in Hugging Face names (CPU tensors) on rank 0, None on other
+        ranks. Every rank must call it: under ZeRO-3 the parameters are gathered collectively."""
+        return self._full_state("actor")
 
     def policy_arrays(self) -> weight_sync.HostArrays | None:
         """The full policy for the object store (``weight_sync.to_host_arrays``) on rank 0, None
@@ -418,13 +562,34 @@ class Engine:
         return weight_sync.to_host_arrays(state) if state is not None else None
 
     def save_policy(self, path: str) -> None:
-        """Write the policy as a Hugging Face directory from rank 0: safetensors weights, config,
-        generation config and the tokenizer, loadable as is by transformers and vLLM. Written
-        beside ``path`` and renamed into place, so ``path`` is never half written. Every rank
-        calls it (under ZeRO-3 the weights are gathered collectively)."""
+        """Write the trained model as a Hugging Face directory from rank 0: safetensors weights,
+        config, generation config and the tokenizer, loadable as is by transformers and vLLM.
+        Written beside ``path`` and renamed into place, so ``path`` is never half written. Every
+        rank calls it (under ZeRO-3 the weights are gathered collectively). A reward model is
+        written as its causal LM (the body trained, the LM head the base model's) with
+        ``value_head.safetensors`` beside it, the format ``reward_service.reward_model`` and a
+        critic (``learner.critic_init``) load."""
+        if self.policy is None:
+            self._save_reward_model(path)
+            return
         weights = self.policy_weights()
         if self.rank == 0:
             export_hf(self.policy.module, weights, self.spec, path)
+
+    def _save_reward_model(self, path: str) -> None:
+        state = self._full_state("rm")
+        if self.rank != 0:
+            return
+        lm = load_causal_lm(
+            self.spec.model_path,
+            dtype=self.spec.dtype,
+            trust_remote_code=self.spec.trust_remote_code,
+        )
+        body = {k.removeprefix("body."): v for k, v in state.items() if k.startswith("body.")}
+        lm.get_decoder().load_state_dict(body)
+        head = {k.removeprefix("value_head."): v for k, v in state.items() if "value_head." in k}
+        weights = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+        export_hf(lm, weights, self.spec, path, extra={VALUE_HEAD_FILE: head})
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -189,3 +189,54 @@ def kl_loss(
     kl = kl_estimate(logprobs, ref_logprobs, kind)
     loss = aggregate(kl, response_mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
     return loss, {"actor/kl_loss": loss.detach()}
+
+
+def next_token_loss(
+    logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: int | float
+) -> tuple[torch.Tensor, Metrics]:
+    """The supervised (SFT, pretraining) loss: the token-mean negative log-likelihood of the
+    target tokens, ``-sum_bt logp m / N_tok``.
+
+    Args:
+        logprobs: (B, T) log-probability of each target token under the model.
+        mask: (B, T) True on the tokens in the loss.
+        num_tokens: N_tok, the tokens in the loss over the whole batch (every micro-batch and
+            rank), so that the parts add up to the full-batch loss.
+    """
+    return aggregate(-logprobs, mask, "token-mean", num_tokens=num_tokens), {}
+
+
+def pairwise_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor,
+    *,
+    reg: float = 0.0,
+    num_pairs: int | float,
+) -> tuple[torch.Tensor, Metrics]:
+    """The reward model's pairwise ranking loss with Llama 2's margin and ChatGLM-RLHF's score
+    regulariser, summed over pairs and divided by the batch's ``num_pairs``:
+
+        sum_p [-log sigmoid(r_w - r_l - m) + reg (r_w^2 + r_l^2)] / N_pairs
+
+    At ``r_w == r_l``, ``m = 0``, ``reg = 0`` each pair contributes ``ln 2``.
+
+    Args:
+        chosen, rejected: (P,) scores ``r_w``, ``r_l`` of each pair's preferred and other
+            response.
+        margin: (P,) ``m`` (0 where the data gives none).
+        reg: lambda of the L2 regulariser on both scores.
+        num_pairs: N_pairs over the whole batch (every micro-batch and rank).
+
+    Metrics (shares of the batch's means): ``accuracy`` (a tie counts half) and ``margin_mean``
+    (``r_w - r_l``).
+    """
+    diff = chosen.float() - rejected.float()
+    ranking = -torch.nn.functional.logsigmoid(diff - margin)
+    total = ranking + reg * (chosen.float() ** 2 + rejected.float() ** 2)
+    n = max(float(num_pairs), 1.0)
+    right = (diff > 0).float() + 0.5 * (diff == 0).float()
+    return total.sum() / n, {
+        "accuracy": right.sum().detach() / n,
+        "margin_mean": diff.sum().detach() / n,
+    }

@@ -21,13 +21,22 @@ and implements ``micro_loss(model, models, batch, mask, counts, settings)``: one
 a micro-batch and its metrics (the engine calls it per model, backward after each); optionally
 ``forward`` (the columns a scoring pass adds before training, such as ``old_logprobs``) and
 ``loss_mask`` (which response tokens count).
+
+The engine's models are ``"actor"`` (a causal LM), ``"critic"`` (a value head on every position)
+and ``"rm"`` (a reward model: the same value model, read at the last token); an objective trains
+any of them, the supervised ones one alone (``learner.supervised``). A table whose rows are not
+one prompt and one response (a reward model's prompt groups) comes with the objective's own
+``lengths`` (tokens per row, for cutting micro-batches) and ``collate`` (a micro-batch's tensors,
+loss mask and loss units).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -35,7 +44,7 @@ import torch
 from learner.losses import aggregate, kl_loss, policy_loss, value_loss
 from learner.models import LOGITS_CHUNK_BYTES, critic_forward, policy_forward
 from rollout import schema as S
-from rollout.tensors import PaddedBatch
+from rollout.tensors import PaddedBatch, to_padded
 
 Metrics = dict[str, torch.Tensor]
 
@@ -45,6 +54,19 @@ class Counts:
     """The mini-batch's loss denominators, summed over every rank: response tokens in the loss
     mask, and sequences with at least one of them."""
 
+    tokens: float
+    sequences: float
+
+
+@dataclass(frozen=True)
+class Micro:
+    """One micro-batch as an objective sees it: its tensors (``batch``, with a ``to(device)``),
+    the mask of what counts in the loss (None when the loss units are not tokens), and its
+    loss units: ``tokens`` and ``sequences`` (an objective whose units are pairs counts them
+    in both)."""
+
+    batch: Any
+    mask: torch.Tensor | None
     tokens: float
     sequences: float
 
@@ -62,6 +84,19 @@ class Objective:
     def loss_mask(self, table: pa.Table, response_mask: torch.Tensor) -> torch.Tensor:
         """The response tokens that count in the loss (and its denominators)."""
         return response_mask
+
+    def lengths(self, table: pa.Table) -> np.ndarray:
+        """(rows,) tokens each row puts through the model: prompt + response."""
+        return np.asarray(
+            pc.list_value_length(S.column_array(table, S.PROMPT_TOKEN_IDS))
+        ) + np.asarray(pc.list_value_length(S.column_array(table, S.RESPONSE_TOKEN_IDS)))
+
+    def collate(self, table: pa.Table, pad_token_id: int) -> Micro:
+        """A micro-batch of rows as padded tensors (``rollout.tensors.to_padded``) with the
+        objective's columns, its loss mask and the mask's tokens and sequences."""
+        batch = to_padded(table, pad_token_id=pad_token_id, per_token_columns=self.columns)
+        mask = self.loss_mask(table, batch.response_mask)
+        return Micro(batch, mask, float(mask.sum()), float((mask.sum(1) > 0).sum()))
 
     def forward(self, models: Mapping[str, torch.nn.Module], batch: PaddedBatch) -> dict:
         """Per-token tensors (B, R) to append as columns before training; none by default."""
