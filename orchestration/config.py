@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -42,13 +42,16 @@ from orchestration.config_sections import (
     LoggingConfig,
     ModelConfig,
     OverlongConfig,
+    PtxConfig,
     RemoteRewardConfig,
     RewardConfig,
     RewardFunctionConfig,
     RewardModelConfig,
+    RewardTrainingConfig,
     RoleResources,
     SafetyGateConfig,
     Section,
+    SupervisedConfig,
     WandbConfig,
     WeightSyncConfig,
 )
@@ -70,13 +73,16 @@ __all__ = [
     "LoggingConfig",
     "ModelConfig",
     "OverlongConfig",
+    "PtxConfig",
     "RemoteRewardConfig",
     "RewardConfig",
     "RewardFunctionConfig",
     "RewardModelConfig",
+    "RewardTrainingConfig",
     "RoleResources",
     "RunConfig",
     "SafetyGateConfig",
+    "SupervisedConfig",
     "WandbConfig",
     "WeightSyncConfig",
     "load_config",
@@ -92,8 +98,13 @@ class ConfigError(ValueError):
 
 
 class RunConfig(Section):
+    stage: Literal["rl", "sft", "rm"] = "rl"
+    """What the run trains: rl (PPO or GRPO on the prompts), sft (supervised fine-tuning,
+    ``sft``) or rm (a reward model on preferences, ``rm``); the supervised stages start only
+    the learner ranks, one optimizer step per iteration."""
     iterations: int = Field(20, ge=1)
-    """Training iterations (generate -> score -> train -> sync each)."""
+    """Training iterations (rl: generate -> score -> train -> sync each; sft and rm: one
+    optimizer step each)."""
     seed: int = 0
     """Seed of the learner's initialisation, eval sampling and the demo reward model's training."""
     resume: str = "never"
@@ -118,6 +129,9 @@ class RunConfig(Section):
     """How new policy weights reach the generators after each iteration."""
     logging: LoggingConfig = LoggingConfig()
     """The run directory, and where metrics, rollouts and the report go."""
+    sft: SupervisedConfig = SupervisedConfig()
+    rm: RewardTrainingConfig = RewardTrainingConfig()
+    ptx: PtxConfig = PtxConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -270,7 +284,13 @@ def _check_paths(config: RunConfig) -> None:
                 "invalid config:\n  logging.wandb.enabled: wandb is not installed; "
                 "pip install wandb, or set logging.wandb.enabled=false"
             )
-    for key, source in (("data.source", config.data.source), ("eval.source", config.eval.source)):
+    sources = [("data.source", config.data.source), ("eval.source", config.eval.source)]
+    sources += [
+        ("ptx.source", config.ptx.source),
+        ("rm.normalize_source", config.rm.normalize_source),
+        ("rm.equal_quality_source", config.rm.equal_quality_source),
+    ]
+    for key, source in sources:
         if source is not None and not source.startswith("builtin:") and not os.path.exists(source):
             raise ConfigError(
                 f"invalid config:\n  {key}: {source!r} does not exist; give a .jsonl, .parquet "

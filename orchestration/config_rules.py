@@ -70,6 +70,15 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     problems = []
     samples = cfg.data.prompts_per_iteration * cfg.generator.samples_per_prompt
     parts = cfg.learner.num_ranks * cfg.learner.num_mini_batches
+    if cfg.stage != "rl":
+        return problems + supervised_problems(cfg)
+    if cfg.ptx.coef > 0 and cfg.ptx.source is None:
+        problems.append("ptx.coef > 0 needs ptx.source, the supervised data of the PTX term")
+    if cfg.ptx.coef > 0 and cfg.ptx.rows_per_iteration % parts:
+        problems.append(
+            f"ptx.rows_per_iteration={cfg.ptx.rows_per_iteration} does not split evenly into "
+            f"learner.num_ranks x learner.num_mini_batches = {parts}; change one of them"
+        )
     if samples % parts:
         problems.append(
             f"data.prompts_per_iteration x generator.samples_per_prompt = {samples} samples "
@@ -99,6 +108,41 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "name under logging.root"
         )
     return problems + scale_problems(cfg) + reward_problems(cfg) + eval_problems(cfg)
+
+
+def supervised_problems(cfg: RunConfig) -> list[str]:
+    """The supervised stages' rules: their batch splits over ranks, and no RL-only settings."""
+    problems = []
+    parts = cfg.learner.num_ranks * cfg.learner.num_mini_batches
+    size, key = (
+        (cfg.sft.rows_per_step, "sft.rows_per_step")
+        if cfg.stage == "sft"
+        else (cfg.rm.groups_per_step, "rm.groups_per_step")
+    )
+    if size % parts:
+        problems.append(
+            f"{key}={size} does not split evenly into learner.num_ranks x "
+            f"learner.num_mini_batches = {parts}; change one of them"
+        )
+    if cfg.ptx.source is not None or cfg.ptx.coef > 0:
+        problems.append(f"stage={cfg.stage}: the ptx section is for stage=rl; remove it")
+    if cfg.reward.models:
+        problems.append(f"stage={cfg.stage} scores nothing: remove reward.models")
+    if cfg.learner.critic_init is not None:
+        problems.append(f"stage={cfg.stage} trains no critic: remove learner.critic_init")
+    if (
+        cfg.stage == "sft"
+        and cfg.data.source.startswith("builtin:")
+        and cfg.data.source not in ("builtin:addition",)
+    ):
+        problems.append(f"data.source={cfg.data.source}: stage=sft reads builtin:addition")
+    if cfg.stage == "rm":
+        edges = cfg.rm.length_buckets
+        if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):  # noqa: B905
+            problems.append(
+                f"rm.length_buckets={edges}: give ascending edges from 0, e.g. [0, 1, 3]"
+            )
+    return problems
 
 
 def reward_problems(cfg: RunConfig) -> list[str]:

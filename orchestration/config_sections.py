@@ -477,3 +477,72 @@ class CheckpointConfig(Section):
     run stops on numerical faults); 0: only then."""
     keep: int = Field(2, ge=1)
     """Committed checkpoints kept (the oldest removed first)."""
+
+
+class SupervisedConfig(Section):
+    """``stage: sft``: supervised fine-tuning on ``data.source`` (``orchestration.sft_data``:
+    prompt/response pairs, chat ``messages`` with the loss on assistant turns only, Alpaca
+    rows), one optimizer step per iteration on the learner ranks alone."""
+
+    response_key: str = "response"
+    """Field holding the response of a prompt/response row (``data.prompt_key`` the prompt)."""
+    max_tokens: int = Field(512, ge=2)
+    """The longest example (prompt and response); longer ones are handled as ``data.overlong``
+    says (a truncated one loses the end of its response)."""
+    rows_per_step: int = Field(32, ge=1)
+    """Examples per optimizer step, over every rank."""
+    held_out: float = Field(0.05, ge=0, lt=1)
+    """Share of the examples held out for ``eval/sft_loss`` and ``eval/sft_accuracy``, every
+    ``eval.every`` iterations and after the last."""
+    packing: Literal["auto", "always", "never"] = "auto"
+    """Several examples per sequence (position ids and attention per example): auto packs a
+    micro-batch when that needs fewer rows than padding."""
+
+
+class RewardTrainingConfig(Section):
+    """``stage: rm``: a reward model trained on preferences in ``data.source``
+    (``orchestration.preferences``: ``{prompt, chosen, rejected}``, rankings under
+    ``responses`` or Alpaca ``output``, chat-message pairs), started from ``model.path`` (the
+    SFT policy) with a fresh value head; written to ``<run_dir>/reward_model``."""
+
+    max_tokens: int = Field(512, ge=2)
+    """The longest prompt + response kept; a group with a longer one is handled as
+    ``data.overlong`` says (``truncate`` drops the response)."""
+    groups_per_step: int = Field(16, ge=1)
+    """Prompt groups per optimizer step, over every rank; every pair of a group trains in the
+    same micro-batch."""
+    held_out: float = Field(0.1, ge=0, lt=1)
+    """Share of the prompt groups held out for ``eval/rm_accuracy`` and ``eval/rm_loss`` and
+    the evaluation in ``rm_eval/held_out.json``."""
+    margins: dict[str, float] | None = None
+    """Llama 2's margin by a row's preference strength (its ``strength`` or ``label`` field),
+    e.g. ``{significantly better: 1.0, negligibly better: 0.0}``; a row's own ``margin`` wins."""
+    reg: float = Field(0.0, ge=0)
+    """ChatGLM-RLHF's L2 regulariser: ``reg x (r_chosen^2 + r_rejected^2)`` per pair."""
+    balance_lengths: bool = False
+    """ChatGLM-RLHF's length balancing: in each bucket of response-length difference, as many
+    pairs where the longer response is chosen as where it is rejected (the surplus dropped)."""
+    length_buckets: list[int] = Field(default_factory=lambda: [0, 1, 3, 8])
+    """Edges (tokens) of the length-difference buckets: ascending from 0, the last bucket
+    open-ended (``[0, 1, 3, 8]``: 0, 1-2, 3-7, 8 or more)."""
+    normalize_source: str | None = None
+    """Reference (SFT) data, in any format ``stage: sft`` reads: after training, the head's bias
+    is shifted so that its responses score 0 on average (the N+ details). None: no shift."""
+    equal_quality_source: str | None = None
+    """Preference pairs of equal quality that differ in length (chosen: either), evaluated into
+    ``rm_eval/equal_quality.json``: ``longer_preferred`` there is the model's length bias."""
+
+
+class PtxConfig(Section):
+    """The supervised term in RL (InstructGPT's PPO-ptx): each iteration ``rows_per_iteration``
+    examples of ``source`` (any supervised format, or plain ``text`` rows), their next-token loss
+    times ``coef`` added to the policy loss in every micro-batch (``actor/ptx_loss``)."""
+
+    source: str | None = None
+    """The supervised or pretraining data; None: no PTX term."""
+    coef: float = Field(0.0, ge=0)
+    """ptx_coef, the weight of the next-token loss."""
+    rows_per_iteration: int = Field(16, ge=1)
+    """Examples per iteration, over every rank, spread over the mini-batches."""
+    max_tokens: int = Field(512, ge=2)
+    """The longest example; longer ones are handled as ``data.overlong`` says."""

@@ -48,8 +48,12 @@ class Loop:
         run_dir: Path,
         eval_prompts=None,
         recovery: Recovery | None = None,
+        ptx=None,
     ):
         self.cfg, self.stages, self.sampler, self.run_dir = cfg, stages, sampler, run_dir
+        # The PTX term's examples (``orchestration.sft_data.SupervisedSet``) and their sampler.
+        self.ptx = ptx
+        self.ptx_sampler = PromptSampler(ptx, cfg.data.seed + 1) if ptx is not None else None
         self.kl_ctl = specs.kl_controller(cfg)
         self.guards = Guards(cfg, lambda: stages.rewards.describe_unscorable())
         self.recovery = recovery
@@ -153,7 +157,8 @@ class Loop:
             self.last_batch = adv.table
             metrics |= adv.metrics | {"actor/kl_coef": self.kl_ctl.value}
             with timer("train"):
-                trained = stages.train(adv.table, {"kl_coef": self.kl_ctl.value})
+                settings = {"kl_coef": self.kl_ctl.value}
+                trained = stages.train(adv.table, settings, self.ptx_rows())
             metrics |= trained.metrics
             with timer("sync"):
                 if self.sync_enabled:
@@ -163,6 +168,16 @@ class Loop:
         timings = timer.timings | pass_timings
         metrics |= timings | throughput(metrics, timings) | stages.faults.metrics
         return metrics, trained.skipped_in_a_row
+
+    def ptx_rows(self) -> pa.Table | None:
+        """This iteration's PTX examples (``ptx.rows_per_iteration``), None without a PTX
+        term."""
+        if self.ptx_sampler is None:
+            return None
+        from orchestration.sft_data import supervised_table
+
+        ids, rows = self.ptx_sampler.next_rows(self.cfg.ptx.rows_per_iteration)
+        return supervised_table(self.ptx, rows.tolist(), int(ids[0]) if len(ids) else 0)
 
     def verify_served(self) -> None:
         """Every generator computes with the learner's weights (``Stages.verify_served``)."""
@@ -179,7 +194,7 @@ class Loop:
             "kl_controller": self.kl_ctl.state_dict(),
             "reward_shaper": self.stages.rewards.shaper.state_dict(),
             "sampler": self.sampler.state_dict(),
-        }
+        } | ({"ptx_sampler": self.ptx_sampler.state_dict()} if self.ptx_sampler else {})
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; the generators are not touched (``GeneratorPool.restore``
@@ -188,6 +203,8 @@ class Loop:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.stages.rewards.shaper.load_state_dict(state["reward_shaper"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.ptx_sampler is not None:
+            self.ptx_sampler.load_state_dict(state["ptx_sampler"])
 
     def save_checkpoint(self, k: int) -> Path:
         """Checkpoint after iteration ``k`` (committed), keeping the newest
@@ -251,4 +268,63 @@ def start_loop(cfg: RunConfig, actors, sampler: PromptSampler, prep) -> Loop:
     stages = Stages(cfg, actors, prep.pad_token_id)
     stages.sync.open()
     recovery = Recovery(cfg, prep.model_path, prep.pad_token_id, prep.run_dir)
-    return Loop(cfg, stages, sampler, prep.run_dir, prep.eval_prompts, recovery)
+    return Loop(cfg, stages, sampler, prep.run_dir, prep.eval_prompts, recovery, prep.ptx)
+
+
+class SupervisedLoop(Loop):
+    """``stage: sft`` and ``stage: rm``: the same run (checkpoints, resume, guards, exports,
+    metrics) with an iteration of its own. Per iteration ``k``:
+
+    1. evaluate on the held-out set, if due (``eval.every``): ``eval/sft_*`` or ``eval/rm_*``;
+    2. draw ``sft.rows_per_step`` examples (or ``rm.groups_per_step`` prompt groups) from the
+       training set, in seeded passes (``PromptSampler``);
+    3. train: the rows split over the learner ranks, one optimizer step per mini-batch.
+
+    No generators, reference or reward actors run; the stages are
+    ``orchestration.supervised.SupervisedStages``.
+    """
+
+    def __init__(self, cfg: RunConfig, stages, inputs, run_dir: Path):
+        self.cfg, self.stages, self.inputs, self.run_dir = cfg, stages, inputs, run_dir
+        self.sampler = PromptSampler(inputs, cfg.data.seed, shuffle=cfg.data.shuffle)
+        self.guards = Guards(cfg)
+        self.recovery = None
+        self.last_batch = None
+        self.eval_table = inputs.held_out
+        self.batch_size = cfg.sft.rows_per_step if cfg.stage == "sft" else cfg.rm.groups_per_step
+
+    @property
+    def version(self) -> int:
+        return 0  # no generator serves these weights
+
+    def _iterate(self) -> tuple[dict[str, float], int]:
+        timer = StageTimer()
+        with timer("iteration"):
+            ids, rows = self.sampler.next_rows(self.batch_size)
+            self.last_batch = self.inputs.table(rows.tolist(), int(ids[0]))
+            with timer("train"):
+                trained = self.stages.train(self.last_batch)
+        return trained.metrics | timer.timings, trained.skipped_in_a_row
+
+    def evaluate(self, k: int) -> dict[str, float]:
+        """The objective's loss and accuracy on the held-out set as ``eval/*``."""
+        start = time.perf_counter()
+        metrics = self.stages.evaluate(self.eval_table)
+        out = {"eval/" + name.replace("/", "_"): v for name, v in metrics.items()}
+        return out | {"timing/eval": time.perf_counter() - start}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def restore(self, path: Path) -> int:
+        from orchestration import calls, checkpoint
+
+        state = checkpoint.check_compatible(path, self.cfg.model_dump(mode="json"))
+        loads = [r.load_checkpoint.remote(str(path / "learner")) for r in self.actors.learners]
+        calls.wait(loads, "restore checkpoint", self.cfg.cluster.call_timeout_s)
+        self.load_state_dict(state)
+        checkpoint.set_rng_states(state["rng"])
+        return int(state["iteration"])

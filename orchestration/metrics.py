@@ -30,8 +30,16 @@ HEADLINE = {
     "rollout/response_length": "len",
     "rollout/truncated_fraction": "trunc",
     "rollout/logprob_mismatch": "mismatch",
+    "actor/ptx_loss": "ptx",
+    "sft/loss": "loss",
+    "sft/accuracy": "acc",
+    "rm/loss": "loss",
+    "rm/accuracy": "acc",
     "timing/iteration": "s/it",
 }
+
+# A training iteration's record has one of these (the rest, the final evaluation, has none).
+TRAINED = ("reward/score_mean", "sft/loss", "rm/loss")
 
 
 class StageTimer:
@@ -204,7 +212,7 @@ class MetricsLog:
                 sink.rewind(keep_through)
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
-        """One iteration's metrics; an iteration without ``reward/score_mean`` (the final
+        """One iteration's metrics; a record without a training metric (``TRAINED``: the final
         evaluation) is written but does not advance the progress bar."""
         values = {k: float(v) for k, v in sorted(metrics.items())}
         record = {"iteration": iteration, **values}
@@ -213,14 +221,15 @@ class MetricsLog:
         for sink in self.sinks:
             sink.write(iteration, values)
         self.history.append(record)
-        if "reward/score_mean" not in record:
+        trained = next((k for k in TRAINED if k in record), None)
+        if trained is None:
             self._bar.write(f"iter {iteration:4d} " + _eval_line(record))
             return
         line = " ".join(
             f"{short}={record[key]:.4g}" for key, short in HEADLINE.items() if key in record
         )
         self._bar.write(f"iter {iteration:4d} {line}")
-        self._bar.set_postfix(reward=f"{record.get('reward/score_mean', float('nan')):.3f}")
+        self._bar.set_postfix({HEADLINE[trained]: f"{record[trained]:.3f}"})
         self._bar.update(1)
         if any(k.startswith("eval/") for k in record):
             self._bar.write(f"iter {iteration:4d} " + _eval_line(record))
@@ -239,6 +248,7 @@ def _eval_line(record: dict[str, float]) -> str:
     means = [k for k in evals if k.endswith("/mean")]
     parts = [f"{k}={evals[k]:.4g}" for k in sorted(passes, key=lambda k: int(k[5:]))]
     parts += [f"{k.removesuffix('/mean')}={evals[k]:.4g}" for k in means]
+    parts += [f"{k}={evals[k]:.4g}" for k in sorted(evals) if k.endswith(("_loss", "_accuracy"))]
     if "response_length" in evals:
         parts.append(f"len={evals['response_length']:.3g}")
     return "eval " + " ".join(parts)

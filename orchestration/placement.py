@@ -33,7 +33,8 @@ class Actors:
     plan: PlacementPlan | None = None  # which bundle each actor has
 
     def all(self) -> list:
-        return [*self.generators, *self.scorers, self.reference, *self.learners]
+        reference = [self.reference] if self.reference is not None else []
+        return [*self.generators, *self.scorers, *reference, *self.learners]
 
     def release(self) -> None:
         """Kill every actor and remove the placement groups, leaving the Ray session to the
@@ -224,6 +225,20 @@ def start_actors(
     bucket_bytes = int(cfg.weight_sync.bucket_mib * 2**20)
     actors.sync_plan = calls.wait(learners[0].sync_plan.remote(bucket_bytes), "sync plan", timeout)
     return actors
+
+
+def start_learner_ranks(cfg: RunConfig, model_path: str, pad_token_id: int) -> Actors:
+    """A supervised stage's actors: the learner ranks alone, in their placement group."""
+    plan, groups = reserve(cfg)
+    learners = start_learners(cfg, model_path, pad_token_id, plan, groups)
+    return Actors(
+        generators=[],
+        scorers=[],
+        reference=None,
+        learners=learners,
+        placement_groups=groups,
+        plan=plan,
+    )
 
 
 def rebuild_learners(cfg: RunConfig, actors: Actors, model_path: str, pad_token_id: int) -> None:

@@ -108,6 +108,7 @@ class Prepared:
     pad_token_id: int
     reward_model_paths: dict[str, str]
     eval_prompts: PromptSet | None = None
+    ptx: object | None = None  # the PTX term's examples (orchestration.sft_data.SupervisedSet)
 
 
 def prepare(cfg: RunConfig, source: str) -> Prepared:
@@ -166,7 +167,13 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
         if ev.source is not None
         else None
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ptx = None
+    if cfg.ptx.coef > 0:
+        from orchestration.supervised import load_sft
+
+        ptx = load_sft(cfg, tokenizer, cfg.ptx.source, cfg.ptx.max_tokens)
+        print(f"ptx examples: {ptx.report.summary()}", flush=True)
+    pad = pad_token(tokenizer)
     return Prepared(
         run_dir=run_dir,
         model_path=model_path,
@@ -175,4 +182,47 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
         pad_token_id=pad,
         reward_model_paths=reward_model_paths,
         eval_prompts=eval_prompts,
+        ptx=ptx,
     )
+
+
+def pad_token(tokenizer) -> int:
+    """The id padding takes: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@dataclass(frozen=True)
+class PreparedSupervised:
+    """A supervised stage's inputs, checked before any actor starts."""
+
+    run_dir: Path
+    model_path: str
+    resume_from: Path | None
+    pad_token_id: int
+    inputs: object  # orchestration.supervised.SupervisedInputs
+
+
+def prepare_supervised(cfg: RunConfig, source: str) -> PreparedSupervised:
+    """The run directory, the model (or ``builtin:tiny``), the tokenizer and the stage's data
+    (``orchestration.supervised.load_inputs``), before any actor starts."""
+    from transformers import AutoTokenizer
+
+    from orchestration.checks import locate_model
+    from orchestration.supervised import load_inputs
+
+    policy = cfg.model.path
+    if policy != BUILTIN_MODEL:
+        policy = locate_model("model.path", policy)
+    run_dir = make_run_dir(cfg, source)
+    resume_from = resume_point(cfg, run_dir)
+    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    (run_dir / "config.yaml").write_text(config_text)
+    model_path = prepare_model(cfg, run_dir, policy)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    inputs = load_inputs(cfg, tokenizer)
+    print(f"{cfg.stage} data: {inputs.summary}", flush=True)
+    for line in inputs.lines:
+        print(line, flush=True)
+    return PreparedSupervised(run_dir, model_path, resume_from, pad_token(tokenizer), inputs)

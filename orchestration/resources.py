@@ -46,7 +46,7 @@ class PlacementPlan:
     generators: tuple[Slot, ...]  # one per replica: the replica's first bundle
     generator_bundles: tuple[tuple[int, ...], ...]  # per replica: its workers' bundle indices
     learners: tuple[Slot, ...]
-    reference: Slot
+    reference: Slot | None  # None: a supervised stage (learner ranks alone)
     reward: tuple[Slot, ...]  # one per reward actor, in the order of reward_actor_names(cfg)
     demands: tuple[Demand, ...]
 
@@ -94,8 +94,21 @@ def reward_actor_resources(cfg: RunConfig) -> list[RoleResources]:
 
 
 def plan_placement(cfg: RunConfig) -> PlacementPlan:
-    """Placement groups and slots for every actor of the run."""
+    """Placement groups and slots for every actor of the run (a supervised stage: the learner
+    ranks alone)."""
     cl, gen = cfg.cluster, cfg.generator
+    if cfg.stage != "rl":
+        ranks = cfg.learner.num_ranks
+        bundles = tuple(_per_actor(cl.learner) for _ in range(ranks))
+        return PlacementPlan(
+            groups=(GroupPlan("learners", cl.learner.strategy, bundles),),
+            generators=(),
+            generator_bundles=(),
+            learners=tuple(_slot("learners", i, cl.learner) for i in range(ranks)),
+            reference=None,
+            reward=(),
+            demands=(Demand("learner ranks", ranks, _per_actor(cl.learner)),),
+        )
     replicas, tp, ranks = gen.num_replicas, gen.tensor_parallel_size, cfg.learner.num_ranks
     # With tensor parallelism vLLM starts its own workers (one GPU bundle each); the replica's
     # actor then only holds CPUs in the replica's first bundle.

@@ -5,7 +5,7 @@ The prompt set itself (reading, tokenizing, checking each row) is ``orchestratio
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ class PromptSampler:
     which prompt (index into the ``PromptSet``) it was.
     """
 
-    def __init__(self, prompts: PromptSet, seed: int, *, shuffle: bool = True):
+    def __init__(self, prompts: PromptSet | Sized, seed: int, *, shuffle: bool = True):
         if not len(prompts):
             raise ValueError("PromptSampler needs at least one prompt")
         self.prompts, self.seed, self.shuffle = prompts, seed, shuffle
@@ -42,8 +42,10 @@ class PromptSampler:
         """Epochs drawn, fractional: ``epoch + position / len(prompts)``."""
         return self.epoch + self.position / len(self.prompts)
 
-    def next_batch(self, size: int) -> pa.Table:
-        """The next ``size`` prompts: prompt_id, prompt_token_ids, label, dataset_row."""
+    def next_rows(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``size`` draws: ``(ids, rows)``, the draws' run-wide ids (``prompt_id``) and
+        the indices into the set they drew. The set may be any sized collection (the
+        supervised stages draw their examples this way)."""
         if size < 0:
             raise ValueError(f"batch size {size} < 0")
         parts, need = [], size
@@ -57,6 +59,11 @@ class PromptSampler:
         rows = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
         ids = np.arange(self.drawn, self.drawn + size, dtype=np.int64)
         self.drawn += size
+        return ids, rows
+
+    def next_batch(self, size: int) -> pa.Table:
+        """The next ``size`` prompts: prompt_id, prompt_token_ids, label, dataset_row."""
+        ids, rows = self.next_rows(size)
         return pa.table(
             {
                 S.PROMPT_ID: pa.array(ids),

@@ -72,6 +72,16 @@ def objective(cfg: RunConfig) -> PolicyGradient:
     )
 
 
+def supervised_objective(cfg: RunConfig):
+    """A supervised stage's objective: next-token prediction (sft) or pairwise ranking (rm)."""
+    from learner.supervised import NextToken, PairwiseRanking
+
+    chunk = cfg.learner.logits_chunk_mib << 20
+    if cfg.stage == "sft":
+        return NextToken(packing=cfg.sft.packing, logits_chunk_bytes=chunk)
+    return PairwiseRanking(reg=cfg.rm.reg)
+
+
 def learner_spec(
     cfg: RunConfig, model_path: str, pad_token_id: int, total_steps: int | None = None
 ) -> LearnerSpec:
@@ -80,7 +90,12 @@ def learner_spec(
     lc = cfg.learner
     if total_steps is None:
         total_steps = cfg.iterations * lc.ppo_epochs * lc.num_mini_batches
-    goal = objective(cfg)
+    goal = objective(cfg) if cfg.stage == "rl" else supervised_objective(cfg)
+    ptx = None
+    if cfg.stage == "rl" and cfg.ptx.coef > 0:
+        from learner.supervised import NextToken
+
+        ptx = NextToken(prefix="actor/ptx_", logits_chunk_bytes=lc.logits_chunk_mib << 20)
 
     def optim(lr: float) -> OptimizerSpec:
         return OptimizerSpec(
@@ -97,7 +112,9 @@ def learner_spec(
         model_path=model_path,
         policy_optim=optim(lc.lr),
         objective=goal,
-        critic_optim=optim(lc.critic_lr) if goal.critic else None,
+        ptx=ptx,
+        ptx_coef=cfg.ptx.coef if ptx is not None else 0.0,
+        critic_optim=optim(lc.critic_lr) if "critic" in goal.models else None,
         critic_path=lc.critic_init,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,

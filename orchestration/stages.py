@@ -159,12 +159,20 @@ class Stages:
     def advantages(self, table: pa.Table, kl_coef: float) -> Advantages:
         return advantages(table, self.advantage_spec, kl_coef, self.pool.version)
 
-    def train(self, table: pa.Table, settings: dict[str, float]) -> Trained:
+    def train(
+        self, table: pa.Table, settings: dict[str, float], ptx: pa.Table | None = None
+    ) -> Trained:
         """Epochs x mini-batches of the objective on every learner rank (``settings``: the
-        objective's per-step values, such as the current KL coefficient)."""
+        objective's per-step values, such as the current KL coefficient; ``ptx``: the PTX
+        term's examples, split over the ranks like the rollouts)."""
         learners = self.actors.learners
         parts = split_rows(table, table.num_rows // len(learners))
-        refs = [r.train.remote(p, settings) for r, p in zip(learners, parts, strict=True)]
+        extra = [None] * len(learners)
+        if ptx is not None:
+            extra = split_rows(ptx, ptx.num_rows // len(learners))
+        refs = [
+            r.train.remote(p, settings, x) for r, p, x in zip(learners, parts, extra, strict=True)
+        ]
         results = self._wait(refs, "train")
         metrics = {k: float(np.mean([m[k] for m in results])) for k in results[0]}
         skipped = max(int(m["learner/skipped_in_a_row"]) for m in results)

@@ -137,6 +137,8 @@ def make_sinks(cfg: RunConfig, run_dir: Path) -> list:
 
 def run(cfg: RunConfig, source: str) -> dict:
     """Everything after the config: checks, actors, the loop, the policy and the summary."""
+    if cfg.stage != "rl":
+        return run_supervised(cfg, source)
     start = time.perf_counter()
     if cfg.logging.quiet:
         from orchestration.console import quiet_driver
@@ -195,6 +197,118 @@ def run(cfg: RunConfig, source: str) -> dict:
     return summary
 
 
+def summarize_supervised(history: list[dict], run_dir: Path, wall_s: float, key: str) -> dict:
+    """A supervised run's summary: its training loss curve and held-out metrics."""
+    train = [h for h in history if key in h]
+    losses = [h[key] for h in train]
+    n = min(FIRST_LAST, len(losses))
+    evals = [h for h in history if any(k.startswith("eval/") for k in h)]
+    return {
+        "run_dir": str(run_dir),
+        "iterations": len(train),
+        "wall_time_s": wall_s,
+        "loss_first": sum(losses[:n]) / n,
+        "loss_last": sum(losses[-n:]) / n,
+        "loss_curve": losses,
+        "eval": {
+            str(e["iteration"]): {k: v for k, v in e.items() if k.startswith("eval/")}
+            for e in evals
+        },
+    }
+
+
+def run_supervised(cfg: RunConfig, source: str) -> dict:
+    """``stage: sft`` or ``stage: rm``: the learner ranks alone train the stage's objective
+    (``orchestration.loop.SupervisedLoop``); the model goes to ``<run_dir>/policy`` (sft) or
+    ``<run_dir>/reward_model`` (rm, after the bias normalisation, with ``rm_eval/``)."""
+    start = time.perf_counter()
+    if cfg.logging.quiet:
+        from orchestration.console import quiet_driver
+
+        quiet_driver()
+    from orchestration.prepare import prepare_supervised
+
+    prep = prepare_supervised(cfg, source)
+    print(f"run directory: {prep.run_dir}", flush=True)
+
+    import ray
+
+    from orchestration.loop import SupervisedLoop
+    from orchestration.metrics import MetricsLog
+    from orchestration.placement import start_learner_ranks
+    from orchestration.supervised import SupervisedStages
+
+    init_ray(cfg, prep.run_dir)
+    key = "sft/loss" if cfg.stage == "sft" else "rm/loss"
+    try:
+        actors = start_learner_ranks(cfg, prep.model_path, prep.pad_token_id)
+        stages = SupervisedStages(cfg, actors)
+        loop = SupervisedLoop(cfg, stages, prep.inputs, prep.run_dir)
+        first = 0
+        if prep.resume_from is not None:
+            first = loop.restore(prep.resume_from) + 1
+            print(f"resume: continuing after iteration {first - 1} from {prep.resume_from}")
+        log = MetricsLog(
+            prep.run_dir,
+            cfg.iterations,
+            progress_bar=cfg.logging.progress_bar,
+            sinks=make_sinks(cfg, prep.run_dir),
+            keep_through=first - 1 if cfg.resume != "never" else None,
+        )
+        try:
+            loop.run(log, first)
+        finally:
+            log.close()
+        summary = summarize_supervised(log.history, prep.run_dir, time.perf_counter() - start, key)
+        summary["data"] = prep.inputs.metrics
+        if cfg.stage == "rm":
+            summary["reward_model"] = finish_reward_model(cfg, stages, prep)
+            loop.export(prep.run_dir / "reward_model")
+        else:
+            loop.export(prep.run_dir / "policy")
+    finally:
+        ray.shutdown()
+    (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.logging.report:
+        from orchestration.report import write_report
+
+        print(f"report: {write_report(prep.run_dir)}", flush=True)
+    return summary
+
+
+def finish_reward_model(cfg: RunConfig, stages, prep) -> dict:
+    """After training: shift the head's bias so the reference responses score 0 on average
+    (``rm.normalize_source``), then evaluate on the held-out and equal-quality pairs into
+    ``rm_eval/``. Returns what it did and measured."""
+    import numpy as np
+
+    from orchestration.rm_eval import write_rm_eval
+    from orchestration.supervised import rm_evaluation
+
+    out: dict = {}
+    inputs = prep.inputs
+    if inputs.normalize is not None:
+        mean = float(np.mean([s for g in stages.score(inputs.normalize) for s in g]))
+        out["bias"] = stages.shift_bias(-mean)
+        out["reference_mean_before"] = mean
+        print(f"reward model: reference responses scored {mean:+.4f} on average; bias shifted")
+    edges = cfg.rm.length_buckets
+    for name, table in (("held_out", inputs.held_out), ("equal_quality", inputs.equal_quality)):
+        if table is None:
+            continue
+        metrics = rm_evaluation(stages, table, edges)
+        write_rm_eval(prep.run_dir, name, metrics)
+        out[name] = {k: metrics[k] for k in ("accuracy", "pairs", "longer_preferred", "ece")}
+        longer = metrics["longer_preferred"]
+        print(
+            f"reward model on {name} pairs: accuracy {metrics['accuracy']:.3f} over "
+            f"{metrics['pairs']} pairs; the longer response preferred in "
+            + (f"{longer:.3f} of those differing in length" if longer is not None else "none"),
+            flush=True,
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -210,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:  # a guard: 3 numerical faults, 4 off-policy, 5 nothing scorable
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    if "loss_first" in summary:
+        print(
+            f"done: {summary['iterations']} iterations in {summary['wall_time_s']:.0f} s; loss "
+            f"{summary['loss_first']:.3f} (first {FIRST_LAST}) -> {summary['loss_last']:.3f} "
+            f"(last {FIRST_LAST})\nrun directory: {summary['run_dir']}",
+            flush=True,
+        )
+        return 0
     print(
         f"done: {summary['iterations']} iterations in {summary['wall_time_s']:.0f} s; reward "
         f"{summary['reward_first']:.3f} (first {FIRST_LAST}) -> {summary['reward_last']:.3f} "

@@ -80,8 +80,9 @@ class StandInStages:
         }
         return Advantages(table=table, metrics=metrics, kl_ref=self.kl_ref)
 
-    def train(self, table, settings):
+    def train(self, table, settings, ptx=None):
         self.calls.append(("train", table.num_rows, dict(settings)))
+        assert ptx is None  # no ptx section: no PTX rows
         return Trained(metrics={"actor/pg_loss": 0.5}, skipped_in_a_row=self.skipped)
 
     def sync_weights(self):
