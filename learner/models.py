@@ -47,7 +47,7 @@ def load_causal_lm(path: str, *, dtype: str = "float32", trust_remote_code: bool
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 """A value-head reward model's head, beside its causal LM: ``weight`` (1, H) and ``bias`` (1,),
-the format ``reward_service.reward_model`` reads and ``reward_service.train_rm`` writes (the two
+the format ``reward_service.reward_model`` reads and ``learner.engine`` exports (the two
 roles share no module; a test checks that the names agree)."""
 
 

@@ -214,7 +214,7 @@ class RewardModelConfig(Section):
     path: str
     """A ``*ForSequenceClassification`` checkpoint with one label, a causal LM with
     ``value_head.safetensors``, or ``builtin:addition-rm`` (the demo's, trained at start by
-    ``reward_service.train_rm`` on preference pairs built from the task)."""
+    ``orchestration.train_rm`` on preference pairs built from the task)."""
     weight: float = 1.0
     """Weight of this component in the score."""
     micro_batch_tokens: int = Field(4096, ge=16)

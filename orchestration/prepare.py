@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from orchestration.config import BUILTIN_MODEL, BUILTIN_RM, ConfigError, RunConfig
-from orchestration.data import PromptSet, addition_corpus, addition_examples, load_prompts
+from orchestration.data import PromptSet, addition_corpus, load_prompts
 
 
 def make_run_dir(cfg: RunConfig, source: str) -> Path:
@@ -72,8 +72,12 @@ def prepare_reward_models(
 ) -> dict[str, str]:
     """Reward model name -> path (``located``: the configured ones as ``checks.locate_model``
     found them); ``builtin:addition-rm`` is trained now, into the run directory, on preference
-    pairs built from the task (``reward_service.train_rm``)."""
-    from reward_service.train_rm import build_addition_rm
+    pairs built from the task, by ``python -m orchestration.train_rm`` in a process of its own
+    (the learner engine's reward-model objective on one gloo rank: its process group and
+    DeepSpeed state stay out of this driver)."""
+    import json
+    import subprocess
+    import sys
 
     paths = {}
     for m in cfg.reward.models:
@@ -85,8 +89,19 @@ def prepare_reward_models(
             paths[m.name] = str(out)
             continue
         print(f"reward model {m.name}: training {BUILTIN_RM} into {out}", flush=True)
-        examples = addition_examples(cfg.data.addition_max_operand)
-        metrics = build_addition_rm(str(out), model_path, examples, seed=cfg.seed)
+        command = [sys.executable, "-m", "orchestration.train_rm", "--base", model_path]
+        command += ["--out", str(out), "--seed", str(cfg.seed)]
+        command += ["--builtin-addition", str(cfg.data.addition_max_operand)]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=cfg.cluster.call_timeout_s
+        )
+        lines = [x for x in done.stdout.splitlines() if x.startswith("METRICS ")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(
+                f"reward model {m.name}: training {BUILTIN_RM} failed (exit {done.returncode}):\n"
+                + (done.stdout[-2000:] + done.stderr[-3000:])
+            )
+        metrics = json.loads(lines[-1].removeprefix("METRICS "))
         print(
             f"reward model {m.name}: accuracy {metrics['train_accuracy']:.3f} on "
             f"{metrics['pairs_train']:.0f} training pairs, {metrics['held_out_accuracy']:.3f} on "

@@ -4,7 +4,7 @@ Two kinds of checkpoint load (safetensors only, ``trust_remote_code`` off unless
 
 - a Hugging Face ``*ForSequenceClassification`` model with one label (its ``score`` head);
 - a causal LM with a value head: the LM's body plus ``value_head.safetensors`` (``weight``
-  (1, H), ``bias`` (1,)) in the same directory, as :mod:`reward_service.train_rm` saves it.
+  (1, H), ``bias`` (1,)) in the same directory, as :mod:`learner.engine` exports one.
 
 The score is the head's output at the last real token of prompt + response (for a finished
 response that is its EOS token; arXiv 2403.17031, "reward model score at EOS"). The position is

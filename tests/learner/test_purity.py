@@ -40,6 +40,6 @@ def test_reward_service_imports_no_other_role_and_no_distributed_stack():
     # serves (reward_service.server), which this does not import.
     mods = imported_after(
         "import reward_service.scorer, reward_service.reward_model, reward_service.shaping, "
-        "reward_service.train_rm, reward_service.verifiers, reward_service.code_verifier"
+        "reward_service.verifiers, reward_service.code_verifier"
     )
     assert mods.isdisjoint(HEAVY + ["actors", "orchestration", "learner"]), mods

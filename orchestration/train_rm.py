@@ -1,25 +1,22 @@
-"""Train a small reward model on preference pairs with the pairwise ranking loss.
+"""Train a small reward model on preference pairs: a thin command over the learner engine.
 
-    python -m reward_service.train_rm --base my/sft-model --out runs/rm --pairs prefs.jsonl
+    python -m orchestration.train_rm --base my/sft-model --out runs/rm --pairs prefs.jsonl
+    python -m orchestration.train_rm --base <tiny model> --out <dir> --builtin-addition 4
 
-(The demo's ``builtin:addition-rm`` is trained by the run itself, with :func:`build_addition_rm`.)
+The training is the engine's reward-model objective (``learner.supervised.PairwiseRanking``:
+pairs of one prompt kept together, Llama 2's margin, ChatGLM-RLHF's L2 regulariser, a fresh
+N(0, 1/sqrt(d+1)) head, dropout off) on one gloo rank in this process, without Ray; the model is
+saved as the engine exports it (a causal LM with ``value_head.safetensors``, as
+``reward_service.reward_model`` and ``learner.critic_init`` read it). For a dataset in any of the
+preference formats, on several ranks, with length balancing, cycle removal, bias normalisation
+and the evaluation report, run the ``rm`` stage instead (``python -m orchestration.train
+--config pipeline-rm``). The demo's ``builtin:addition-rm`` is this command with
+``--builtin-addition`` (the run starts it in a process of its own).
 
-The reward model is the base causal LM's body with a one-label classification head
-(``*ForSequenceClassification``, initialised from the base checkpoint, head fresh), read at the
-last real token as ``reward_service.reward_model.RewardModel`` reads it. Loss per pair
-(``TECHNIQUES.md``, "Reward model training"):
-
-    -log sigmoid(r_w - r_l - m) + reg * (r_w^2 + r_l^2)
-
-with ``m`` the pair's margin (Llama 2) and ``reg`` ChatGLM-RLHF's score regulariser. Ties
-(chosen == rejected) are dropped. Pairs come from a JSONL file (``{"prompt", "chosen",
-"rejected", "margin"?}`` or rankings ``{"prompt", "responses": [best, ..., worst]}``, all
-K-choose-2 pairs) or are synthesised from the built-in task's examples (:func:`addition_pairs`).
-A held-out share of the pairs measures accuracy (``r_w > r_l``); it is printed and saved as
-``train_metrics.json`` next to the model.
-
-This is a small single-process trainer for the demo and for small models; a large reward model
-belongs in a proper distributed trainer.
+Pairs come from a JSONL file (``{"prompt", "chosen", "rejected", "margin"?}`` or rankings
+``{"prompt", "responses": [best, ..., worst]}``, all K-choose-2 pairs) or are synthesised from
+the built-in task's examples (:func:`addition_pairs`). A held-out share of the pairs measures
+accuracy (``r_w > r_l``); it is printed and saved as ``train_metrics.json`` next to the model.
 """
 
 from __future__ import annotations
@@ -27,15 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+import pyarrow as pa
 
-from reward_service.reward_model import last_token_index, pad_batch
+from rollout import schema as S
 
 
 @dataclass(frozen=True)
@@ -46,17 +43,6 @@ class Pair:
     chosen: tuple[int, ...]
     rejected: tuple[int, ...]
     margin: float = 0.0
-
-
-def pairwise_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, reg: float = 0.0
-) -> torch.Tensor:
-    """Mean over pairs of ``-log sigmoid(r_w - r_l - m) + reg (r_w^2 + r_l^2)``; all (P,).
-
-    At ``r_w == r_l``, ``m = 0``, ``reg = 0`` the loss is ``ln 2``.
-    """
-    ranking = -F.logsigmoid(chosen - rejected - margin)
-    return (ranking + reg * (chosen**2 + rejected**2)).mean()
 
 
 # ------------------------------------------------------------------------------ pairs
@@ -144,31 +130,34 @@ def read_pairs(path: str, tokenizer) -> list[Pair]:
 # ------------------------------------------------------------------------------ training
 
 
-def _scores(model, sequences: list[tuple[int, ...]], pad_token_id: int) -> torch.Tensor:
-    ids, mask = pad_batch(sequences, pad_token_id, "right")
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = model.base_model(
-        input_ids=ids, attention_mask=mask, position_ids=position_ids
-    ).last_hidden_state  # (B, T, H)
-    return model.score(hidden[torch.arange(len(sequences)), last_token_index(mask)]).squeeze(-1)
-
-
-def accuracy(model, pairs: list[Pair], pad_token_id: int, batch: int = 256) -> float:
-    """Share of pairs with ``r(chosen) > r(rejected)``."""
-    right = 0
-    with torch.no_grad():
-        for i in range(0, len(pairs), batch):
-            part = pairs[i : i + batch]
-            w = _scores(model, [p.prompt + p.chosen for p in part], pad_token_id)
-            lo = _scores(model, [p.prompt + p.rejected for p in part], pad_token_id)
-            right += int((w > lo).sum())
-    return right / max(len(pairs), 1)
+def groups_table(pairs: list[Pair]) -> pa.Table:
+    """Pairs as prompt groups (``rollout.schema``'s prompt-group columns): one row per prompt,
+    its distinct responses, and its pairs as indices into them with their margins."""
+    groups: dict[tuple[int, ...], tuple[dict, list]] = {}
+    for p in pairs:
+        index, ranked = groups.setdefault(p.prompt, ({}, []))
+        c = index.setdefault(p.chosen, len(index))
+        r = index.setdefault(p.rejected, len(index))
+        ranked.append((c, r, p.margin))
+    prompts = list(groups)
+    responses = [list(map(list, groups[k][0])) for k in prompts]
+    ranked = [groups[k][1] for k in prompts]
+    return pa.table(
+        {
+            S.PROMPT_ID: pa.array(range(len(prompts)), pa.int64()),
+            S.PROMPT_TOKEN_IDS: pa.array([list(k) for k in prompts], S.TOKEN_IDS_TYPE),
+            S.RESPONSES: pa.array(responses, pa.list_(S.TOKEN_IDS_TYPE)),
+            S.PAIR_CHOSEN: pa.array([[c for c, _, _ in g] for g in ranked], pa.list_(pa.int32())),
+            S.PAIR_REJECTED: pa.array([[r for _, r, _ in g] for g in ranked], pa.list_(pa.int32())),
+            S.PAIR_MARGIN: pa.array([[m for _, _, m in g] for g in ranked], pa.list_(pa.float32())),
+        }
+    )
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    steps: int = 400
-    batch_pairs: int = 64
+    steps: int = 300
+    groups_per_step: int = 4  # every pair of a prompt in the same step
     lr: float = 1e-3
     reg: float = 0.001
     held_out: float = 0.2
@@ -178,60 +167,60 @@ class TrainSpec:
 def train_reward_model(
     base: str, out: str, pairs: list[Pair], spec: TrainSpec = TrainSpec(), *, log_every: int = 50
 ) -> dict[str, float]:
-    """Train on ``pairs`` (a held-out share kept apart), save to ``out``; returns the metrics
-    (``train_accuracy``, ``held_out_accuracy``, ``loss_first``, ``loss_last``, counts, time)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """Train on ``pairs`` (a held-out share of them kept apart) with the learner engine on one
+    rank, save to ``out``; returns the metrics (``train_accuracy``, ``held_out_accuracy``,
+    ``loss_first``, ``loss_last``, counts, time)."""
+    from transformers import AutoTokenizer
+
+    from learner.engine import Engine, LearnerSpec, OptimizerSpec
+    from learner.supervised import PairwiseRanking
 
     if len(pairs) < 10:
         raise ValueError(f"{len(pairs)} preference pairs: too few to train and hold some out")
     start = time.perf_counter()
-    torch.manual_seed(spec.seed)
     shuffled = pairs[:]
     random.Random(spec.seed).shuffle(shuffled)
     cut = max(1, int(len(shuffled) * spec.held_out))
-    held, train = shuffled[:cut], shuffled[cut:]
+    held, train = groups_table(shuffled[:cut]), groups_table(shuffled[cut:])
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=1, use_safetensors=True, dtype=torch.float32
-    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.config.pad_token_id = pad
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    learner_spec = LearnerSpec(
+        model_path=base,
+        policy_optim=OptimizerSpec(lr=spec.lr),
+        objective=PairwiseRanking(reg=spec.reg),
+        pad_token_id=pad,
+        seed=spec.seed,
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = Engine(learner_spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=port)
     rng = random.Random(spec.seed + 1)
+    size = min(spec.groups_per_step, train.num_rows)
     losses = []
-    model.train()
     for step in range(spec.steps):
-        batch = rng.sample(train, min(spec.batch_pairs, len(train)))
-        w = _scores(model, [p.prompt + p.chosen for p in batch], pad)
-        lo = _scores(model, [p.prompt + p.rejected for p in batch], pad)
-        margin = torch.tensor([p.margin for p in batch])
-        loss = pairwise_loss(w, lo, margin, spec.reg)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        batch = train.take(pa.array(rng.sample(range(train.num_rows), size)))
+        losses.append(engine.train(batch)["rm/loss"])
         if log_every and (step % log_every == 0 or step == spec.steps - 1):
-            print(f"[train_rm] step {step:4d}/{spec.steps} loss {loss:.4f}", flush=True)
-    model.eval()
+            print(f"[train_rm] step {step:4d}/{spec.steps} loss {losses[-1]:.4f}", flush=True)
     metrics = {
-        "pairs_train": float(len(train)),
-        "pairs_held_out": float(len(held)),
+        "pairs_train": float(len(pairs) - cut),
+        "pairs_held_out": float(cut),
         "loss_first": losses[0],
         "loss_last": sum(losses[-10:]) / len(losses[-10:]),
-        "train_accuracy": accuracy(model, train, pad),
-        "held_out_accuracy": accuracy(model, held, pad),
+        "train_accuracy": engine.evaluate(train)["rm/accuracy"],
+        "held_out_accuracy": engine.evaluate(held)["rm/accuracy"],
         "seconds": time.perf_counter() - start,
     }
     tmp = Path(f"{out}.tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    engine.save_policy(str(tmp))  # the export, written beside tmp and renamed into it
     (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     tmp.replace(out)  # the whole directory at once: a crash leaves no half-saved model
     return metrics
 
 
 def build_addition_rm(
-    out: str, base: str, examples: list[tuple[str, str]], seed: int = 0
+    out: str, base: str, examples: list[tuple[str, str]], spec: TrainSpec = TrainSpec()
 ) -> dict[str, float]:
     """The demo's reward model (``builtin:addition-rm``), unless ``out`` already holds one."""
     path = Path(out)
@@ -239,29 +228,44 @@ def build_addition_rm(
         return json.loads((path / "train_metrics.json").read_text())
     from transformers import AutoTokenizer
 
-    pairs = addition_pairs(AutoTokenizer.from_pretrained(base), examples, seed)
-    return train_reward_model(base, out, pairs, TrainSpec(seed=seed))
+    pairs = addition_pairs(AutoTokenizer.from_pretrained(base), examples, spec.seed)
+    return train_reward_model(base, out, pairs, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reward_service.train_rm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m orchestration.train_rm", description=__doc__)
     parser.add_argument("--base", required=True, help="causal LM to start from (HF directory)")
     parser.add_argument("--out", required=True, help="directory to save the reward model in")
-    parser.add_argument("--pairs", required=True, help="JSONL of preference pairs or rankings")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", help="JSONL of preference pairs or rankings")
+    source.add_argument(
+        "--builtin-addition",
+        type=int,
+        metavar="MAX_OPERAND",
+        help="pairs built from the built-in task with operands 0..MAX_OPERAND",
+    )
     for name, default in vars(TrainSpec()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
+    spec = TrainSpec(**{k: getattr(args, k) for k in vars(TrainSpec())})
     try:
-        pairs = read_pairs(args.pairs, tokenizer)
-        spec = TrainSpec(**{k: getattr(args, k) for k in vars(TrainSpec())})
-        metrics = train_reward_model(args.base, args.out, pairs, spec)
+        if args.pairs is not None:
+            pairs = read_pairs(args.pairs, tokenizer)
+            metrics = train_reward_model(args.base, args.out, pairs, spec)
+        else:
+            examples = [
+                (f"{a}+{b}=", str(a + b))
+                for a in range(args.builtin_addition + 1)
+                for b in range(args.builtin_addition + 1)
+            ]
+            metrics = build_addition_rm(args.out, args.base, examples, spec)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(metrics))
+    print("METRICS " + json.dumps(metrics))
     return 0
 
 
