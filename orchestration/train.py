@@ -1,4 +1,5 @@
-"""Raylign's main job: a PPO or GRPO run on Ray.
+"""Raylign's main job: a PPO or GRPO run on Ray, or a supervised stage (``stage: sft`` or
+``stage: rm``, :func:`run_supervised`: the learner ranks alone).
 
     python -m orchestration.train --config demo [key=value ...]
     ray job submit -- python -m orchestration.train --config demo logging.root=$PWD/runs
@@ -51,7 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(
         prog="python -m orchestration.train",
-        description="Run PPO or GRPO on Ray with vLLM generators and a DeepSpeed learner.",
+        description=(
+            "Run PPO or GRPO on Ray with vLLM generators and a DeepSpeed learner, or an SFT "
+            "or reward-model stage on the learner alone (stage=sft|rm)."
+        ),
         epilog="config fields (set any with key=value):\n\n" + describe_config(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
