@@ -17,6 +17,9 @@ and ``datasets`` directories. A row is read as the first of these that fits:
    template if the tokenizer has one, else as plain text (each turn followed by a blank line);
    the response is ``output``, every token in the loss.
 
+4. plain text, ``{"text": ...}`` (pretraining data for the PTX term): the first token is the
+   context and every later token, and the EOS, is in the loss.
+
 ``builtin:addition`` gives ``"a+b="`` -> ``"c"`` with EOS. An example longer than ``max_tokens``
 (prompt and response together) is skipped, truncated at the end of its response, or an error.
 Malformed rows are skipped, counted and described with their file and line, as in
@@ -169,6 +172,17 @@ def _plain(prompt: str, response: str, tokenizer) -> _Example:
     return _Example(_text_ids(prompt, tokenizer), ids, [1.0] * len(ids))
 
 
+def _text(text, tokenizer) -> _Example:
+    """Plain text (pretraining data, PTX): its first token is the context, every later token
+    and the EOS are in the loss."""
+    if not isinstance(text, str) or not text.strip():
+        raise _BadRow("'text' is not a non-empty string")
+    ids = _text_ids(text, tokenizer) + [_eos(tokenizer)]
+    if len(ids) < 2:
+        raise _BadRow("'text' tokenizes to nothing")
+    return _Example(ids[:1], ids[1:], [1.0] * (len(ids) - 1))
+
+
 def _example(row: dict, tokenizer, at: str, prompt_key: str, response_key: str) -> _Example:
     """A row's example, by the first format that fits (see the module docstring)."""
     if row.get(prompt_key) is not None:
@@ -203,9 +217,11 @@ def _example(row: dict, tokenizer, at: str, prompt_key: str, response_key: str) 
         if getattr(tokenizer, "chat_template", None) is not None:
             return _chat_response(messages, output, tokenizer, at)
         return _plain("".join(m["content"] + "\n\n" for m in messages), output, tokenizer)
+    if row.get("text") is not None:
+        return _text(row["text"], tokenizer)
     raise _BadRow(
         f"no '{prompt_key}' (every row needs '{prompt_key}' and '{response_key}', 'messages', "
-        "or 'instruction' and 'output')"
+        "'instruction' and 'output', or 'text')"
     )
 
 

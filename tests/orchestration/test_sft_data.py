@@ -89,6 +89,17 @@ def test_string_prompt_and_response(tmp_path, tokenizer):
     assert data.report.loaded == 2 and data.report.max_prompt_tokens == 16
 
 
+def test_plain_text_rows_put_every_token_after_the_first_in_the_loss(tmp_path, tokenizer):
+    rows = [{"text": "1+2=3"}, {"text": "  "}]
+    data = load_supervised(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, max_tokens=16)
+    ids = [*d("1+2=3"), E]
+    assert data.prompt_ids == [ids[:1]] and data.response_ids == [ids[1:]]
+    assert data.loss_masks == [[1.0] * (len(ids) - 1)]
+    assert (
+        data.report.malformed == 1 and "'text' is not a non-empty string" in data.report.problems[0]
+    )
+
+
 def test_chat_prompt_and_response(tmp_path, chat_tokenizer):
     rows = [{"prompt": [user("1+2=")], "response": "3"}]
     data = load_supervised(write_jsonl(tmp_path / "d.jsonl", rows), chat_tokenizer, max_tokens=16)
