@@ -165,28 +165,20 @@ def target_logprobs(
         head, decoder = nn.Identity(), None
     else:
         decoder = model.get_decoder()
-    if isinstance(batch, PackedBatch):
-        inputs = {
-            "input_ids": batch.input_ids,
-            "position_ids": batch.position_ids,
-            "attention_mask": batch.attention_mask,
-            "use_cache": False,
-        }
-        out = (decoder or model)(**inputs)
-        states = out.last_hidden_state if decoder is not None else out.logits
-        return _chunk_stats(head, states[mask], batch.targets[mask], chunk_bytes)
-    p, r = batch.prompt_width, batch.response_ids.shape[1]
+    packed = isinstance(batch, PackedBatch)
     inputs = {
         "input_ids": batch.input_ids,
-        "attention_mask": batch.attention_mask,
+        "attention_mask": batch.attention_mask,  # packed: block-diagonal causal (B, 1, L, L)
         "position_ids": batch.position_ids,
         "use_cache": False,
     }
     out = (decoder or model)(**inputs)
     states = out.last_hidden_state if decoder is not None else out.logits
-    return _chunk_stats(
-        head, states[:, p - 1 : p - 1 + r][mask], batch.response_ids[mask], chunk_bytes
-    )
+    if packed:
+        return _chunk_stats(head, states[mask], batch.targets[mask], chunk_bytes)
+    p, r = batch.prompt_width, batch.response_ids.shape[1]
+    predicting = states[:, p - 1 : p - 1 + r][mask]  # position P - 1 + t predicts token t
+    return _chunk_stats(head, predicting, batch.response_ids[mask], chunk_bytes)
 
 
 @dataclass(frozen=True)

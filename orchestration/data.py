@@ -234,6 +234,17 @@ class _BadRow(Exception):
     """A malformed row; the message says why, without the location."""
 
 
+def skip_malformed(report, at: str, bad: Exception, strict: bool) -> None:
+    """A malformed row at ``at``: with ``strict`` an error naming it, else counted in
+    ``report.malformed`` and its message kept (the first ``_MAX_PROBLEMS``) in
+    ``report.problems``. Every loader's reports (prompts, supervised, preferences) have both."""
+    if strict:
+        raise DataError(f"{at}: {bad}") from None
+    report.malformed += 1
+    if len(report.problems) < _MAX_PROBLEMS:
+        report.problems.append(f"{at}: {bad}")
+
+
 def _messages(value, key: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise _BadRow(f"'{key}' is not a non-empty list of chat messages")
@@ -380,11 +391,7 @@ def load_prompts(
             prompt, label = _prompt_and_label(record.row, prompt_key, label_key)
             ids = _token_ids(prompt, tokenizer, at)
         except _BadRow as bad:
-            if strict:
-                raise DataError(f"{at}: {bad}") from None
-            report.malformed += 1
-            if len(report.problems) < _MAX_PROBLEMS:
-                report.problems.append(f"{at}: {bad}")
+            skip_malformed(report, at, bad, strict)
             continue
         if len(ids) > max_prompt_tokens:
             if overlong == "error":

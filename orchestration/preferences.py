@@ -38,13 +38,13 @@ import numpy as np
 import pyarrow as pa
 
 from orchestration.data import (
-    _MAX_PROBLEMS,
     DataError,
     _alpaca,
     _BadRow,
     _messages,
     _source_records,
     _token_ids,
+    skip_malformed,
 )
 from orchestration.sft_data import _eos, _extends, _render, _text_ids
 from rollout import schema as S
@@ -393,11 +393,7 @@ def load_preferences(
             row = _parse(record.row, margins, chat)
             prompt, responses = _tokenize(row, tokenizer, at)
         except _BadRow as bad:
-            if strict:
-                raise DataError(f"{at}: {bad}") from None
-            report.malformed += 1
-            if len(report.problems) < _MAX_PROBLEMS:
-                report.problems.append(f"{at}: {bad}")
+            skip_malformed(report, at, bad, strict)
             continue
         if len(prompt) + max(len(r) for r in responses) > max_tokens:
             report.overlong_skipped += 1

@@ -36,7 +36,6 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from orchestration.data import (
-    _MAX_PROBLEMS,
     DataError,
     LoadReport,
     Overlong,
@@ -46,6 +45,7 @@ from orchestration.data import (
     _Record,
     _source_records,
     addition_examples,
+    skip_malformed,
 )
 from rollout import schema as S
 
@@ -286,11 +286,7 @@ def load_supervised(
             if not example.response:
                 raise _BadRow("the response tokenizes to nothing")
         except _BadRow as bad:
-            if strict:
-                raise DataError(f"{at}: {bad}") from None
-            report.malformed += 1
-            if len(report.problems) < _MAX_PROBLEMS:
-                report.problems.append(f"{at}: {bad}")
+            skip_malformed(report, at, bad, strict)
             continue
         prompt, response, mask = example
         if len(prompt) + len(response) > max_tokens:

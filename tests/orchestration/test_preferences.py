@@ -2,7 +2,6 @@
 balancing, the preference table and the held-out split. CPU only: the tiny model's tokenizer, no
 Ray."""
 
-import json
 import re
 
 import pyarrow as pa
@@ -27,56 +26,22 @@ from orchestration.preferences import (
     split_groups,
 )
 from rollout import schema as S
-
-# The tiny tokenizer has one token per character of "+012345678=" (ids: "+" 1, digit d is d + 2,
-# "=" 11) and EOS 0; other characters ("9", spaces, newlines) tokenize to nothing. The role tags
-# are added as special tokens: <|system|> 12, <|user|> 13, <|assistant|> 14.
-E, PLUS, EQ, SYSTEM, USER, ASSISTANT = 0, 1, 11, 12, 13, 14
-ROLE_TAGS = ["<|system|>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+from tests.orchestration.chat_tokens import (
+    ASSISTANT,
+    CHAT_TEMPLATE,
+    ROLE_TAGS,
+    USER,
+    E,
+    assistant,
+    d,
+    user,
+    write_jsonl,
 )
-
-
-def d(text: str) -> list[int]:
-    """Token ids of a string of digits, '+' and '=' (one token per character)."""
-    return [PLUS if c == "+" else EQ if c == "=" else int(c) + 2 for c in text]
 
 
 def t(text: str) -> tuple[int, ...]:
     """A text response's tokens: its characters, then EOS."""
     return (*d(text), E)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok.add_tokens(ROLE_TAGS, special_tokens=True)
-    assert tok.convert_tokens_to_ids(ROLE_TAGS) == [SYSTEM, USER, ASSISTANT]
-    assert tok.eos_token_id == E and tok("1+2=", add_special_tokens=False)["input_ids"] == d("1+2=")
-    return tok
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(tiny_model):
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok.add_tokens(ROLE_TAGS, special_tokens=True)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def write_jsonl(path, lines) -> str:
-    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
-    return str(path)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def load(tmp_path, rows, tok, **kwargs):

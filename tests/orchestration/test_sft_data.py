@@ -16,52 +16,17 @@ from orchestration.sft_data import (
     supervised_table,
 )
 from rollout import schema as S
-
-# The tiny tokenizer has one token per character of "+0123456789=" (ids: "+" 1, digit d is d + 2,
-# "=" 11) and EOS 0; other characters tokenize to nothing. The role tags are added to it as
-# special tokens: <|system|> 12, <|user|> 13, <|assistant|> 14.
-E, PLUS, EQ, SYSTEM, USER, ASSISTANT = 0, 1, 11, 12, 13, 14
-ROLE_TAGS = ["<|system|>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+from tests.orchestration.chat_tokens import (
+    ASSISTANT,
+    CHAT_TEMPLATE,
+    SYSTEM,
+    USER,
+    E,
+    assistant,
+    d,
+    user,
+    write_jsonl,
 )
-
-
-def d(text: str) -> list[int]:
-    """Token ids of a string of digits, '+' and '=' (one token per character)."""
-    return [PLUS if c == "+" else EQ if c == "=" else int(c) + 2 for c in text]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok.add_tokens(ROLE_TAGS, special_tokens=True)
-    assert tok.convert_tokens_to_ids(ROLE_TAGS) == [SYSTEM, USER, ASSISTANT]
-    assert tok.eos_token_id == E and tok("1+2=", add_special_tokens=False)["input_ids"] == d("1+2=")
-    return tok
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(tiny_model):
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok.add_tokens(ROLE_TAGS, special_tokens=True)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def write_jsonl(path, lines) -> str:
-    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
-    return str(path)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
 
 CONVERSATION = [
     {"role": "system", "content": "8"},
