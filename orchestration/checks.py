@@ -141,7 +141,8 @@ def check_inputs(
             "at generator.max_new_tokens and rewards read at EOS never see one; set eos_token in "
             "its tokenizer_config.json"
         )
-    _check_positions(cfg.generator.max_model_len, model_path, config)
+    if cfg.stage == "rl":  # (the supervised stages start no generator)
+        _check_positions(cfg.generator.max_model_len, model_path, config)
     notes = []
     if cfg.learner.critic_init is not None:
         notes += _check_critic_init(cfg.learner.critic_init, tokenizer, trust)

@@ -112,6 +112,23 @@ def prepare_reward_models(
     return paths
 
 
+def start_run_dir(cfg: RunConfig, source: str, policy: str):
+    """``(run_dir, resume_from, model_path, tokenizer)``: the run directory made (or found to
+    resume) with its ``config.yaml``, the model built or found (``policy``: as located) and its
+    tokenizer loaded."""
+    from transformers import AutoTokenizer
+
+    run_dir = make_run_dir(cfg, source)
+    resume_from = resume_point(cfg, run_dir)
+    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    (run_dir / "config.yaml").write_text(config_text)
+    model_path = prepare_model(cfg, run_dir, policy)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    return run_dir, resume_from, model_path, tokenizer
+
+
 @dataclass(frozen=True)
 class Prepared:
     """What a run has once its inputs are checked, before any actor starts."""
@@ -132,7 +149,6 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
     Raises:
         DataError: a dataset row cannot be used (the message names it).
     """
-    from transformers import AutoTokenizer
 
     from orchestration.checks import check_inputs, locate_model
 
@@ -145,14 +161,7 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
         for m in cfg.reward.models
         if m.path != BUILTIN_RM
     }
-    run_dir = make_run_dir(cfg, source)
-    resume_from = resume_point(cfg, run_dir)
-    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_text)
-    model_path = prepare_model(cfg, run_dir, policy)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path, trust_remote_code=cfg.model.trust_remote_code
-    )
+    run_dir, resume_from, model_path, tokenizer = start_run_dir(cfg, source, policy)
     reward_model_paths = prepare_reward_models(cfg, run_dir, model_path, reward_paths)
     for note in check_inputs(cfg, model_path, tokenizer, reward_model_paths):
         print(f"note: {note}", flush=True)
@@ -220,22 +229,15 @@ class PreparedSupervised:
 def prepare_supervised(cfg: RunConfig, source: str) -> PreparedSupervised:
     """The run directory, the model (or ``builtin:tiny``), the tokenizer and the stage's data
     (``orchestration.supervised.load_inputs``), before any actor starts."""
-    from transformers import AutoTokenizer
-
-    from orchestration.checks import locate_model
+    from orchestration.checks import check_inputs, locate_model
     from orchestration.supervised import load_inputs
 
     policy = cfg.model.path
     if policy != BUILTIN_MODEL:
         policy = locate_model("model.path", policy)
-    run_dir = make_run_dir(cfg, source)
-    resume_from = resume_point(cfg, run_dir)
-    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_text)
-    model_path = prepare_model(cfg, run_dir, policy)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path, trust_remote_code=cfg.model.trust_remote_code
-    )
+    run_dir, resume_from, model_path, tokenizer = start_run_dir(cfg, source, policy)
+    for note in check_inputs(cfg, model_path, tokenizer, {}):
+        print(f"note: {note}", flush=True)
     inputs = load_inputs(cfg, tokenizer)
     print(f"{cfg.stage} data: {inputs.summary}", flush=True)
     for line in inputs.lines:

@@ -139,6 +139,30 @@ def make_sinks(cfg: RunConfig, run_dir: Path) -> list:
     return sinks
 
 
+def metrics_log(cfg: RunConfig, run_dir: Path, first: int):
+    """The run's ``MetricsLog`` (a resumed run keeps its records through iteration
+    ``first - 1``)."""
+    from orchestration.metrics import MetricsLog
+
+    return MetricsLog(
+        run_dir,
+        cfg.iterations,
+        progress_bar=cfg.logging.progress_bar,
+        sinks=make_sinks(cfg, run_dir),
+        keep_through=first - 1 if cfg.resume != "never" else None,
+    )
+
+
+def write_summary(cfg: RunConfig, run_dir: Path, summary: dict) -> dict:
+    """``summary.json`` and, as configured, the report; returns ``summary``."""
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.logging.report:
+        from orchestration.report import write_report
+
+        print(f"report: {write_report(run_dir)}", flush=True)
+    return summary
+
+
 def run(cfg: RunConfig, source: str) -> dict:
     """Everything after the config: checks, actors, the loop, the policy and the summary."""
     if cfg.stage != "rl":
@@ -154,7 +178,6 @@ def run(cfg: RunConfig, source: str) -> dict:
     import ray
 
     from orchestration.loop import start_loop
-    from orchestration.metrics import MetricsLog
     from orchestration.placement import start_actors
 
     init_ray(cfg, prep.run_dir)
@@ -177,13 +200,7 @@ def run(cfg: RunConfig, source: str) -> dict:
                 f"mean score {baseline['reward/baseline_mean']:.4f}",
                 flush=True,
             )
-        log = MetricsLog(
-            prep.run_dir,
-            cfg.iterations,
-            progress_bar=cfg.logging.progress_bar,
-            sinks=make_sinks(cfg, prep.run_dir),
-            keep_through=first - 1 if cfg.resume != "never" else None,
-        )
+        log = metrics_log(cfg, prep.run_dir, first)
         try:
             loop.run(log, first)
         finally:
@@ -193,12 +210,7 @@ def run(cfg: RunConfig, source: str) -> dict:
         summary["data"] = prep.prompts.report.metrics()  # rows read, loaded, skipped, truncated
     finally:
         ray.shutdown()
-    (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if cfg.logging.report:
-        from orchestration.report import write_report
-
-        print(f"report: {write_report(prep.run_dir)}", flush=True)
-    return summary
+    return write_summary(cfg, prep.run_dir, summary)
 
 
 def summarize_supervised(history: list[dict], run_dir: Path, wall_s: float, key: str) -> dict:
@@ -238,7 +250,6 @@ def run_supervised(cfg: RunConfig, source: str) -> dict:
     import ray
 
     from orchestration.loop import SupervisedLoop
-    from orchestration.metrics import MetricsLog
     from orchestration.placement import start_learner_ranks
     from orchestration.supervised import SupervisedStages
 
@@ -252,13 +263,7 @@ def run_supervised(cfg: RunConfig, source: str) -> dict:
         if prep.resume_from is not None:
             first = loop.restore(prep.resume_from) + 1
             print(f"resume: continuing after iteration {first - 1} from {prep.resume_from}")
-        log = MetricsLog(
-            prep.run_dir,
-            cfg.iterations,
-            progress_bar=cfg.logging.progress_bar,
-            sinks=make_sinks(cfg, prep.run_dir),
-            keep_through=first - 1 if cfg.resume != "never" else None,
-        )
+        log = metrics_log(cfg, prep.run_dir, first)
         try:
             loop.run(log, first)
         finally:
@@ -272,12 +277,7 @@ def run_supervised(cfg: RunConfig, source: str) -> dict:
             loop.export(prep.run_dir / "policy")
     finally:
         ray.shutdown()
-    (prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if cfg.logging.report:
-        from orchestration.report import write_report
-
-        print(f"report: {write_report(prep.run_dir)}", flush=True)
-    return summary
+    return write_summary(cfg, prep.run_dir, summary)
 
 
 def finish_reward_model(cfg: RunConfig, stages, prep) -> dict:

@@ -1,8 +1,8 @@
 """The supervised stages end to end on a local Ray through the real entry point: SFT on two
 learner ranks (and resumed), a reward model from the SFT policy (balanced, bias-normalised,
-evaluated), then PPO from the SFT policy with that reward model, the critic started from it and
-the PTX term: each stage's output the next one's input, as the pipeline presets chain them.
-Short runs: the demo's measured numbers are in the README."""
+evaluated), then PPO on two ranks from the SFT policy with that reward model, the critic started
+from it and the PTX term: each stage's output the next one's input, as the pipeline presets
+chain them. Short runs: the demo's measured numbers are in the README."""
 
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def test_sft_then_reward_model_then_ppo_with_ptx(private_env, tmp_path):
     sequences = [p + r for p, r in zip(ref.prompt_ids, ref.response_ids, strict=True)]
     assert abs(float(np.mean(RewardModel(str(model)).score_ids(sequences)))) < 1e-3
 
-    # 3. PPO from the SFT policy against that reward model, the critic from it, with PTX
+    # 3. PPO from the SFT policy against that reward model, the critic from it, with PTX, on
+    # two ranks (the PTX rows split between them, its token count over both)
     out = train(
         [
             "--config",
@@ -103,6 +104,7 @@ def test_sft_then_reward_model_then_ppo_with_ptx(private_env, tmp_path):
             f"reward.models=[{{name: rm, path: {model}}}]",
             f"learner.critic_init={model}",
             f"ptx.source={data}/sft.jsonl",
+            "learner.num_ranks=2",
             "logging.name=ppo",
             *common,
         ],
