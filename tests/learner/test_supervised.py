@@ -25,6 +25,7 @@ from learner.supervised import (
     flatten_groups,
     pack,
 )
+from orchestration.tiny_model import FAMILY_MATRIX
 from rollout import schema as S
 
 
@@ -295,3 +296,35 @@ def test_cross_entropy_reference_is_the_models_own(model):
     ce = F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(response), reduction="sum")
     total, _ = full_forward_nll(model, [(prompt, response, [1.0] * len(response))])
     assert ce.item() == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MATRIX))
+def test_every_model_family_packs_like_it_pads_and_its_reward_model_export_scores_the_same(
+    tmp_path, family
+):
+    # Tied output heads and grouped-query attention change how the body, the head and the
+    # export line up; each shape of the model-family matrix goes through the supervised paths.
+    from orchestration.data import addition_corpus
+    from orchestration.tiny_model import build_tiny_model
+    from reward_service.reward_model import RewardModel
+
+    path = build_tiny_model(str(tmp_path / "m"), addition_corpus(4), FAMILY_MATRIX[family])
+    model = load_causal_lm(path).eval()
+    total, count = full_forward_nll(model, ROWS)
+    for packing in ("never", "always"):
+        objective = NextToken(packing=packing)
+        micro = objective.collate(sft_table(ROWS), 0)
+        counts = Counts(micro.tokens, micro.sequences)
+        loss, _ = objective.micro_loss(
+            "actor", {"actor": model}, micro.batch, micro.mask, counts, {}
+        )
+        assert loss.item() == pytest.approx(total / count, rel=1e-5), packing
+
+    groups = [([5, 1], [[3, 0], [4, 4, 0]], [(0, 1, 0.0)])]
+    learner = engine(path, PairwiseRanking(), lr=3e-3)
+    for _ in range(3):
+        learner.train(group_table(groups))
+    scores = learner.score(group_table(groups))[0]
+    learner.save_policy(str(tmp_path / "rm"))
+    served = RewardModel(str(tmp_path / "rm")).score_ids([[5, 1, *r] for r in groups[0][1]])
+    assert np.allclose(served, scores, atol=1e-4)
