@@ -240,3 +240,132 @@ def pairwise_loss(
         "accuracy": right.sum().detach() / n,
         "margin_mean": diff.sum().detach() / n,
     }
+
+
+# ==========================================================================================
+# Preference losses on sequence log-probabilities (learner.preference)
+# ==========================================================================================
+
+PREFERENCE_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def check_preference(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """Raise ``ValueError`` naming the argument unless :func:`preference_loss` accepts it."""
+    if not beta > 0:
+        raise ValueError(f"beta={beta}: must be > 0")
+    if loss_type not in PREFERENCE_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: give one of {PREFERENCE_LOSS_TYPES}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing={label_smoothing}: must be at least 0 and below 0.5")
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError(
+            "label_smoothing is conservative DPO's (loss_type='sigmoid'); IPO has none"
+        )
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    num_pairs: int | float,
+) -> tuple[torch.Tensor, Metrics]:
+    """Direct preference optimisation and its variants, summed over pairs and divided by the
+    batch's ``num_pairs``. With ``h = (pi_w - ref_w) - (pi_l - ref_l)`` on summed sequence
+    log-probabilities:
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023, arXiv 2305.18290): ``-log sigmoid(beta h)``;
+      with ``label_smoothing = eps`` (conservative DPO, labels flipped with probability eps):
+      ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
+    - ``ipo`` (Azar et al. 2023, arXiv 2310.12036): ``(h - 1 / (2 beta))^2``. The paper's h is on
+      length-averaged log-probabilities; here it is on the summed ones, as for DPO, so a long
+      response's h is larger and ``beta`` scales with the lengths.
+
+    At ``h = 0`` a sigmoid pair contributes ``ln 2`` whatever eps.
+
+    Args:
+        policy_chosen, policy_rejected: (P,) summed log-probabilities of each pair's preferred
+            and other response under the policy, with grad.
+        ref_chosen, ref_rejected: (P,) the same under the reference model.
+        beta: the KL strength (> 0). loss_type: ``sigmoid`` or ``ipo``.
+        label_smoothing: eps in [0, 0.5), sigmoid only.
+        num_pairs: N_pairs over the whole batch (every micro-batch and rank).
+
+    Metrics (shares of the batch's means): ``reward_chosen`` (``beta (pi_w - ref_w)``),
+    ``reward_rejected`` (``beta (pi_l - ref_l)``), ``margin`` (``beta h``) and ``accuracy``
+    (``h > 0``, a tie counts half).
+    """
+    check_preference(beta, loss_type, label_smoothing)
+    chosen = policy_chosen.float() - ref_chosen.float()  # (P,) implicit rewards / beta
+    rejected = policy_rejected.float() - ref_rejected.float()
+    h = chosen - rejected
+    if loss_type == "ipo":
+        per_pair = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        logsigmoid = torch.nn.functional.logsigmoid
+        eps = label_smoothing
+        per_pair = -(1.0 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
+    n = max(float(num_pairs), 1.0)
+    with torch.no_grad():
+        right = (h > 0).float() + 0.5 * (h == 0).float()
+        metrics = {
+            "reward_chosen": beta * chosen.sum() / n,
+            "reward_rejected": beta * rejected.sum() / n,
+            "margin": beta * h.sum() / n,
+            "accuracy": right.sum() / n,
+        }
+    return per_pair.sum() / n, metrics
+
+
+def rrhf_loss(
+    seq_logps: torch.Tensor,
+    lengths: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    best: torch.Tensor,
+    groups: torch.Tensor,
+    *,
+    ce_coef: float = 1.0,
+    num_groups: int | float,
+) -> tuple[torch.Tensor, Metrics]:
+    """RRHF (Yuan et al. 2023, arXiv 2304.05302): a ranking loss on length-normalised
+    log-probabilities of responses ordered by reward, plus the cross-entropy of each group's
+    best response, summed over groups and divided by the batch's ``num_groups``:
+
+        p_i = logp_i / L_i
+        sum_g [sum_{(w, l) in g} max(0, p_l - p_w) + ce_coef (-logp_{b_g} / L_{b_g})] / N_groups
+
+    The cross-entropy term is the best response's token-mean negative log-likelihood.
+
+    Args:
+        seq_logps: (N,) summed log-probability of each of N responses, with grad.
+        lengths: (N,) their token counts ``L_i`` (an empty response counts as 1 token).
+        chosen, rejected: (P,) indices into N of each pair's higher- and lower-scored response.
+        best: (G,) index into N of each group's best response ``b_g``.
+        groups: (P,) the group (0..G-1) of each pair.
+        ce_coef: the weight of the cross-entropy term.
+        num_groups: N_groups over the whole batch (every micro-batch and rank).
+
+    Metrics: ``rank_loss`` and ``ft_loss`` (the two terms, shares of the batch's means over
+    groups), and ``rank_accuracy`` (a rate: the share of *these* P pairs with ``p_w > p_l``,
+    a tie counting as wrong; NaN when P is 0).
+    """
+    p = seq_logps.float() / lengths.float().clamp(min=1.0)  # (N,)
+    hinge = torch.relu(p[rejected] - p[chosen])  # (P,)
+    rank = p.new_zeros(best.shape[0]).index_add(0, groups, hinge)  # (G,)
+    ft = -p[best]  # (G,)
+    n = max(float(num_groups), 1.0)
+    loss = (rank + ce_coef * ft).sum() / n
+    with torch.no_grad():
+        right = (p[chosen] > p[rejected]).float()
+        accuracy = right.mean() if right.numel() else p.new_tensor(float("nan"))
+        metrics = {
+            "rank_loss": rank.sum() / n,
+            "ft_loss": ft.sum() / n,
+            "rank_accuracy": accuracy,
+        }
+    return loss, metrics

@@ -52,6 +52,11 @@ RESPONSES = "responses"  # list<list<int32>>: the group's distinct responses
 PAIR_CHOSEN = "pair_chosen"  # list<int32>: per pair, the index of the better response
 PAIR_REJECTED = "pair_rejected"  # list<int32>: per pair, the index of the worse response
 PAIR_MARGIN = "pair_margin"  # list<float32>: per pair, the margin m of -log sigmoid(r_w - r_l - m)
+# Preference methods on prompt groups (``learner.preference``): DPO reads the reference's
+# summed log-probability of each response, RRHF the best response (its cross-entropy term).
+REF_LOGPS = "ref_logps"  # list<float32>: per response, sum_t log pi_ref(y_t | x, y_<t)
+BEST_RESPONSE = "best_response"  # int32: the index of the group's highest-scored response
+RESPONSE_SCORES = "response_scores"  # list<float32>: per response, its score (when known)
 
 FINISH_REASONS = ("stop", "length", "abort")
 """Allowed ``finish_reason`` values; only ``abort`` may come with an empty response."""
