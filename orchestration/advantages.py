@@ -39,6 +39,7 @@ class AdvantageSpec:
     lam: float = 0.95
     whiten: bool = True
     pad_token_id: int = 0
+    distill_coef: float = 0.0  # on-policy distillation: the reverse-KL token reward's weight
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,10 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
             f"rollout mixes or misses weight versions {versions}; expected only {version}"
         )
     has_old = S.OLD_LOGPROBS in table.column_names
-    if not has_old and (spec.kl_in_reward or spec.needs_critic):
-        raise ValueError("the KL in the reward and the critic need the learner's old_logprobs")
+    if not has_old and (spec.kl_in_reward or spec.needs_critic or spec.distill_coef):
+        raise ValueError(
+            "the KL in the reward, the critic and distillation need the learner's old_logprobs"
+        )
     columns = [S.ROLLOUT_LOGPROBS, S.REF_LOGPROBS] + [S.OLD_LOGPROBS] * has_old
     if spec.needs_critic:
         columns.append(S.VALUES)
@@ -83,6 +86,9 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
         whiten_advantages=spec.whiten,
     )
     adv, returns = compute_advantages(spec.estimator, inputs)
+    distill = {}
+    if spec.distill_coef:
+        adv, distill = distill_advantages(adv, t[S.OLD_LOGPROBS], t[S.REF_LOGPROBS], mask, spec)
     scorable = torch.isfinite(scores)
     finish = S.column_array(table, S.FINISH_REASON)
     lengths = batch.response_lengths
@@ -101,7 +107,7 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
         "rollout/weight_version": float(version),
         "advantage/mean": float(masked_mean(adv, mask)),
         "advantage/abs_mean": float(masked_mean(adv.abs(), mask)),
-    }
+    } | distill
     kl_ref = None
     if has_old:
         kl_ref = float(masked_mean(t[S.OLD_LOGPROBS] - t[S.REF_LOGPROBS], mask))
@@ -113,6 +119,22 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
         }
     new = {S.ADVANTAGES: to_list_column(adv, mask), S.RETURNS: to_list_column(returns, mask)}
     return Advantages(table=append_columns(table, new), metrics=metrics, kl_ref=kl_ref)
+
+
+def distill_advantages(
+    adv: torch.Tensor,
+    logprobs: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    spec: AdvantageSpec,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """On-policy distillation: each response token's advantage gains
+    ``coef x (log teacher(y_t) - log policy(y_t))``, the negative of the per-token reverse KL
+    ``KL(policy || teacher)`` estimated on the policy's own sample (no discount, no baseline:
+    the token's own term). Zero where the teacher agrees with the policy. Returns the new
+    advantages and ``distill/reverse_kl`` (the mean estimate over response tokens)."""
+    gap = torch.where(mask, teacher - logprobs, 0.0)
+    return adv + spec.distill_coef * gap, {"distill/reverse_kl": float(-masked_mean(gap, mask))}
 
 
 def throughput(metrics: dict[str, float], timings: dict[str, float]) -> dict[str, float]:

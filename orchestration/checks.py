@@ -141,11 +141,13 @@ def check_inputs(
             "at generator.max_new_tokens and rewards read at EOS never see one; set eos_token in "
             "its tokenizer_config.json"
         )
-    if cfg.stage == "rl":  # (the supervised stages start no generator)
+    if cfg.samples:  # (sft, rm and offline dpo start no generator)
         _check_positions(cfg.generator.max_model_len, model_path, config)
     notes = []
     if cfg.learner.critic_init is not None:
         notes += _check_critic_init(cfg.learner.critic_init, tokenizer, trust)
+    if cfg.distill.teacher is not None:
+        _check_teacher(cfg.distill.teacher, tokenizer, trust)
     for m in cfg.reward.models:
         path, field = reward_model_paths[m.name], f"reward.models[{m.name}].path"
         config = _read_checkpoint(field, path, trust)
@@ -165,6 +167,21 @@ def check_inputs(
                 f"reward/{m.name}/retokenized)"
             )
     return notes
+
+
+def _check_teacher(path: str, tokenizer, trust_remote_code: bool) -> None:
+    """The distillation teacher: a causal LM whose tokenizer gives the policy's ids (its
+    log-probabilities are read at the policy's tokens)."""
+    field = "distill.teacher"
+    config = _read_checkpoint(field, path, trust_remote_code)
+    _check_causal_lm(field, path, config)
+    teacher_tokenizer = _load_tokenizer(field, path, trust_remote_code)
+    if not same_vocabulary(tokenizer, teacher_tokenizer):
+        raise InputError(
+            f"{field} {path!r}: its tokenizer differs from the policy's, so its "
+            "log-probabilities cannot be read at the policy's tokens; distil from a teacher "
+            "of the same tokenizer family"
+        )
 
 
 # ------------------------------------------------------------------------------ files

@@ -42,18 +42,24 @@ from orchestration.config_sections import (
     LoggingConfig,
     ModelConfig,
     OverlongConfig,
-    PtxConfig,
     RemoteRewardConfig,
     RewardConfig,
     RewardFunctionConfig,
     RewardModelConfig,
-    RewardTrainingConfig,
     RoleResources,
     SafetyGateConfig,
     Section,
-    SupervisedConfig,
     WandbConfig,
     WeightSyncConfig,
+)
+from orchestration.config_stages import (
+    DistillConfig,
+    DpoConfig,
+    PtxConfig,
+    RejectionSamplingConfig,
+    RewardTrainingConfig,
+    RrhfConfig,
+    SupervisedConfig,
 )
 
 __all__ = [
@@ -65,6 +71,8 @@ __all__ = [
     "ClusterConfig",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
+    "DpoConfig",
     "DynamicSamplingConfig",
     "EvalConfig",
     "ExportConfig",
@@ -78,8 +86,10 @@ __all__ = [
     "RewardConfig",
     "RewardFunctionConfig",
     "RewardModelConfig",
+    "RejectionSamplingConfig",
     "RewardTrainingConfig",
     "RoleResources",
+    "RrhfConfig",
     "RunConfig",
     "SafetyGateConfig",
     "SupervisedConfig",
@@ -98,10 +108,13 @@ class ConfigError(ValueError):
 
 
 class RunConfig(Section):
-    stage: Literal["rl", "sft", "rm"] = "rl"
-    """What the run trains: rl (PPO or GRPO on the prompts), sft (supervised fine-tuning,
-    ``sft``) or rm (a reward model on preferences, ``rm``); the supervised stages start only
-    the learner ranks, one optimizer step per iteration."""
+    stage: Literal["rl", "sft", "rm", "dpo", "rrhf", "rs"] = "rl"
+    """What the run trains: rl (PPO or GRPO on the prompts; with ``distill``, on-policy
+    distillation), sft (supervised fine-tuning, ``sft``), rm (a reward model on preferences,
+    ``rm``), dpo (direct preference optimisation, offline or online, ``dpo``), rrhf (ranking
+    scored candidates, ``rrhf``) or rs (rejection-sampling fine-tuning, ``rs``). sft, rm and
+    offline dpo start only the learner ranks (and, for dpo, the reference), one optimizer step
+    per iteration; the others sample with the generators every iteration."""
     iterations: int = Field(20, ge=1)
     """Training iterations (rl: generate -> score -> train -> sync each; sft and rm: one
     optimizer step each)."""
@@ -132,6 +145,10 @@ class RunConfig(Section):
     sft: SupervisedConfig = SupervisedConfig()
     rm: RewardTrainingConfig = RewardTrainingConfig()
     ptx: PtxConfig = PtxConfig()
+    dpo: DpoConfig = DpoConfig()
+    rrhf: RrhfConfig = RrhfConfig()
+    rs: RejectionSamplingConfig = RejectionSamplingConfig()
+    distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -140,6 +157,12 @@ class RunConfig(Section):
     def _cross_field(self) -> RunConfig:
         raise_problems(cross_field_problems(self))
         return self
+
+    @property
+    def samples(self) -> bool:
+        """Whether the run samples with the generators every iteration (rl, rrhf, rs, online
+        dpo); the others read their examples (sft, rm, offline dpo)."""
+        return self.stage in ("rl", "rrhf", "rs") or (self.stage == "dpo" and self.dpo.online)
 
     @property
     def eval_component(self) -> str | None:

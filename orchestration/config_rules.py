@@ -70,28 +70,35 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     problems = []
     samples = cfg.data.prompts_per_iteration * cfg.generator.samples_per_prompt
     parts = cfg.learner.num_ranks * cfg.learner.num_mini_batches
-    if cfg.stage != "rl":
+    if not cfg.samples:
         return problems + supervised_problems(cfg)
-    if cfg.ptx.coef > 0 and cfg.ptx.source is None:
+    if cfg.stage != "rl":
+        problems += method_problems(cfg)
+    if cfg.distill.teacher is not None and cfg.stage != "rl":
+        problems.append(
+            f"distill.teacher: on-policy distillation runs in stage=rl, not stage={cfg.stage}"
+        )
+    rl = cfg.stage == "rl"
+    if rl and cfg.ptx.coef > 0 and cfg.ptx.source is None:
         problems.append("ptx.coef > 0 needs ptx.source, the supervised data of the PTX term")
-    if cfg.ptx.coef > 0 and cfg.ptx.rows_per_iteration % parts:
+    if rl and cfg.ptx.coef > 0 and cfg.ptx.rows_per_iteration % parts:
         problems.append(
             f"ptx.rows_per_iteration={cfg.ptx.rows_per_iteration} does not split evenly into "
             f"learner.num_ranks x learner.num_mini_batches = {parts}; change one of them"
         )
-    if samples % parts:
+    if rl and samples % parts:
         problems.append(
             f"data.prompts_per_iteration x generator.samples_per_prompt = {samples} samples "
             f"do not split evenly into learner.num_ranks x learner.num_mini_batches = {parts}; "
             "change one of them"
         )
-    if cfg.learner.critic_init is not None and not cfg.algorithm.spec.needs_critic:
+    if rl and cfg.learner.critic_init is not None and not cfg.algorithm.spec.needs_critic:
         problems.append(
             f"learner.critic_init={cfg.learner.critic_init!r} initialises a critic, but "
             f"algorithm.estimator={cfg.algorithm.estimator.value} trains none; use "
             "algorithm.estimator=gae, or drop learner.critic_init"
         )
-    if cfg.algorithm.spec.needs_groups and cfg.generator.samples_per_prompt < 2:
+    if rl and cfg.algorithm.spec.needs_groups and cfg.generator.samples_per_prompt < 2:
         problems.append(
             f"algorithm.estimator={cfg.algorithm.estimator.value} compares samples of one "
             "prompt: set generator.samples_per_prompt to 2 or more"
@@ -110,15 +117,33 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     return problems + scale_problems(cfg) + reward_problems(cfg) + eval_problems(cfg)
 
 
+def method_problems(cfg: RunConfig) -> list[str]:
+    """The sampling stages beside RL (rrhf, rs, online dpo): they compare a prompt's samples,
+    train no critic and take no PTX term."""
+    problems = []
+    if cfg.generator.samples_per_prompt < 2:
+        problems.append(
+            f"stage={cfg.stage} compares samples of one prompt: set "
+            "generator.samples_per_prompt to 2 or more"
+        )
+    if cfg.ptx.source is not None or cfg.ptx.coef > 0:
+        problems.append(f"stage={cfg.stage}: the ptx section is for stage=rl; remove it")
+    if cfg.learner.critic_init is not None:
+        problems.append(f"stage={cfg.stage} trains no critic: remove learner.critic_init")
+    if cfg.learner.ppo_epochs != 1:
+        problems.append(f"stage={cfg.stage}: learner.ppo_epochs is for stage=rl; remove it")
+    return problems
+
+
 def supervised_problems(cfg: RunConfig) -> list[str]:
     """The supervised stages' rules: their batch splits over ranks, and no RL-only settings."""
     problems = []
     parts = cfg.learner.num_ranks * cfg.learner.num_mini_batches
-    size, key = (
-        (cfg.sft.rows_per_step, "sft.rows_per_step")
-        if cfg.stage == "sft"
-        else (cfg.rm.groups_per_step, "rm.groups_per_step")
-    )
+    size, key = {
+        "sft": (cfg.sft.rows_per_step, "sft.rows_per_step"),
+        "rm": (cfg.rm.groups_per_step, "rm.groups_per_step"),
+        "dpo": (cfg.dpo.groups_per_step, "dpo.groups_per_step"),
+    }[cfg.stage]
     if size % parts:
         problems.append(
             f"{key}={size} does not split evenly into learner.num_ranks x "
@@ -130,6 +155,10 @@ def supervised_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"stage={cfg.stage} scores nothing: remove reward.models")
     if cfg.learner.critic_init is not None:
         problems.append(f"stage={cfg.stage} trains no critic: remove learner.critic_init")
+    if cfg.distill.teacher is not None:
+        problems.append(
+            f"distill.teacher: on-policy distillation runs in stage=rl, not stage={cfg.stage}"
+        )
     if (
         cfg.stage == "sft"
         and cfg.data.source.startswith("builtin:")

@@ -268,19 +268,97 @@ def start_loop(cfg: RunConfig, actors, sampler: PromptSampler, prep) -> Loop:
     stages = Stages(cfg, actors, prep.pad_token_id)
     stages.sync.open()
     recovery = Recovery(cfg, prep.model_path, prep.pad_token_id, prep.run_dir)
-    return Loop(cfg, stages, sampler, prep.run_dir, prep.eval_prompts, recovery, prep.ptx)
+    kind = Loop if cfg.stage == "rl" else SampledLoop
+    return kind(cfg, stages, sampler, prep.run_dir, prep.eval_prompts, recovery, prep.ptx)
+
+
+class SampledLoop(Loop):
+    """``stage: rrhf``, ``stage: rs`` and online ``stage: dpo``: the run of :class:`Loop`
+    (evaluation, checkpoints, resume, guards, exports) with an iteration of its own. Per
+    iteration:
+
+    1. generate ``generator.samples_per_prompt`` samples per prompt (rrhf: and
+       ``rrhf.beam_width`` beams, candidates only);
+    2. reward them (the run's reward actors and shaping);
+    3. build the training batch from the scores (``orchestration.candidates``): each prompt's
+       best and worst sample as a DPO pair (with the reference's summed log-probabilities),
+       its ranked candidates (RRHF), or its best sample when it clears ``rs.threshold``;
+    4. train the stage's objective on the batch (``rs.steps`` passes for rs), then sync the
+       new weights to the generators. An iteration that yields nothing to train on (every
+       prompt's samples tied) trains and syncs nothing, and says so in
+       ``learner/empty_batch``.
+    """
+
+    def _iterate(self) -> tuple[dict[str, float], int]:
+        from orchestration import calls, candidates
+
+        cfg, stages, timer = self.cfg, self.stages, StageTimer()
+        with timer("iteration"):
+            with timer("generate"):
+                prompts = self.sampler.next_batch(cfg.data.prompts_per_iteration)
+                generated = stages.generate(prompts)
+                if cfg.stage == "rrhf" and cfg.rrhf.beam_width:
+                    generated = stages.with_beams(generated, prompts, cfg.rrhf.beam_width)
+            with timer("reward"):
+                scored = stages.reward(generated)
+                table = calls.wait(scored.finish(), "reward", self.cfg.cluster.call_timeout_s)
+            self.last_batch = table
+            metrics = scored.metrics | _score_metrics(scored.score)
+            with timer("select"):
+                batch, chosen = self._training_batch(table)
+            metrics |= chosen
+            parts = len(self.actors.learners) * cfg.learner.num_mini_batches
+            batch = candidates.trim_to(batch, parts)
+            metrics["learner/empty_batch"] = float(batch.num_rows == 0)
+            skipped = 0
+            if batch.num_rows:
+                with timer("train"):
+                    trained = stages.train(batch, {})
+                metrics |= trained.metrics
+                skipped = trained.skipped_in_a_row
+                with timer("sync"):
+                    metrics |= stages.sync_weights()
+        return metrics | timer.timings | stages.faults.metrics, skipped
+
+    def _training_batch(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
+        from orchestration import candidates
+
+        cfg = self.cfg
+        if cfg.stage == "rs":
+            return candidates.best_of_n(table, cfg.rs.threshold)
+        if cfg.stage == "rrhf":
+            return candidates.ranked_groups(table)
+        pairs, metrics = candidates.best_worst_pairs(table, cfg.dpo.min_score_gap)
+        if pairs.num_rows:
+            pairs = candidates.with_reference_logps(pairs, self.stages.reference_logprobs)
+        return pairs, metrics
+
+
+def _score_metrics(score) -> dict[str, float]:
+    """The sampled batch's score statistics (NaN: unscorable)."""
+    import numpy as np
+
+    ok = np.isfinite(score)
+    return {
+        "reward/score_mean": float(score[ok].mean()) if ok.any() else float("nan"),
+        "reward/score_max": float(score[ok].max()) if ok.any() else float("nan"),
+        "reward/unscorable_fraction": float(1 - ok.mean()) if len(score) else 0.0,
+        "rollout/samples": float(len(score)),
+    }
 
 
 class SupervisedLoop(Loop):
-    """``stage: sft`` and ``stage: rm``: the same run (checkpoints, resume, guards, exports,
-    metrics) with an iteration of its own. Per iteration ``k``:
+    """``stage: sft``, ``stage: rm`` and offline ``stage: dpo``: the same run (checkpoints,
+    resume, guards, exports, metrics) with an iteration of its own. Per iteration ``k``:
 
-    1. evaluate on the held-out set, if due (``eval.every``): ``eval/sft_*`` or ``eval/rm_*``;
-    2. draw ``sft.rows_per_step`` examples (or ``rm.groups_per_step`` prompt groups) from the
-       training set, in seeded passes (``PromptSampler``);
+    1. evaluate on the held-out set, if due (``eval.every``): ``eval/sft_*``, ``eval/rm_*``
+       or ``eval/dpo_*``;
+    2. draw ``sft.rows_per_step`` examples (or ``rm.groups_per_step`` / ``dpo.groups_per_step``
+       prompt groups) from the training set, in seeded passes (``PromptSampler``); for DPO the
+       frozen reference adds each response's summed log-probability;
     3. train: the rows split over the learner ranks, one optimizer step per mini-batch.
 
-    No generators, reference or reward actors run; the stages are
+    No generators or reward actors run; the stages are
     ``orchestration.supervised.SupervisedStages``.
     """
 
@@ -290,8 +368,21 @@ class SupervisedLoop(Loop):
         self.guards = Guards(cfg)
         self.recovery = None
         self.last_batch = None
-        self.eval_table = inputs.held_out
-        self.batch_size = cfg.sft.rows_per_step if cfg.stage == "sft" else cfg.rm.groups_per_step
+        self.dpo = cfg.stage == "dpo"
+        self.eval_table = self._with_reference(inputs.held_out)
+        self.batch_size = {
+            "sft": cfg.sft.rows_per_step,
+            "rm": cfg.rm.groups_per_step,
+            "dpo": cfg.dpo.groups_per_step,
+        }[cfg.stage]
+
+    def _with_reference(self, groups: pa.Table | None) -> pa.Table | None:
+        """DPO's groups with the reference's summed log-probabilities; others as they are."""
+        if not self.dpo or groups is None or not groups.num_rows:
+            return groups
+        from orchestration.candidates import with_reference_logps
+
+        return with_reference_logps(groups, self.stages.reference_logprobs)
 
     @property
     def version(self) -> int:
@@ -302,6 +393,9 @@ class SupervisedLoop(Loop):
         with timer("iteration"):
             ids, rows = self.sampler.next_rows(self.batch_size)
             self.last_batch = self.inputs.table(rows.tolist(), int(ids[0]))
+            if self.dpo:
+                with timer("reference"):
+                    self.last_batch = self._with_reference(self.last_batch)
             with timer("train"):
                 trained = self.stages.train(self.last_batch)
         return trained.metrics | timer.timings, trained.skipped_in_a_row

@@ -228,13 +228,24 @@ def start_actors(
 
 
 def start_learner_ranks(cfg: RunConfig, model_path: str, pad_token_id: int) -> Actors:
-    """A supervised stage's actors: the learner ranks alone, in their placement group."""
+    """A stage that does not sample: the learner ranks alone, in their placement group, and
+    for offline DPO the frozen reference beside the first rank."""
     plan, groups = reserve(cfg)
     learners = start_learners(cfg, model_path, pad_token_id, plan, groups)
+    reference = None
+    if plan.reference is not None:
+        reference = (
+            ray.remote(ReferenceModel)
+            .options(**_options(cfg, plan.reference, groups, name="reference"))
+            .remote(**specs.reference_kwargs(cfg, model_path, pad_token_id))
+        )
+        calls.wait(
+            reference.__ray_ready__.remote(), "start the reference", cfg.cluster.call_timeout_s
+        )
     return Actors(
         generators=[],
         scorers=[],
-        reference=None,
+        reference=reference,
         learners=learners,
         placement_groups=groups,
         plan=plan,

@@ -161,6 +161,8 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
         for m in cfg.reward.models
         if m.path != BUILTIN_RM
     }
+    if cfg.distill.teacher is not None:
+        locate_model("distill.teacher", cfg.distill.teacher)
     run_dir, resume_from, model_path, tokenizer = start_run_dir(cfg, source, policy)
     reward_model_paths = prepare_reward_models(cfg, run_dir, model_path, reward_paths)
     for note in check_inputs(cfg, model_path, tokenizer, reward_model_paths):

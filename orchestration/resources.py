@@ -46,7 +46,7 @@ class PlacementPlan:
     generators: tuple[Slot, ...]  # one per replica: the replica's first bundle
     generator_bundles: tuple[tuple[int, ...], ...]  # per replica: its workers' bundle indices
     learners: tuple[Slot, ...]
-    reference: Slot | None  # None: a supervised stage (learner ranks alone)
+    reference: Slot | None  # None: sft or rm (learner ranks alone)
     reward: tuple[Slot, ...]  # one per reward actor, in the order of reward_actor_names(cfg)
     demands: tuple[Demand, ...]
 
@@ -94,20 +94,25 @@ def reward_actor_resources(cfg: RunConfig) -> list[RoleResources]:
 
 
 def plan_placement(cfg: RunConfig) -> PlacementPlan:
-    """Placement groups and slots for every actor of the run (a supervised stage: the learner
-    ranks alone)."""
+    """Placement groups and slots for every actor of the run (a stage that does not sample: the
+    learner ranks alone, and for offline DPO the reference with the first rank)."""
     cl, gen = cfg.cluster, cfg.generator
-    if cfg.stage != "rl":
+    if not cfg.samples:
         ranks = cfg.learner.num_ranks
-        bundles = tuple(_per_actor(cl.learner) for _ in range(ranks))
+        bundles = [_per_actor(cl.learner) for _ in range(ranks)]
+        reference, demands = None, [Demand("learner ranks", ranks, _per_actor(cl.learner))]
+        if cfg.stage == "dpo":  # offline DPO: the frozen reference beside the first rank
+            bundles[0] = _add(bundles[0], _per_actor(cl.reference))
+            reference = _slot("learners", 0, cl.reference)
+            demands.append(Demand("reference", 1, _per_actor(cl.reference)))
         return PlacementPlan(
-            groups=(GroupPlan("learners", cl.learner.strategy, bundles),),
+            groups=(GroupPlan("learners", cl.learner.strategy, tuple(bundles)),),
             generators=(),
             generator_bundles=(),
             learners=tuple(_slot("learners", i, cl.learner) for i in range(ranks)),
-            reference=None,
+            reference=reference,
             reward=(),
-            demands=(Demand("learner ranks", ranks, _per_actor(cl.learner)),),
+            demands=tuple(demands),
         )
     replicas, tp, ranks = gen.num_replicas, gen.tensor_parallel_size, cfg.learner.num_ranks
     # With tensor parallelism vLLM starts its own workers (one GPU bundle each); the replica's

@@ -48,6 +48,7 @@ def on_policy(cfg: RunConfig) -> bool:
         and not algo.spec.needs_critic
         and not algo.spec.kl_in_reward
         and algo.kl_target is None
+        and cfg.distill.teacher is None  # the reverse-KL reward needs the learner's pass
     )
 
 
@@ -72,13 +73,27 @@ def objective(cfg: RunConfig) -> PolicyGradient:
     )
 
 
-def supervised_objective(cfg: RunConfig):
-    """A supervised stage's objective: next-token prediction (sft) or pairwise ranking (rm)."""
+def stage_objective(cfg: RunConfig):
+    """The objective of a stage beside RL: next-token prediction (sft, and rs on the kept
+    responses), pairwise ranking (rm), DPO (dpo) or RRHF (rrhf)."""
+    from learner.preference import DirectPreference, RankResponses
     from learner.supervised import NextToken, PairwiseRanking
 
     chunk = cfg.learner.logits_chunk_mib << 20
     if cfg.stage == "sft":
         return NextToken(packing=cfg.sft.packing, logits_chunk_bytes=chunk)
+    if cfg.stage == "rs":
+        return NextToken(prefix="rs/sft_", logits_chunk_bytes=chunk)
+    if cfg.stage == "dpo":
+        d = cfg.dpo
+        return DirectPreference(
+            beta=d.beta,
+            loss_type=d.loss,
+            label_smoothing=d.label_smoothing,
+            logits_chunk_bytes=chunk,
+        )
+    if cfg.stage == "rrhf":
+        return RankResponses(ce_coef=cfg.rrhf.ce_coef, logits_chunk_bytes=chunk)
     return PairwiseRanking(reg=cfg.rm.reg)
 
 
@@ -89,8 +104,9 @@ def learner_spec(
     the LR schedule; default from the config)."""
     lc = cfg.learner
     if total_steps is None:
-        total_steps = cfg.iterations * lc.ppo_epochs * lc.num_mini_batches
-    goal = objective(cfg) if cfg.stage == "rl" else supervised_objective(cfg)
+        steps = cfg.rs.steps if cfg.stage == "rs" else lc.ppo_epochs
+        total_steps = cfg.iterations * steps * lc.num_mini_batches
+    goal = objective(cfg) if cfg.stage == "rl" else stage_objective(cfg)
     ptx = None
     if cfg.stage == "rl" and cfg.ptx.coef > 0:
         from learner.supervised import NextToken
@@ -120,7 +136,7 @@ def learner_spec(
         trust_remote_code=cfg.model.trust_remote_code,
         zero_stage=lc.zero_stage,
         micro_batch_tokens=lc.micro_batch_tokens,
-        ppo_epochs=lc.ppo_epochs,
+        ppo_epochs=cfg.rs.steps if cfg.stage == "rs" else lc.ppo_epochs,
         num_mini_batches=lc.num_mini_batches,
         pad_token_id=pad_token_id,
         seed=cfg.seed,
@@ -167,10 +183,12 @@ def eval_sampling(cfg: RunConfig) -> Sampling:
 
 
 def reference_kwargs(cfg: RunConfig, model_path: str, pad_token_id: int) -> dict:
-    """The frozen reference model's arguments; it batches by ``learner.micro_batch_tokens``."""
+    """The frozen reference model's arguments; it batches by ``learner.micro_batch_tokens``.
+    With ``distill.teacher`` it is the teacher; for DPO it scores at temperature 1 (the
+    objective's log-probabilities are the model's own)."""
     return {
-        "model_path": model_path,
-        "temperature": cfg.generator.temperature,
+        "model_path": cfg.distill.teacher or model_path,
+        "temperature": 1.0 if cfg.stage == "dpo" else cfg.generator.temperature,
         "micro_batch_tokens": cfg.learner.micro_batch_tokens,
         "logits_chunk_bytes": cfg.learner.logits_chunk_mib << 20,
         "pad_token_id": pad_token_id,
@@ -260,4 +278,5 @@ def advantage_spec(cfg: RunConfig, pad_token_id: int):
         lam=algo.lam,
         whiten=algo.whiten_advantages,
         pad_token_id=pad_token_id,
+        distill_coef=cfg.distill.coef if cfg.distill.teacher is not None else 0.0,
     )

@@ -53,6 +53,13 @@ class Trained:
     skipped_in_a_row: int
 
 
+@ray.remote(num_cpus=0)
+def _after_samples(table: pa.Table, offset: int) -> pa.Table:
+    index = S.column_array(table, S.SAMPLE_INDEX).to_numpy() + offset
+    at = table.column_names.index(S.SAMPLE_INDEX)
+    return table.set_column(at, table.schema.field(at), pa.array(index, pa.int32()))
+
+
 class Stages:
     """The run's stages over ``actors`` (see the module docstring)."""
 
@@ -79,6 +86,19 @@ class Stages:
 
     def generate(self, prompts: pa.Table) -> ray.ObjectRef:
         return self.pool.generate(prompts, self.sampling)
+
+    def with_beams(self, generated: ray.ObjectRef, prompts: pa.Table, width: int) -> ray.ObjectRef:
+        """``generated`` and ``width`` beam-search candidates per prompt, in one table (the
+        beams' ``sample_index`` after the samples'). Candidates for ranking only: beams are
+        not samples of the policy."""
+        beams = self.pool.beam_search(prompts, width, self.sampling.max_new_tokens)
+        return concat_refs(
+            [generated, _after_samples.remote(beams, self.sampling.n)], "beams", self.timeout
+        )
+
+    def reference_logprobs(self, table: pa.Table) -> pa.Table:
+        """``table`` (prompt and response rows) with the frozen reference's ``ref_logprobs``."""
+        return self._wait(self.actors.reference.logprobs.remote(table), "reference")
 
     def reward(self, generated: ray.ObjectRef) -> Scored:
         return self.rewards.score(generated)

@@ -63,6 +63,8 @@ def load_inputs(cfg: RunConfig, tokenizer) -> SupervisedInputs:
     """Read, check and split the stage's data (see the module docstring)."""
     if cfg.stage == "sft":
         return _sft_inputs(cfg, tokenizer)
+    if cfg.stage == "dpo":
+        return _dpo_inputs(cfg, tokenizer)
     return _rm_inputs(cfg, tokenizer)
 
 
@@ -90,13 +92,38 @@ def _sft_inputs(cfg: RunConfig, tokenizer) -> SupervisedInputs:
 def _groups(cfg: RunConfig, tokenizer, source: str):
     from orchestration.preferences import load_preferences
 
+    dpo = cfg.stage == "dpo"
     return load_preferences(
         source,
         tokenizer,
-        max_tokens=cfg.rm.max_tokens,
-        margins=cfg.rm.margins,
+        max_tokens=cfg.dpo.max_tokens if dpo else cfg.rm.max_tokens,
+        margins=None if dpo else cfg.rm.margins,
         strict=cfg.data.strict,
         split=cfg.data.split,
+    )
+
+
+def _dpo_inputs(cfg: RunConfig, tokenizer) -> SupervisedInputs:
+    """Offline DPO's preference groups (ties and cycles dropped, as for a reward model),
+    split into training and held-out groups."""
+    from orchestration.preferences import preference_table, split_groups
+
+    groups, report = _groups(cfg, tokenizer, cfg.data.source)
+    train, held = split_groups(groups, cfg.dpo.held_out, cfg.data.seed)
+    if not train:
+        from orchestration.data import DataError
+
+        raise DataError(f"{cfg.data.source}: no training pairs left ({report.summary()})")
+    pairs = sum(len(g.pairs) for g in train)
+    return SupervisedInputs(
+        kind="dpo",
+        size=len(train),
+        table=lambda indices, first_id: preference_table([train[i] for i in indices], first_id),
+        held_out=preference_table(held) if held else None,
+        summary=f"{report.summary()}; {len(train)} groups ({pairs} pairs) for training, "
+        f"{len(held)} held out",
+        metrics=report.metrics(),
+        lines=[f"  skipped: {p}" for p in report.problems[:5]],
     )
 
 
@@ -195,6 +222,11 @@ class SupervisedStages:
     def score(self, table: pa.Table) -> list[list[float]]:
         """The reward model's score of every response of every prompt group."""
         return [g for part in self._each("score", table, "score") for g in part]
+
+    def reference_logprobs(self, table: pa.Table) -> pa.Table:
+        """``table`` (prompt and response rows) with the frozen reference's ``ref_logprobs``
+        (offline DPO)."""
+        return calls.wait(self.actors.reference.logprobs.remote(table), "reference", self.timeout)
 
     def shift_bias(self, delta: float) -> float:
         refs = [r.shift_rm_bias.remote(delta) for r in self.actors.learners]

@@ -165,7 +165,7 @@ def write_summary(cfg: RunConfig, run_dir: Path, summary: dict) -> dict:
 
 def run(cfg: RunConfig, source: str) -> dict:
     """Everything after the config: checks, actors, the loop, the policy and the summary."""
-    if cfg.stage != "rl":
+    if not cfg.samples:
         return run_supervised(cfg, source)
     start = time.perf_counter()
     if cfg.logging.quiet:
@@ -234,9 +234,10 @@ def summarize_supervised(history: list[dict], run_dir: Path, wall_s: float, key:
 
 
 def run_supervised(cfg: RunConfig, source: str) -> dict:
-    """``stage: sft`` or ``stage: rm``: the learner ranks alone train the stage's objective
-    (``orchestration.loop.SupervisedLoop``); the model goes to ``<run_dir>/policy`` (sft) or
-    ``<run_dir>/reward_model`` (rm, after the bias normalisation, with ``rm_eval/``)."""
+    """``stage: sft``, ``stage: rm`` or offline ``stage: dpo``: the learner ranks (and for DPO
+    the frozen reference) train the stage's objective (``orchestration.loop.SupervisedLoop``);
+    the model goes to ``<run_dir>/policy`` (sft, dpo) or ``<run_dir>/reward_model`` (rm, after
+    the bias normalisation, with ``rm_eval/``)."""
     start = time.perf_counter()
     if cfg.logging.quiet:
         from orchestration.console import quiet_driver
@@ -254,7 +255,7 @@ def run_supervised(cfg: RunConfig, source: str) -> dict:
     from orchestration.supervised import SupervisedStages
 
     init_ray(cfg, prep.run_dir)
-    key = "sft/loss" if cfg.stage == "sft" else "rm/loss"
+    key = f"{cfg.stage}/loss"
     try:
         actors = start_learner_ranks(cfg, prep.model_path, prep.pad_token_id)
         stages = SupervisedStages(cfg, actors)

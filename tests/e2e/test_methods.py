@@ -1,0 +1,68 @@
+"""The sampling methods beside PPO and GRPO end to end through the entry point on a local Ray,
+short: rejection-sampling fine-tuning, online DPO, RRHF with beam-search candidates, and
+on-policy distillation from a teacher equal to the policy (no signal). The demos' measured
+numbers are in the README."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestration.data import addition_corpus
+from orchestration.tiny_model import build_tiny_model
+from tests.e2e.test_run import train
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["cluster.torch_threads=1", "logging.report=false", "data.prompts_per_iteration=8"]
+
+
+def run(config: str, root: Path, env, *extra: str) -> list[dict]:
+    out = train(["--config", config, f"logging.root={root}", *COMMON, *extra], env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    run_dir = root / config
+    assert (run_dir / "policy" / "model.safetensors").is_file()
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rejection_sampling_online_dpo_and_rrhf(private_env, tmp_path):
+    root = tmp_path / "runs"
+    # rejection sampling: every prompt's best kept (no threshold), two SFT steps per round
+    runs = run("demo-rs", root, private_env, "iterations=3", "rs.threshold=null")
+    assert [h["rs/kept_fraction"] for h in runs] == [1.0, 1.0, 1.0]
+    assert all(h["rs/best_of_n"] >= h["rs/mean_score"] for h in runs)
+    assert all("rs/sft_loss" in h and h["learner/empty_batch"] == 0.0 for h in runs)
+    assert runs[-1]["sync/bytes"] > 0
+
+    # online DPO: best and worst of each prompt's samples; the first step is at the reference
+    runs = run("demo-dpo", root, private_env, "iterations=3")
+    first = runs[0]
+    assert 0 < first["pairs/kept_fraction"] <= 1.0
+    assert first["dpo/loss"] == pytest.approx(np.log(2), abs=1e-3)
+    assert first["dpo/margin"] == pytest.approx(0.0, abs=1e-3)
+    assert runs[-1]["dpo/reward_chosen"] > runs[-1]["dpo/reward_rejected"]
+
+    # RRHF: 4 samples and 2 beams per prompt, ranked by score
+    runs = run("demo-rrhf", root, private_env, "iterations=3", "generator.samples_per_prompt=4")
+    assert all(h["rollout/samples"] == 8 * (4 + 2) for h in runs)
+    assert all(1 <= h["rrhf/candidates"] <= 6 for h in runs)
+    assert all(np.isfinite(h["rrhf/loss"]) and h["rrhf/ft_loss"] > 0 for h in runs)
+
+
+def test_distillation_from_a_teacher_equal_to_the_policy_gives_no_signal(private_env, tmp_path):
+    model = build_tiny_model(str(tmp_path / "model"), addition_corpus(4))
+    runs = run(
+        "demo-distill",
+        tmp_path / "runs",
+        private_env,
+        "iterations=2",
+        f"model.path={model}",
+        f"distill.teacher={model}",
+    )
+    # the task reward weighs 0 and the teacher is the policy: no advantage anywhere
+    for h in runs:
+        assert abs(h["distill/reverse_kl"]) < 1e-5
+        assert h["advantage/abs_mean"] < 1e-5
