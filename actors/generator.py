@@ -15,7 +15,7 @@ import torch
 from actors.vllm_engine import EngineSpec, Sampling, VLLMEngine
 from learner import weight_sync
 from rollout import schema as S
-from rollout.build import build_rollout_table
+from rollout.build import GeneratedSample, build_rollout_table
 
 SAMPLE_SEED = "sample_seed"  # optional prompt-table column: the prompt's sampling seed
 
@@ -64,27 +64,13 @@ class PolicyGenerator:
         Returns:
             A validated rollout table, prompt-major, stamped with the served weight version.
         """
-        if expected_version is not None and expected_version != self._version:
-            raise StaleWeightsError(
-                f"generator serves weight version {self._version}, the driver expects "
-                f"{expected_version}"
-            )
-        for name in (S.PROMPT_ID, S.PROMPT_TOKEN_IDS):
-            if name not in prompts.column_names:
-                raise ValueError(f"prompt table has no '{name}' column")
+        self._check_request(prompts, expected_version)
         ids = S.column_array(prompts, S.PROMPT_TOKEN_IDS).to_pylist()
         seeds = None
         if SAMPLE_SEED in prompts.column_names:
             seeds = S.column_array(prompts, SAMPLE_SEED).to_pylist()
         samples = self.engine.generate(ids, range(len(ids)), sampling, seeds)
-        rows = pa.array([s.prompt_id for s in samples], pa.int64())  # row of prompts per sample
-        prompt_ids = S.column_array(prompts, S.PROMPT_ID).take(rows).to_pylist()
-        samples = [replace(s, prompt_id=pid) for s, pid in zip(samples, prompt_ids, strict=True)]
-        passthrough = [
-            c for c in prompts.column_names if c not in (S.PROMPT_ID, S.PROMPT_TOKEN_IDS)
-        ]
-        metadata = {c: S.column_array(prompts, c).take(rows) for c in passthrough}
-        return build_rollout_table(samples, weight_version=self._version, metadata=metadata)
+        return self._rollout_table(prompts, samples)
 
     def generate_checked(
         self, prompts: pa.Table, sampling: Sampling, expected_version: int
@@ -93,6 +79,57 @@ class PolicyGenerator:
         ``num_returns=2``): the driver waits on the small one to learn whether the call failed
         without pulling the table."""
         return self.generate(prompts, sampling, expected_version), self._version
+
+    def beam_search(
+        self,
+        prompts: pa.Table,
+        width: int,
+        max_new_tokens: int,
+        expected_version: int | None = None,
+    ) -> pa.Table:
+        """The ``width`` best beams for each row of ``prompts`` (RRHF candidates, not RL).
+
+        Same prompt table, version check and output as :meth:`generate`: a validated rollout
+        table of the same schema (no extra column), prompt-major, passthrough columns copied,
+        stamped with the served weight version. ``sample_index`` is the beam's rank (0 = the
+        highest cumulative log-probability). The rows are **not samples of the policy** and
+        nothing in the table says so: keep them out of policy-gradient updates and importance
+        ratios; ``rollout_logprobs`` hold the policy's log-probability of each chosen token
+        at temperature 1 (see :meth:`actors.vllm_engine.VLLMEngine.beam_search`).
+        """
+        self._check_request(prompts, expected_version)
+        ids = S.column_array(prompts, S.PROMPT_TOKEN_IDS).to_pylist()
+        samples = self.engine.beam_search(ids, range(len(ids)), width, max_new_tokens)
+        return self._rollout_table(prompts, samples)
+
+    def beam_search_checked(
+        self, prompts: pa.Table, width: int, max_new_tokens: int, expected_version: int
+    ) -> tuple[pa.Table, int]:
+        """:meth:`beam_search` plus the version served (``num_returns=2``, as
+        :meth:`generate_checked`)."""
+        return self.beam_search(prompts, width, max_new_tokens, expected_version), self._version
+
+    def _check_request(self, prompts: pa.Table, expected_version: int | None) -> None:
+        if expected_version is not None and expected_version != self._version:
+            raise StaleWeightsError(
+                f"generator serves weight version {self._version}, the driver expects "
+                f"{expected_version}"
+            )
+        for name in (S.PROMPT_ID, S.PROMPT_TOKEN_IDS):
+            if name not in prompts.column_names:
+                raise ValueError(f"prompt table has no '{name}' column")
+
+    def _rollout_table(self, prompts: pa.Table, samples: list[GeneratedSample]) -> pa.Table:
+        """``samples`` (``prompt_id`` = row of ``prompts``) as a rollout table with the
+        prompts' ids and passthrough columns, stamped with the served version."""
+        rows = pa.array([s.prompt_id for s in samples], pa.int64())  # row of prompts per sample
+        prompt_ids = S.column_array(prompts, S.PROMPT_ID).take(rows).to_pylist()
+        samples = [replace(s, prompt_id=pid) for s, pid in zip(samples, prompt_ids, strict=True)]
+        passthrough = [
+            c for c in prompts.column_names if c not in (S.PROMPT_ID, S.PROMPT_TOKEN_IDS)
+        ]
+        metadata = {c: S.column_array(prompts, c).take(rows) for c in passthrough}
+        return build_rollout_table(samples, weight_version=self._version, metadata=metadata)
 
     def update_weights(
         self,

@@ -145,6 +145,83 @@ class VLLMEngine:
                 )
         return samples
 
+    def beam_search(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        prompt_indices: Sequence[int],
+        width: int,
+        max_new_tokens: int,
+    ) -> list[GeneratedSample]:
+        """The ``width`` best beams of each prompt, prompt-major, best first: ``sample_index``
+        is the beam's rank (0 = highest cumulative log-probability, the sum of its tokens').
+
+        **These rows are not samples of the policy.** Beam search is a deterministic search
+        (vLLM expands each beam by its ``2 * width`` most likely next tokens at temperature 0
+        and keeps the ``width`` best), so a row's tokens are not drawn from the policy and
+        ``rollout_logprobs`` are not the RL contract's "log-probability of the sampled token
+        under the sampling distribution": they are the policy's (unscaled, temperature-1)
+        log-probability of each chosen token, taken from vLLM's per-step top-``2 * width``
+        log-probabilities (so they sum to the beam's cumulative log-probability), finite and
+        <= 0, and the table validates. Such rows are candidates for ranking methods (RRHF)
+        and must never enter a policy-gradient update or an importance ratio.
+
+        Ranking is by cumulative log-probability with no length normalisation (vLLM's
+        ``length_penalty=0``; its default of 1 divides by prompt + response length), so short
+        beams that end in EOS rank high. ``response_token_ids`` are the new tokens only
+        (vLLM's beams hold prompt + response); a beam that ended with EOS keeps it and is
+        ``"stop"``, one that ran to ``max_new_tokens`` is ``"length"``, and an aborted one is
+        ``"abort"``. Every prompt gets ``width`` distinct beams (fewer only when vLLM aborted
+        its request).
+        """
+        from vllm.sampling_params import BeamSearchParams
+
+        # vLLM scores 2 * width candidates per step (HF's choice), as log-probabilities: the
+        # engine's max_logprobs and the vocabulary bound them (past the vocabulary, vLLM's
+        # sampler fails inside the engine and the engine is lost).
+        config = self.llm.llm_engine.model_config
+        cap = config.get_vocab_size()
+        if config.max_logprobs >= 0:
+            cap = min(cap, config.max_logprobs)
+        if not 1 <= width <= cap // 2:
+            raise ValueError(
+                f"beam width {width}: must be between 1 and {cap // 2} (vLLM scores 2 * width "
+                f"candidates per step; max_logprobs={config.max_logprobs}, vocabulary "
+                f"{config.get_vocab_size()})"
+            )
+        params = BeamSearchParams(
+            beam_width=width, max_tokens=max_new_tokens, temperature=0.0, length_penalty=0.0
+        )
+        eos = self.llm.get_tokenizer().eos_token_id
+        requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        outputs = self.llm.beam_search(requests, params, use_tqdm=False)
+        samples = []
+        for index, prompt, result in zip(prompt_indices, prompt_ids, outputs, strict=True):
+            prompt = list(prompt)
+            for rank, beam in enumerate(result.sequences):
+                if list(beam.tokens[: len(prompt)]) != prompt:
+                    raise RuntimeError(f"vLLM's beam {rank} of prompt {index} lost its prompt")
+                tokens = list(beam.tokens[len(prompt) :])
+                # beam.logprobs[t]: the top-(2 * width) log-probabilities at step t, the chosen
+                # token among them.
+                logprobs = [
+                    step[tok].logprob for step, tok in zip(beam.logprobs, tokens, strict=True)
+                ]
+                if beam.finish_reason == "abort":
+                    reason = "abort"
+                else:
+                    reason = "stop" if tokens and tokens[-1] == eos else "length"
+                samples.append(
+                    GeneratedSample(
+                        prompt_id=index,
+                        sample_index=rank,
+                        prompt_token_ids=prompt,
+                        response_token_ids=tokens,
+                        rollout_logprobs=logprobs,
+                        finish_reason=reason,
+                    )
+                )
+        return samples
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """Replace the served weights (Hugging Face names) and drop the stale prefix cache.
         Returns the modules whose kernels disagree with their weights afterwards (none

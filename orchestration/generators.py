@@ -138,6 +138,26 @@ class GeneratorPool:
             idle.append(i)
         return concat_refs(results, "generate", self.timeout)
 
+    def beam_search(self, prompts: pa.Table, width: int, max_new_tokens: int) -> ray.ObjectRef:
+        """The ``width`` best beams of every prompt (RRHF candidates; see
+        ``PolicyGenerator.beam_search``: the rows are not policy samples), from the current
+        version; one rollout table (ref) back, in prompt order.
+
+        The prompts are split evenly over the replicas, one part each (beam search is
+        deterministic, so no seeds). A replica that fails or serves other weights raises here
+        (``StaleWeightsError``, ``RayActorError``), unlike :meth:`generate`, which recovers:
+        call :meth:`recover` and ask again."""
+        gens = self.actors.generators
+        parts = split_rows(prompts, max(1, -(-prompts.num_rows // len(gens))))
+        tables, versions = [], []
+        for gen, part in zip(gens, parts, strict=False):  # fewer parts than replicas: idle ones
+            call = gen.beam_search_checked.options(num_returns=2)
+            table, version = call.remote(part, width, max_new_tokens, self.version)
+            tables.append(table)
+            versions.append(version)
+        calls.wait(versions, "beam search", self.timeout)  # raises the replica's error
+        return concat_refs(tables, "beam search", self.timeout)
+
     def restarted(self) -> bool:
         """Whether any generator process changed since the last look (Ray restarted it)."""
         gens = self.actors.generators

@@ -54,10 +54,14 @@ class Trained:
 
 
 @ray.remote(num_cpus=0)
-def _after_samples(table: pa.Table, offset: int) -> pa.Table:
-    index = S.column_array(table, S.SAMPLE_INDEX).to_numpy() + offset
-    at = table.column_names.index(S.SAMPLE_INDEX)
-    return table.set_column(at, table.schema.field(at), pa.array(index, pa.int32()))
+def _join_beams(generated: pa.Table, beams: pa.Table, offset: int) -> pa.Table:
+    """The samples, then the beams with ``sample_index`` after theirs, in the columns both have
+    (the samples' ``sample_seed`` is the generator's, and beams have no seed)."""
+    index = S.column_array(beams, S.SAMPLE_INDEX).to_numpy() + offset
+    at = beams.column_names.index(S.SAMPLE_INDEX)
+    beams = beams.set_column(at, beams.schema.field(at), pa.array(index, pa.int32()))
+    columns = [c for c in generated.column_names if c in beams.column_names]
+    return concat([generated.select(columns), beams.select(columns)])
 
 
 class Stages:
@@ -92,9 +96,7 @@ class Stages:
         beams' ``sample_index`` after the samples'). Candidates for ranking only: beams are
         not samples of the policy."""
         beams = self.pool.beam_search(prompts, width, self.sampling.max_new_tokens)
-        return concat_refs(
-            [generated, _after_samples.remote(beams, self.sampling.n)], "beams", self.timeout
-        )
+        return _join_beams.remote(generated, beams, self.sampling.n)
 
     def reference_logprobs(self, table: pa.Table) -> pa.Table:
         """``table`` (prompt and response rows) with the frozen reference's ``ref_logprobs``."""
