@@ -131,17 +131,30 @@ class DirectPreference(Objective):
     pairs: ``dpo/loss``, ``dpo/accuracy`` (h > 0, a tie half), ``dpo/reward_chosen``,
     ``dpo/reward_rejected`` and ``dpo/margin`` (implicit rewards ``beta (log pi - log pi_ref)``
     and their difference).
+
+    ``nll_coef``: with it above 0, each pair's loss gains ``nll_coef`` times the chosen
+    response's token-mean negative log-likelihood (RPO, Pang et al. 2024's iterative DPO with
+    NLL), which keeps the chosen responses' likelihood from falling with the rejected ones'
+    (``dpo/nll``, a share).
     """
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    nll_coef: float = 0.0
     logits_chunk_bytes: int = LOGITS_CHUNK_BYTES
 
     name = "dpo"
     models = ("actor",)
     shares = frozenset(
-        {"dpo/loss", "dpo/accuracy", "dpo/reward_chosen", "dpo/reward_rejected", "dpo/margin"}
+        {
+            "dpo/loss",
+            "dpo/accuracy",
+            "dpo/reward_chosen",
+            "dpo/reward_rejected",
+            "dpo/margin",
+            "dpo/nll",
+        }
     )
     # K prompts and K responses per group, as the reward model's: a group never splits.
     lengths = PairwiseRanking.lengths
@@ -179,7 +192,13 @@ class DirectPreference(Objective):
             label_smoothing=self.label_smoothing,
             num_pairs=counts.tokens,
         )
-        return loss, {"dpo/loss": loss.detach()} | {f"dpo/{k}": v for k, v in stats.items()}
+        metrics = {f"dpo/{k}": v for k, v in stats.items()}
+        if self.nll_coef > 0:
+            lengths = batch.sequences.response_lengths[batch.chosen].clamp(min=1).float()
+            nll = (-logps[batch.chosen] / lengths).sum() / max(counts.tokens, 1.0)
+            loss = loss + self.nll_coef * nll
+            metrics["dpo/nll"] = nll.detach()
+        return loss, {"dpo/loss": loss.detach()} | metrics
 
 
 # ==========================================================================================

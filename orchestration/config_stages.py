@@ -97,6 +97,10 @@ class DpoConfig(Section):
     chosen response's log-ratio to the reference minus the rejected one's)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Conservative DPO's epsilon, the assumed share of flipped labels (sigmoid only)."""
+    nll_coef: float = Field(0.0, ge=0)
+    """RPO: the weight of the chosen response's token-mean negative log-likelihood added to
+    each pair's loss (0: plain DPO). Offline pairs the policy did not write tend to lower the
+    chosen responses' likelihood along with the rejected ones'; this term holds it up."""
     online: bool = False
     """Sample the pairs from the policy every iteration (``data.source`` holds prompts) instead
     of reading them (``data.source`` holds preference rows)."""

@@ -35,11 +35,16 @@ HEADLINE = {
     "sft/accuracy": "acc",
     "rm/loss": "loss",
     "rm/accuracy": "acc",
+    "dpo/loss": "loss",
+    "dpo/accuracy": "acc",
+    "rrhf/loss": "loss",
+    "rs/kept_fraction": "kept",
+    "distill/reverse_kl": "rkl",
     "timing/iteration": "s/it",
 }
 
 # A training iteration's record has one of these (the rest, the final evaluation, has none).
-TRAINED = ("reward/score_mean", "sft/loss", "rm/loss")
+TRAINED = ("reward/score_mean", "sft/loss", "rm/loss", "dpo/loss")
 
 
 class StageTimer:

@@ -90,6 +90,7 @@ def stage_objective(cfg: RunConfig):
             beta=d.beta,
             loss_type=d.loss,
             label_smoothing=d.label_smoothing,
+            nll_coef=d.nll_coef,
             logits_chunk_bytes=chunk,
         )
     if cfg.stage == "rrhf":

@@ -97,10 +97,20 @@ def _groups(cfg: RunConfig, tokenizer, source: str):
         source,
         tokenizer,
         max_tokens=cfg.dpo.max_tokens if dpo else cfg.rm.max_tokens,
-        margins=None if dpo else cfg.rm.margins,
+        margins=_NoMargins() if dpo else cfg.rm.margins,  # DPO reads no margin
         strict=cfg.data.strict,
         split=cfg.data.split,
     )
+
+
+class _NoMargins(dict):
+    """Every strength label maps to margin 0: DPO takes a pair's direction, not its strength."""
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str)
+
+    def __missing__(self, key) -> float:
+        return 0.0
 
 
 def _dpo_inputs(cfg: RunConfig, tokenizer) -> SupervisedInputs:

@@ -212,7 +212,7 @@ def test_dpo_against_itself_is_ln2_and_one_step_moves_towards_chosen(tiny_model)
     assert loss.item() == pytest.approx(LN2, abs=1e-5)
     assert metrics["dpo/accuracy"].item() == pytest.approx(0.5)
     assert metrics["dpo/margin"].item() == pytest.approx(0.0, abs=1e-5)
-    assert set(metrics) == objective.shares
+    assert set(metrics) == objective.shares - {"dpo/nll"}  # nll_coef=0: no NLL term
 
     loss.backward()
     with torch.no_grad():
@@ -306,3 +306,18 @@ def test_rrhf_on_the_engine_orders_the_responses_and_reports_its_rate(tiny_model
     assert 0.0 <= metrics["rrhf/rank_accuracy"] <= 1.0  # a rate, averaged over micro-batches
     after = learner.evaluate(table)
     assert after["rrhf/loss"] < before["rrhf/loss"] and after["rrhf/rank_loss"] == 0.0
+
+
+def test_rpo_adds_the_chosen_responses_token_mean_nll(model):
+    """nll_coef > 0: each pair's loss gains the chosen response's token-mean NLL times it."""
+    table = with_columns(group_table(GROUPS), model)
+    with torch.no_grad():
+        plain, _ = micro_loss(DirectPreference(beta=0.1), model, table)
+        both, metrics = micro_loss(DirectPreference(beta=0.1, nll_coef=2.0), model, table)
+    batch = DirectPreference().collate(table, pad_token_id=0).batch
+    seq = sequence_logprobs(model, group_table(GROUPS), pad_token_id=0)
+    lengths = batch.sequences.response_lengths.float().numpy()
+    chosen = batch.chosen.numpy()
+    nll = float(np.mean(-seq[chosen] / lengths[chosen]))
+    assert metrics["dpo/nll"].item() == pytest.approx(nll, rel=1e-5)
+    assert both.item() == pytest.approx(plain.item() + 2.0 * nll, rel=1e-5)
