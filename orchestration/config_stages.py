@@ -118,8 +118,7 @@ class RrhfConfig(Section):
     """``stage: rrhf``: RRHF (``learner.preference.RankResponses``). Each iteration, per prompt
     of ``data.source``, candidates from every configured source are scored by the reward stage
     and ranked: the policy's samples (``generator.samples_per_prompt``), the generators' beam
-    search (``beam_width`` beams: candidates only, never a policy-gradient sample), and
-    responses in the dataset row (``response_key``: other models' answers, references). The loss
+    search (``beam_width`` beams: candidates only, never a policy-gradient sample). The loss
     is the rank loss on length-normalised log-probabilities plus ``ce_coef`` times the
     cross-entropy of the best candidate."""
 
@@ -127,9 +126,6 @@ class RrhfConfig(Section):
     """The weight of the best candidate's cross-entropy."""
     beam_width: int = Field(0, ge=0)
     """Beams per prompt from the generators' beam search (0: none)."""
-    response_key: str | None = None
-    """Field of a dataset row holding a list of response strings to add as candidates (None:
-    none)."""
 
 
 class RejectionSamplingConfig(Section):
