@@ -116,24 +116,38 @@ class _NoMargins(dict):
 def _dpo_inputs(cfg: RunConfig, tokenizer) -> SupervisedInputs:
     """Offline DPO's preference groups (ties and cycles dropped, as for a reward model),
     split into training and held-out groups."""
-    from orchestration.preferences import preference_table, split_groups
+    from orchestration.preferences import split_groups
 
     groups, report = _groups(cfg, tokenizer, cfg.data.source)
     train, held = split_groups(groups, cfg.dpo.held_out, cfg.data.seed)
+    _require_pairs(cfg, train, report)
+    return _group_inputs(
+        "dpo", train, held, report, [f"  skipped: {p}" for p in report.problems[:5]]
+    )
+
+
+def _require_pairs(cfg: RunConfig, train: list, report) -> None:
     if not train:
         from orchestration.data import DataError
 
         raise DataError(f"{cfg.data.source}: no training pairs left ({report.summary()})")
+
+
+def _group_inputs(kind: str, train: list, held: list, report, lines: list[str], **extra):
+    """Prompt groups for training and held out as a stage's inputs."""
+    from orchestration.preferences import preference_table
+
     pairs = sum(len(g.pairs) for g in train)
     return SupervisedInputs(
-        kind="dpo",
+        kind=kind,
         size=len(train),
         table=lambda indices, first_id: preference_table([train[i] for i in indices], first_id),
         held_out=preference_table(held) if held else None,
         summary=f"{report.summary()}; {len(train)} groups ({pairs} pairs) for training, "
         f"{len(held)} held out",
         metrics=report.metrics(),
-        lines=[f"  skipped: {p}" for p in report.problems[:5]],
+        lines=lines,
+        **extra,
     )
 
 
@@ -146,10 +160,7 @@ def _rm_inputs(cfg: RunConfig, tokenizer) -> SupervisedInputs:
     if rm.balance_lengths:
         train, buckets, dropped = balance_lengths(train, rm.length_buckets, cfg.data.seed)
         report.buckets, report.balance_dropped = buckets, dropped
-    if not train:
-        from orchestration.data import DataError
-
-        raise DataError(f"{cfg.data.source}: no training pairs left ({report.summary()})")
+    _require_pairs(cfg, train, report)
     lines = [f"  skipped: {p}" for p in report.problems[:5]]
     lines += [
         f"  length difference {b['bucket']}: longer response chosen in {b['longer_chosen']} "
@@ -166,19 +177,7 @@ def _rm_inputs(cfg: RunConfig, tokenizer) -> SupervisedInputs:
     if rm.equal_quality_source is not None:
         equal_groups, _ = _groups(cfg, tokenizer, rm.equal_quality_source)
         equal = preference_table(equal_groups)
-    pairs = sum(len(g.pairs) for g in train)
-    return SupervisedInputs(
-        kind="rm",
-        size=len(train),
-        table=lambda indices, first_id: preference_table([train[i] for i in indices], first_id),
-        held_out=preference_table(held) if held else None,
-        summary=f"{report.summary()}; {len(train)} groups ({pairs} pairs) for training, "
-        f"{len(held)} held out",
-        metrics=report.metrics(),
-        normalize=normalize,
-        equal_quality=equal,
-        lines=lines,
-    )
+    return _group_inputs("rm", train, held, report, lines, normalize=normalize, equal_quality=equal)
 
 
 def _single_response_groups(table: pa.Table) -> pa.Table:
