@@ -10,6 +10,9 @@ one row per sample, the samples of a prompt sharing its ``prompt_id``) becomes:
 - :func:`best_of_n`: each prompt's best sample, if it clears a threshold, as a supervised row
   (rejection-sampling fine-tuning).
 
+:func:`dataset_candidates` makes the rows of a prompt's dataset responses (RRHF), to be scored
+with its samples; :func:`best_sources` says where each prompt's best candidate came from.
+
 The groups have the columns ``orchestration.preferences.preference_table`` writes (the
 responses, the pairs as indices with their margins) plus ``response_scores``. Unscorable
 samples (null score) are left out; a prompt none of whose samples could be scored gives
@@ -18,12 +21,13 @@ nothing. Ties go to the earlier sample (the lower row).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from rollout import schema as S
+from rollout.build import GeneratedSample, build_rollout_table
 
 
 def _by_prompt(table: pa.Table) -> list[tuple[int, list[int], list[tuple], np.ndarray]]:
@@ -147,6 +151,51 @@ def best_of_n(table: pa.Table, threshold: float | None = None) -> tuple[pa.Table
         "rs/mean_score": float(np.mean(all_scores)) if all_scores else 0.0,
         "rs/kept_fraction": len(kept) / max(len(prompts), 1),
     }
+
+
+def dataset_candidates(
+    prompts: pa.Table, responses: Sequence[list[list[int]]], first_index: int, version: int
+) -> pa.Table:
+    """A rollout table of the dataset responses of ``prompts`` (a sampler batch:
+    ``responses[dataset_row]`` are a prompt's), prompt-major, ``sample_index`` from
+    ``first_index`` on, the prompts' passthrough columns copied and ``version`` stamped so they
+    join the generated rows. Their ``rollout_logprobs`` are zeros: no generator sampled them,
+    and nothing may read them as a policy's (RRHF recomputes every candidate's
+    log-probability)."""
+    pids = S.column_array(prompts, S.PROMPT_ID).to_pylist()
+    tokens = S.column_array(prompts, S.PROMPT_TOKEN_IDS).to_pylist()
+    rows = S.column_array(prompts, S.DATASET_ROW).to_pylist()
+    samples, at = [], []
+    for i, (pid, prompt, row) in enumerate(zip(pids, tokens, rows, strict=True)):
+        for k, response in enumerate(responses[row]):
+            zeros = [0.0] * len(response)
+            samples.append(GeneratedSample(pid, first_index + k, prompt, response, zeros, "stop"))
+            at.append(i)
+    take = pa.array(at, pa.int64())
+    passthrough = [c for c in prompts.column_names if c not in (S.PROMPT_ID, S.PROMPT_TOKEN_IDS)]
+    metadata = {c: S.column_array(prompts, c).take(take) for c in passthrough}
+    return build_rollout_table(samples, weight_version=version, metadata=metadata)
+
+
+def best_sources(table: pa.Table, starts: dict[str, int]) -> dict[str, float]:
+    """``rrhf/best_from_<source>``: the share of prompts (with a scored candidate) whose best
+    one (the earliest among equals, as :func:`ranked_groups` picks) has a ``sample_index`` in
+    the source's range; ``starts`` maps each source after the samples to its first index, in
+    order."""
+    ids = S.column_array(table, S.PROMPT_ID).to_pylist()
+    index = S.column_array(table, S.SAMPLE_INDEX).to_pylist()
+    scores = S.column_array(table, S.SCORE).to_pylist()
+    best: dict[int, tuple[float, int]] = {}
+    for pid, k, score in zip(ids, index, scores, strict=True):
+        if score is not None and (pid not in best or score > best[pid][0]):
+            best[pid] = (score, k)
+    bounds = sorted(starts.items(), key=lambda kv: kv[1])
+    counts = dict.fromkeys(starts, 0)
+    for _, k in best.values():
+        source = next((name for name, start in reversed(bounds) if k >= start), None)
+        if source is not None:
+            counts[source] += 1
+    return {f"rrhf/best_from_{name}": n / max(len(best), 1) for name, n in counts.items()}
 
 
 def flatten(groups: pa.Table) -> pa.Table:

@@ -70,6 +70,13 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     problems = []
     samples = cfg.data.prompts_per_iteration * cfg.generator.samples_per_prompt
     parts = cfg.learner.num_ranks * cfg.learner.num_mini_batches
+    if cfg.rrhf.dataset_responses and cfg.stage != "rrhf":
+        problems.append(f"rrhf.dataset_responses is for stage=rrhf, not stage={cfg.stage}")
+    if cfg.rrhf.dataset_responses and cfg.data.source.startswith("builtin:"):
+        problems.append(
+            f"rrhf.dataset_responses: {cfg.data.source} holds no responses; give a data.source "
+            "whose rows have those fields"
+        )
     if not cfg.samples:
         return problems + supervised_problems(cfg)
     if cfg.stage != "rl":

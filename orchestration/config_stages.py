@@ -118,14 +118,22 @@ class RrhfConfig(Section):
     """``stage: rrhf``: RRHF (``learner.preference.RankResponses``). Each iteration, per prompt
     of ``data.source``, candidates from every configured source are scored by the reward stage
     and ranked: the policy's samples (``generator.samples_per_prompt``), the generators' beam
-    search (``beam_width`` beams: candidates only, never a policy-gradient sample). The loss
-    is the rank loss on length-normalised log-probabilities plus ``ce_coef`` times the
-    cross-entropy of the best candidate."""
+    search (``beam_width`` beams: candidates only, never a policy-gradient sample), and the
+    responses stored with the prompt in the dataset (``dataset_responses``: its answer, other
+    models' answers). The loss is the rank loss on length-normalised log-probabilities plus
+    ``ce_coef`` times the cross-entropy of the best candidate. In the rollout table a prompt's
+    rows are its samples, then its beams, then its dataset responses (by ``sample_index``);
+    ``rrhf/best_from_beams`` and ``rrhf/best_from_dataset`` are the shares of prompts whose best
+    candidate came from each."""
 
     ce_coef: float = Field(1.0, ge=0)
     """The weight of the best candidate's cross-entropy."""
     beam_width: int = Field(0, ge=0)
     """Beams per prompt from the generators' beam search (0: none)."""
+    dataset_responses: list[str] = []
+    """Fields of each ``data.source`` row holding candidate responses (a string or a list of
+    strings), tokenized as SFT responses; a row without them has none. A response longer than
+    ``generator.max_new_tokens`` is left out and counted (``data/candidates_overlong``)."""
 
 
 class RejectionSamplingConfig(Section):

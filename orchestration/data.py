@@ -15,15 +15,19 @@ A row is read as the first of these that fits:
    ``output``.
 
 ``label_key``, where a row has it, is the label in every case. Chat prompts are rendered with the
-tokenizer's chat template and a generation prompt. A row that cannot be used is skipped, counted
-and described with its file and line (JSON lines) or row (the others); with ``strict=True`` the
-first one is an error. The ``LoadReport`` of the ``PromptSet`` says what was loaded and skipped.
+tokenizer's chat template and a generation prompt. ``responses_keys`` (RRHF's dataset
+candidates) name fields holding responses to the prompt (a string or a list of strings: the
+dataset's answer, other models' answers); each is tokenized as the SFT stage tokenizes a response
+(plain text and EOS, or the chat template's assistant turn). A row that cannot be used is
+skipped, counted and described with its file and line (JSON lines) or row (the others); with
+``strict=True`` the first one is an error. The ``LoadReport`` of the ``PromptSet`` says what
+was loaded and skipped.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -193,19 +197,29 @@ class LoadReport:
     malformed: int = 0
     overlong_skipped: int = 0
     truncated: int = 0
+    candidates: int | None = None  # dataset responses loaded; None: none were asked for
+    candidates_overlong: int = 0
     problems: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the log."""
-        return (
+        line = (
             f"loaded {self.loaded} of {self.rows} rows from {self.source}; skipped "
             f"{self.malformed} malformed, {self.overlong_skipped} over {self.max_prompt_tokens} "
             f"tokens; truncated {self.truncated}"
         )
+        if self.candidates is not None:
+            line += (
+                f"; {self.candidates} dataset responses, {self.candidates_overlong} over the "
+                "response limit left out"
+            )
+        return line
 
     def metrics(self) -> dict[str, float]:
         """The counts as ``data/`` metrics."""
         counts = ("rows", "loaded", "malformed", "overlong_skipped", "truncated")
+        if self.candidates is not None:
+            counts += ("candidates", "candidates_overlong")
         return {f"data/{name}": float(getattr(self, name)) for name in counts}
 
 
@@ -215,11 +229,14 @@ class PromptSet:
 
     ``rows[i]`` is the source row prompt ``i`` came from (its index among the source's rows; for
     JSON lines, among the non-blank lines); empty means prompt ``i`` is row ``i``.
+    ``responses[i]`` are prompt ``i``'s dataset responses, tokenized (empty: none were asked
+    for).
     """
 
     token_ids: list[list[int]]
     labels: list[str | None]
     rows: list[int] = field(default_factory=list)
+    responses: list[list[list[int]]] = field(default_factory=list)
     report: LoadReport = field(default_factory=LoadReport)
 
     def __len__(self) -> int:
@@ -331,6 +348,23 @@ def _token_ids(prompt: str | list[dict], tokenizer, at: str) -> list[int]:
     return [int(t) for t in ids]
 
 
+def _responses(row: dict, keys: Sequence[str]) -> list[str]:
+    """The response texts under ``keys`` (each a string or a list of strings; absent: none)."""
+    texts = []
+    for key in keys:
+        value = row.get(key)
+        if value is None:
+            continue
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise _BadRow(f"'{key}' is not a string or a list of strings: {value!r:.80}")
+        for v in values:
+            if not v.strip():
+                raise _BadRow(f"'{key}' holds an empty response")
+        texts += values
+    return texts
+
+
 def _source_records(
     source: str, addition_max_operand: int, split: str
 ) -> tuple[str, list[_Record]]:
@@ -355,6 +389,8 @@ def load_prompts(
     overlong: Overlong = "skip",
     strict: bool = False,
     split: str = "train",
+    responses_keys: Sequence[str] = (),
+    max_response_tokens: int | None = None,
 ) -> PromptSet:
     """Read and tokenize every prompt of ``source`` (see the module docstring for formats).
 
@@ -368,6 +404,10 @@ def load_prompts(
             (the end holds the question and the generation prompt), or an error.
         strict: a malformed row is an error rather than skipped.
         split: the split of a saved ``DatasetDict``.
+        responses_keys: fields of dataset responses to keep with each prompt (a row without
+            them has none; one of another type is malformed).
+        max_response_tokens: a longer dataset response is left out and counted
+            (``report.candidates_overlong``); None: no limit.
 
     Raises:
         DataError: an unreadable source, an empty one or one without a usable row; with
@@ -382,7 +422,9 @@ def load_prompts(
     if not records:
         raise DataError(f"{where}: no rows")
     report = LoadReport(source=source, max_prompt_tokens=max_prompt_tokens, rows=len(records))
-    token_ids, labels, rows = [], [], []
+    if responses_keys:
+        report.candidates = 0
+    token_ids, labels, rows, responses = [], [], [], []
     for index, record in enumerate(records):
         at = f"{where}, {record.location}"
         try:
@@ -390,6 +432,11 @@ def load_prompts(
                 raise _BadRow(record.problem)
             prompt, label = _prompt_and_label(record.row, prompt_key, label_key)
             ids = _token_ids(prompt, tokenizer, at)
+            if responses_keys:
+                from orchestration.sft_data import response_token_ids
+
+                texts = _responses(record.row, responses_keys)
+                answers = [response_token_ids(prompt, t, tokenizer, at) for t in texts]
         except _BadRow as bad:
             skip_malformed(report, at, bad, strict)
             continue
@@ -406,6 +453,12 @@ def load_prompts(
         token_ids.append(ids)
         labels.append(None if label is None else str(label))
         rows.append(index)
+        if responses_keys:
+            limit = max_response_tokens
+            kept = [a for a in answers if limit is None or len(a) <= limit]
+            report.candidates += len(kept)
+            report.candidates_overlong += len(answers) - len(kept)
+            responses.append(kept)
     report.loaded = len(token_ids)
     if not token_ids:
         first = "; ".join(report.problems[:3])
@@ -414,4 +467,6 @@ def load_prompts(
             f"{report.overlong_skipped} over data.max_prompt_tokens={max_prompt_tokens}"
             + (f"; first problems: {first}" if first else "")
         )
-    return PromptSet(token_ids=token_ids, labels=labels, rows=rows, report=report)
+    return PromptSet(
+        token_ids=token_ids, labels=labels, rows=rows, responses=responses, report=report
+    )

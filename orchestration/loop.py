@@ -35,6 +35,7 @@ from orchestration.guards import Guards, RunStopped
 from orchestration.metrics import StageTimer
 from orchestration.recovery import Recovery
 from orchestration.sampler import PromptSampler, all_prompts
+from rollout import schema as S
 
 
 class Loop:
@@ -278,7 +279,8 @@ class SampledLoop(Loop):
     iteration:
 
     1. generate ``generator.samples_per_prompt`` samples per prompt (rrhf: and
-       ``rrhf.beam_width`` beams, candidates only);
+       ``rrhf.beam_width`` beams and the prompt's ``rrhf.dataset_responses``, candidates
+       only);
     2. reward them (the run's reward actors and shaping);
     3. build the training batch from the scores (``orchestration.candidates``): each prompt's
        best and worst sample as a DPO pair (with the reference's summed log-probabilities),
@@ -299,11 +301,17 @@ class SampledLoop(Loop):
                 generated = stages.generate(prompts)
                 if cfg.stage == "rrhf" and cfg.rrhf.beam_width:
                     generated = stages.with_beams(generated, prompts, cfg.rrhf.beam_width)
+                if cfg.stage == "rrhf" and cfg.rrhf.dataset_responses:
+                    first = self._sources["dataset"]
+                    answers = self.sampler.prompts.responses
+                    generated = stages.with_dataset_responses(generated, prompts, answers, first)
             with timer("reward"):
                 scored = stages.reward(generated)
                 table = calls.wait(scored.finish(), "reward", self.cfg.cluster.call_timeout_s)
             self.last_batch = table
-            metrics = scored.metrics | _score_metrics(scored.score)
+            metrics = scored.metrics | _score_metrics(self._sample_scores(table))
+            if cfg.stage == "rrhf" and self._sources:
+                metrics |= candidates.best_sources(table, self._sources)
             with timer("select"):
                 batch, chosen = self._training_batch(table)
             metrics |= chosen
@@ -319,6 +327,22 @@ class SampledLoop(Loop):
                 with timer("sync"):
                     metrics |= stages.sync_weights()
         return metrics | timer.timings | stages.faults.metrics, skipped
+
+    def _sample_scores(self, table: pa.Table):
+        """The scores of the policy's samples (NaN: unscorable), not the other candidates'."""
+        score = S.column_array(table, S.SCORE).to_numpy(zero_copy_only=False).astype(float)
+        index = S.column_array(table, S.SAMPLE_INDEX).to_numpy()
+        return score[index < self.cfg.generator.samples_per_prompt]
+
+    @property
+    def _sources(self) -> dict[str, int]:
+        """The candidate sources after the samples, each with its first ``sample_index``."""
+        n, rrhf, sources = self.cfg.generator.samples_per_prompt, self.cfg.rrhf, {}
+        if self.cfg.stage == "rrhf" and rrhf.beam_width:
+            sources["beams"] = n
+        if self.cfg.stage == "rrhf" and rrhf.dataset_responses:
+            sources["dataset"] = n + rrhf.beam_width
+        return sources
 
     def _training_batch(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
         from orchestration import candidates

@@ -13,7 +13,11 @@ writes, for every ``"a+b="`` with operands 0..max_operand:
   instead of correctness; bucket balancing (``rm.balance_lengths``) takes that away;
 - ``equal_quality.jsonl``: pairs of the same answer with different filler (which one is
   "chosen" is a coin toss): the share of them where the reward model scores the longer higher
-  is its preference for length alone (0.5: none).
+  is its preference for length alone (0.5: none);
+- ``candidates.jsonl``: ``{prompt, label, model_a, model_b}``, prompts with the answers of two
+  other "models" (RRHF's dataset candidates, ``rrhf.dataset_responses``): ``model_a`` is right
+  with probability ``A_RIGHT``, ``model_b`` with ``B_RIGHT``; a wrong answer is another
+  prompt's, or junk.
 
 The strength labels map to margins with ``rm.margins`` (Llama 2's margin).
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 
 FILLER = "="
 STRENGTHS = {"significantly better": 1.0, "better": 0.5, "slightly better": 0.0}
+A_RIGHT, B_RIGHT = 0.6, 0.3
 
 
 def _wrong(rng: random.Random, right: int, sums: list[int]) -> int:
@@ -40,14 +45,30 @@ def _junk(rng: random.Random) -> str:
 
 
 def pipeline_rows(max_operand: int, seed: int, biased_share: float) -> dict[str, list[dict]]:
-    """The three files' rows (see the module docstring)."""
+    """The files' rows (see the module docstring)."""
     rng = random.Random(seed)
     sums = [a + b for a in range(max_operand + 1) for b in range(max_operand + 1)]
-    sft, prefs, equal = [], [], []
+    sft, prefs, equal, cands = [], [], [], []
+
+    other = random.Random(seed + 1)  # its own stream: the other files stay as they were
+
+    def answer(right: int, p_right: float) -> str:
+        if other.random() < p_right:
+            return str(right)
+        return _junk(other) if other.random() < 0.25 else str(_wrong(other, right, sums))
+
     for a in range(max_operand + 1):
         for b in range(max_operand + 1):
             prompt, right = f"{a}+{b}=", a + b
             sft.append({"prompt": prompt, "response": str(right)})
+            cands.append(
+                {
+                    "prompt": prompt,
+                    "label": str(right),
+                    "model_a": answer(right, A_RIGHT),
+                    "model_b": answer(right, B_RIGHT),
+                }
+            )
             prefs += [  # the right answer over every wrong one the task has
                 {"prompt": prompt, "chosen": str(right), "rejected": str(n), "strength": "better"}
                 for n in sorted(set(sums) - {right})
@@ -76,7 +97,7 @@ def pipeline_rows(max_operand: int, seed: int, biased_share: float) -> dict[str,
             pair = [str(right) + FILLER * short, str(right) + FILLER * long_]
             rng.shuffle(pair)
             equal.append({"prompt": prompt, "chosen": pair[0], "rejected": pair[1]})
-    return {"sft": sft, "preferences": prefs, "equal_quality": equal}
+    return {"sft": sft, "preferences": prefs, "equal_quality": equal, "candidates": cands}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,7 +169,9 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
         print(f"note: {note}", flush=True)
     data = cfg.data
 
-    def load(what: str, source: str, prompt_key: str, label_key: str, split: str) -> PromptSet:
+    def load(
+        what: str, source: str, prompt_key: str, label_key: str, split: str, responses=()
+    ) -> PromptSet:
         prompts = load_prompts(
             source,
             tokenizer,
@@ -180,13 +182,16 @@ def prepare(cfg: RunConfig, source: str) -> Prepared:
             overlong=data.overlong,
             strict=data.strict,
             split=split,
+            responses_keys=responses,
+            max_response_tokens=cfg.generator.max_new_tokens,
         )
         print(f"{what}: {prompts.report.summary()}", flush=True)
         for problem in prompts.report.problems[:5]:
             print(f"  skipped: {problem}", flush=True)
         return prompts
 
-    prompts = load("prompts", data.source, data.prompt_key, data.label_key, data.split)
+    responses = cfg.rrhf.dataset_responses if cfg.stage == "rrhf" else ()
+    prompts = load("prompts", data.source, data.prompt_key, data.label_key, data.split, responses)
     ev = cfg.eval
     eval_prompts = (
         load("eval prompts", ev.source, ev.prompt_key, ev.label_key, ev.split)

@@ -172,6 +172,14 @@ def _plain(prompt: str, response: str, tokenizer) -> _Example:
     return _Example(_text_ids(prompt, tokenizer), ids, [1.0] * len(ids))
 
 
+def response_token_ids(prompt: str | list[dict], response: str, tokenizer, at: str) -> list[int]:
+    """``response``'s tokens after ``prompt`` as this stage trains them: the text and EOS after
+    a string prompt, the chat template's assistant turn after chat messages."""
+    if isinstance(prompt, str):
+        return _plain(prompt, response, tokenizer).response
+    return _chat_response(prompt, response, tokenizer, at).response
+
+
 def _text(text, tokenizer) -> _Example:
     """Plain text (pretraining data, PTX): its first token is the context, every later token
     and the EOS are in the loss."""

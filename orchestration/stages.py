@@ -54,14 +54,16 @@ class Trained:
 
 
 @ray.remote(num_cpus=0)
-def _join_beams(generated: pa.Table, beams: pa.Table, offset: int) -> pa.Table:
-    """The samples, then the beams with ``sample_index`` after theirs, in the columns both have
-    (the samples' ``sample_seed`` is the generator's, and beams have no seed)."""
-    index = S.column_array(beams, S.SAMPLE_INDEX).to_numpy() + offset
-    at = beams.column_names.index(S.SAMPLE_INDEX)
-    beams = beams.set_column(at, beams.schema.field(at), pa.array(index, pa.int32()))
-    columns = [c for c in generated.column_names if c in beams.column_names]
-    return concat([generated.select(columns), beams.select(columns)])
+def _join_candidates(generated: pa.Table, extra: pa.Table, offset: int) -> pa.Table:
+    """The samples, then more candidates (beams, dataset responses) with ``sample_index``
+    moved up by ``offset``, in the columns both have (the samples' ``sample_seed`` is the
+    generator's, and the others have no seed)."""
+    if offset:
+        index = S.column_array(extra, S.SAMPLE_INDEX).to_numpy() + offset
+        at = extra.column_names.index(S.SAMPLE_INDEX)
+        extra = extra.set_column(at, extra.schema.field(at), pa.array(index, pa.int32()))
+    columns = [c for c in generated.column_names if c in extra.column_names]
+    return concat([generated.select(columns), extra.select(columns)])
 
 
 class Stages:
@@ -96,7 +98,17 @@ class Stages:
         beams' ``sample_index`` after the samples'). Candidates for ranking only: beams are
         not samples of the policy."""
         beams = self.pool.beam_search(prompts, width, self.sampling.max_new_tokens)
-        return _join_beams.remote(generated, beams, self.sampling.n)
+        return _join_candidates.remote(generated, beams, self.sampling.n)
+
+    def with_dataset_responses(
+        self, generated: ray.ObjectRef, prompts: pa.Table, responses, first_index: int
+    ) -> ray.ObjectRef:
+        """``generated`` and the dataset responses of ``prompts`` (``responses[dataset_row]``),
+        from ``sample_index`` ``first_index`` on (``candidates.dataset_candidates``)."""
+        from orchestration.candidates import dataset_candidates
+
+        rows = dataset_candidates(prompts, responses, first_index, self.pool.version)
+        return _join_candidates.remote(generated, ray.put(rows), 0)
 
     def reference_logprobs(self, table: pa.Table) -> pa.Table:
         """``table`` (prompt and response rows) with the frozen reference's ``ref_logprobs``."""

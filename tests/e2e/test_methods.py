@@ -1,5 +1,5 @@
 """The sampling methods beside PPO and GRPO end to end through the entry point on a local Ray,
-short: rejection-sampling fine-tuning, online DPO, RRHF with beam-search candidates, and
+short: rejection-sampling fine-tuning, online DPO, RRHF with beam-search and dataset candidates, and
 on-policy distillation from a teacher equal to the policy (no signal). The demos' measured
 numbers are in the README."""
 
@@ -9,9 +9,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from orchestration.data import addition_corpus
+from orchestration.pipeline_data import main as write_pipeline_data
 from orchestration.tiny_model import build_tiny_model
 from tests.e2e.test_run import train
 
@@ -45,11 +47,40 @@ def test_rejection_sampling_online_dpo_and_rrhf(private_env, tmp_path):
     assert first["dpo/margin"] == pytest.approx(0.0, abs=1e-3)
     assert runs[-1]["dpo/reward_chosen"] > runs[-1]["dpo/reward_rejected"]
 
-    # RRHF: 4 samples and 2 beams per prompt, ranked by score
-    runs = run("demo-rrhf", root, private_env, "iterations=3", "generator.samples_per_prompt=4")
-    assert all(h["rollout/samples"] == 8 * (4 + 2) for h in runs)
-    assert all(1 <= h["rrhf/candidates"] <= 6 for h in runs)
+    # RRHF: 4 samples, 2 beams and the dataset's two answers per prompt, ranked by score
+    data = tmp_path / "data"
+    write_pipeline_data(["--out", str(data), "--max-operand", "4"])
+    runs = run(
+        "demo-rrhf",
+        root,
+        private_env,
+        "iterations=3",
+        "generator.samples_per_prompt=4",
+        f"data.source={data}/candidates.jsonl",
+        "rrhf.dataset_responses=[model_a,model_b]",
+    )
+    assert all(h["rollout/samples"] == 8 * 4 for h in runs)  # the policy's samples only
+    assert all(1 <= h["rrhf/candidates"] <= 8 for h in runs)
     assert all(np.isfinite(h["rrhf/loss"]) and h["rrhf/ft_loss"] > 0 for h in runs)
+    shares = [h["rrhf/best_from_beams"] + h["rrhf/best_from_dataset"] for h in runs]
+    assert all(0 <= s <= 1 for s in shares)
+    # the rollout file holds each prompt's dataset answers as its candidates 6 and 7, scored
+    rows = pq.read_table(root / "demo-rrhf" / "rollouts" / "iter_000000.parquet").to_pylist()
+    answers = [json.loads(line) for line in (data / "candidates.jsonl").read_text().splitlines()]
+    by_prompt = {a["prompt"]: a for a in answers}
+    digits = {d: str(d - 2) for d in range(2, 11)} | {1: "+", 11: "="}  # the tiny tokenizer's
+
+    def text(ids: list[int]) -> str:
+        return "".join(digits.get(t, "") for t in ids)
+
+    dataset = [r for r in rows if r["sample_index"] >= 6]
+    assert len(dataset) == 8 * 2
+    for r in dataset:
+        want = by_prompt[text(r["prompt_token_ids"])][
+            "model_a" if r["sample_index"] == 6 else "model_b"
+        ]
+        assert r["response_token_ids"][-1] == 0 and text(r["response_token_ids"]) == want
+        assert (r["score"] == 1.0) == (want == r["label"])  # a wrong integer earns format credit
 
 
 def test_distillation_from_a_teacher_equal_to_the_policy_gives_no_signal(private_env, tmp_path):

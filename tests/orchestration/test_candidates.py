@@ -133,3 +133,42 @@ def test_each_token_gains_the_teachers_log_ratio_times_the_coefficient():
     no_old = table.drop_columns([S.OLD_LOGPROBS])
     with pytest.raises(ValueError, match="distillation need the learner's old_logprobs"):
         advantages(no_old, dataclasses.replace(spec), 0.0, 3)
+
+
+def test_dataset_candidates_follow_the_samples_with_the_prompts_columns():
+    prompts = pa.table(
+        {
+            S.PROMPT_ID: pa.array([10, 11], pa.int64()),
+            S.PROMPT_TOKEN_IDS: pa.array([[1], [2]], S.TOKEN_IDS_TYPE),
+            "label": pa.array(["a", "b"]),
+            S.DATASET_ROW: pa.array([1, 0], pa.int64()),
+        }
+    )
+    responses = [[[5, 0]], [[6, 0], [7, 8, 0]]]  # by dataset row
+    rows = candidates.dataset_candidates(prompts, responses, first_index=4, version=3)
+    got = rows.select([S.PROMPT_ID, S.SAMPLE_INDEX, S.RESPONSE_TOKEN_IDS, "label"]).to_pylist()
+    assert [tuple(r.values()) for r in got] == [
+        (10, 4, [6, 0], "a"),
+        (10, 5, [7, 8, 0], "a"),
+        (11, 4, [5, 0], "b"),
+    ]
+    assert set(S.column_array(rows, S.WEIGHT_VERSION).to_pylist()) == {3}
+    assert S.column_array(rows, S.ROLLOUT_LOGPROBS).to_pylist()[1] == [0.0, 0.0, 0.0]
+
+
+def test_best_sources_count_where_each_prompts_best_candidate_came_from():
+    # samples 0-1, beams 2, dataset 3-4; prompt 1's best is a tie won by the earlier sample
+    rows = [(0, 0, 0.1), (0, 1, 0.2), (0, 2, 0.1), (0, 3, 0.9), (1, 1, 1.0), (1, 3, 1.0)]
+    rows += [(2, 0, None), (2, 2, 0.5), (3, 4, None)]  # prompt 3: nothing scored, not counted
+    table = pa.table(
+        {
+            S.PROMPT_ID: pa.array([r[0] for r in rows], pa.int64()),
+            S.SAMPLE_INDEX: pa.array([r[1] for r in rows], pa.int32()),
+            S.SCORE: pa.array([r[2] for r in rows], pa.float32()),
+        }
+    )
+    got = candidates.best_sources(table, {"beams": 2, "dataset": 3})
+    assert got == {
+        "rrhf/best_from_beams": pytest.approx(1 / 3),
+        "rrhf/best_from_dataset": pytest.approx(1 / 3),
+    }

@@ -164,3 +164,39 @@ def test_bad_sampler_state_is_refused(prompts, state, message):
 def test_empty_prompt_set_cannot_be_sampled():
     with pytest.raises(ValueError, match="at least one prompt"):
         PromptSampler(PromptSet(token_ids=[], labels=[]), 0)
+
+
+def test_dataset_responses_are_tokenized_as_sft_responses(tmp_path, tokenizer):
+    from tests.orchestration.chat_tokens import E, d
+
+    rows = [
+        {"prompt": "1+2=", "label": 3, "ours": "3", "theirs": ["4", "33333"]},
+        {"prompt": "2+2="},  # no responses: none, not malformed
+        {"prompt": "2+1=", "ours": 3},  # not a string: malformed
+        {"prompt": "1+1=", "theirs": ["2", " "]},  # an empty one: malformed
+    ]
+    source = write_jsonl(tmp_path / "c.jsonl", rows)
+    prompts = load_prompts(
+        source,
+        tokenizer,
+        max_prompt_tokens=8,
+        responses_keys=["ours", "theirs"],
+        max_response_tokens=3,
+    )
+    assert prompts.responses == [[d("3") + [E], d("4") + [E]], []]  # "33333"+EOS is over 3
+    report = prompts.report
+    assert (report.malformed, report.candidates, report.candidates_overlong) == (2, 2, 1)
+    assert "'ours' is not a string or a list of strings" in report.problems[0]
+    assert "'theirs' holds an empty response" in report.problems[1]
+    assert report.metrics()["data/candidates_overlong"] == 1.0
+    plain = load_prompts(source, tokenizer, max_prompt_tokens=8)
+    assert plain.responses == [] and "data/candidates" not in plain.report.metrics()
+
+
+def test_dataset_responses_of_a_chat_prompt_are_the_assistant_turn(tmp_path, chat_tokenizer):
+    from tests.orchestration.chat_tokens import ASSISTANT, USER, E, d, user
+
+    source = write_jsonl(tmp_path / "c.jsonl", [{"prompt": [user("1+2=")], "answers": ["3"]}])
+    prompts = load_prompts(source, chat_tokenizer, max_prompt_tokens=16, responses_keys=["answers"])
+    assert prompts.token_ids == [[USER, *d("1+2="), E, ASSISTANT]]
+    assert prompts.responses == [[d("3") + [E]]]  # the template ends a turn with EOS

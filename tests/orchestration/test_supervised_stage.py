@@ -27,6 +27,14 @@ from orchestration.specs import learner_spec
         (["ptx.coef=0.5"], "ptx.coef > 0 needs ptx.source"),
         (["stage=rm", "rm.length_buckets=[1, 4]"], "give ascending edges from 0"),
         (["stage=sft", "learner.critic_init=/x"], "stage=sft trains no critic"),
+        (
+            ["stage=sft", "rrhf.dataset_responses=[a]", "data.source=x.jsonl"],
+            "rrhf.dataset_responses is for stage=rrhf, not stage=sft",
+        ),
+        (
+            ["stage=rrhf", "rrhf.dataset_responses=[a]"],
+            "rrhf.dataset_responses: builtin:addition holds no responses",
+        ),
     ],
 )
 def test_supervised_config_mistakes_are_named(overrides, message):
