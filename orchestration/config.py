@@ -165,6 +165,13 @@ class RunConfig(Section):
         return self.stage in ("rl", "rrhf", "rs") or (self.stage == "dpo" and self.dpo.online)
 
     @property
+    def uses_reference(self) -> bool:
+        """Whether the run starts the frozen reference actor: rl (the KL term; the teacher of
+        distillation) and dpo (the log-ratios). rrhf and rs compare the policy's own
+        log-probabilities; sft and rm have no reference."""
+        return self.stage in ("rl", "dpo")
+
+    @property
     def eval_component(self) -> str | None:
         """The rule component that decides a correct eval sample."""
         rules = rule_components(self.reward)

@@ -26,7 +26,7 @@ from reward_service.scorer import RemoteScorer, RuleScorer
 class Actors:
     generators: list
     scorers: list  # reward actors: the rule scorer, each reward model, each remote service
-    reference: object
+    reference: object  # None: the stage has none (sft, rm, rrhf, rs)
     learners: list
     placement_groups: dict = field(default_factory=dict)
     sync_plan: SyncPlan | None = None  # bucket layout of the learner's weights
@@ -205,14 +205,16 @@ def start_actors(
     plan, groups = reserve(cfg)
     generators = start_generators(cfg, model_path, plan, groups)
     scorers = start_scorers(cfg, model_path, reward_model_paths or {}, plan, groups)
-    reference = (
-        ray.remote(ReferenceModel)
-        .options(**_options(cfg, plan.reference, groups, name="reference"))
-        .remote(**specs.reference_kwargs(cfg, model_path, pad_token_id))
-    )
+    reference = None
+    if plan.reference is not None:  # rrhf and rs use none
+        reference = (
+            ray.remote(ReferenceModel)
+            .options(**_options(cfg, plan.reference, groups, name="reference"))
+            .remote(**specs.reference_kwargs(cfg, model_path, pad_token_id))
+        )
     learners = start_learners(cfg, model_path, pad_token_id, plan, groups)
     calls.wait([g.weight_version.remote() for g in generators], "start generators", timeout)
-    ready = [a.__ray_ready__.remote() for a in [*scorers, reference]]
+    ready = [a.__ray_ready__.remote() for a in [*scorers, *([reference] if reference else [])]]
     calls.wait(ready, "start reward and reference actors", timeout)
     actors = Actors(
         generators=generators,

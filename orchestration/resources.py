@@ -46,7 +46,7 @@ class PlacementPlan:
     generators: tuple[Slot, ...]  # one per replica: the replica's first bundle
     generator_bundles: tuple[tuple[int, ...], ...]  # per replica: its workers' bundle indices
     learners: tuple[Slot, ...]
-    reference: Slot | None  # None: sft or rm (learner ranks alone)
+    reference: Slot | None  # None: no reference (sft, rm, rrhf, rs)
     reward: tuple[Slot, ...]  # one per reward actor, in the order of reward_actor_names(cfg)
     demands: tuple[Demand, ...]
 
@@ -95,7 +95,8 @@ def reward_actor_resources(cfg: RunConfig) -> list[RoleResources]:
 
 def plan_placement(cfg: RunConfig) -> PlacementPlan:
     """Placement groups and slots for every actor of the run (a stage that does not sample: the
-    learner ranks alone, and for offline DPO the reference with the first rank)."""
+    learner ranks alone, and for offline DPO the reference with the first rank; rrhf and rs
+    start no reference)."""
     cl, gen = cfg.cluster, cfg.generator
     if not cfg.samples:
         ranks = cfg.learner.num_ranks
@@ -122,25 +123,28 @@ def plan_placement(cfg: RunConfig) -> PlacementPlan:
     worker = _per_actor(cl.generator)
     groups: list[GroupPlan] = []
 
+    with_reference = cfg.uses_reference
+    reference = None
     if cl.colocate == "all":
         bundles = [_add(_per_actor(cl.learner), worker) for _ in range(ranks)]
-        bundles[0] = _add(bundles[0], _per_actor(cl.reference))
+        if with_reference:
+            bundles[0] = _add(bundles[0], _per_actor(cl.reference))
+            reference = _slot("colocated", 0, cl.reference)
         groups.append(GroupPlan("colocated", cl.learner.strategy, tuple(bundles)))
         learners = tuple(_slot("colocated", i, cl.learner) for i in range(ranks))
         generators = tuple(
             _slot("colocated", b[0], cl.generator, gen_actor_gpus) for b in gen_bundles
         )
-        reference = _slot("colocated", 0, cl.reference)
     else:
         groups.append(GroupPlan("generators", cl.generator.strategy, (worker,) * (replicas * tp)))
         generators = tuple(
             _slot("generators", b[0], cl.generator, gen_actor_gpus) for b in gen_bundles
         )
         bundles = [_per_actor(cl.learner) for _ in range(ranks)]
-        if cl.colocate == "learner_reference":
+        if with_reference and cl.colocate == "learner_reference":
             bundles[0] = _add(bundles[0], _per_actor(cl.reference))
             reference = _slot("learners", 0, cl.reference)
-        else:
+        elif with_reference:
             groups.append(GroupPlan("reference", "PACK", (_per_actor(cl.reference),)))
             reference = _slot("reference", 0, cl.reference)
         groups.append(GroupPlan("learners", cl.learner.strategy, tuple(bundles)))
@@ -150,7 +154,7 @@ def plan_placement(cfg: RunConfig) -> PlacementPlan:
     demands = (
         Demand("learner ranks", ranks, _per_actor(cl.learner)),
         Demand("generators", replicas, _per_actor(cl.generator, tp)),
-        Demand("reference", 1, _per_actor(cl.reference)),
+        *([Demand("reference", 1, _per_actor(cl.reference))] if with_reference else []),
         *[
             Demand(f"reward scorer ({name})", 1, _per_actor(r))
             for name, r in zip(reward_actor_names(cfg), reward_roles, strict=True)

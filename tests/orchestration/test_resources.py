@@ -153,3 +153,17 @@ def test_each_reward_actor_has_a_bundle_and_a_reward_model_may_bring_its_own_res
         "1 learner rank x 1 GPU + 1 generator x 1 GPU + 1 reference x 1 GPU + "
         "1 reward scorer (helpful) x 1 GPU need 4 GPUs; the cluster has 3"
     )
+
+
+@pytest.mark.parametrize("colocate", ["none", "learner_reference", "all"])
+def test_rrhf_and_rs_start_no_reference_and_online_dpo_does(colocate):
+    gpus = ["cluster.learner.num_gpus=0.5", "cluster.reference.num_gpus=0.5"]
+    gpus += ["cluster.generator.num_gpus=0.5", f"cluster.colocate={colocate}"]
+    gpus += ["weight_sync.method=object_store"]
+    total = {}
+    for preset, has in (("demo-rrhf", False), ("demo-rs", False), ("demo-dpo", True)):
+        plan = plan_placement(load_config(preset, gpus))
+        assert (plan.reference is not None) == has, preset
+        assert ("reference" in {d.noun for d in plan.demands}) == has, preset
+        total[preset] = sum(b.get("GPU", 0.0) for g in plan.groups for b in g.bundles)
+    assert total["demo-dpo"] - total["demo-rs"] == total["demo-dpo"] - total["demo-rrhf"] == 0.5
