@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from orchestration.data import addition_examples
 
@@ -65,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    model = Path(args.model)
+    if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+        print(
+            f"error: {args.model} is not a policy directory (config.json and safetensors "
+            "weights; e.g. runs/<name>/policy)",
+            file=sys.stderr,
+        )
+        return 2
     result = task_score(args.model, args.samples, args.max_operand, args.max_new_tokens, args.seed)
     print(
         f"{args.model}: exact_integer {result['exact_integer']:.3f}, right "

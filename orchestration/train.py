@@ -53,8 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m orchestration.train",
         description=(
-            "Run PPO or GRPO on Ray with vLLM generators and a DeepSpeed learner, or an SFT "
-            "or reward-model stage on the learner alone (stage=sft|rm)."
+            "Run PPO or GRPO on Ray with vLLM generators and a DeepSpeed learner (stage=rl, "
+            "with distill.teacher for on-policy distillation); the sampling methods beside "
+            "them (stage=rrhf|rs, and dpo with dpo.online=true); or a stage on the learner "
+            "alone (stage=sft|rm, and offline dpo)."
         ),
         epilog="config fields (set any with key=value):\n\n" + describe_config(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
