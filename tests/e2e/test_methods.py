@@ -25,7 +25,8 @@ COMMON = ["cluster.torch_threads=1", "logging.report=false", "data.prompts_per_i
 def run(config: str, root: Path, env, *extra: str) -> list[dict]:
     out = train(["--config", config, f"logging.root={root}", *COMMON, *extra], env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    run_dir = root / config
+    names = [x.split("=", 1)[1] for x in extra if x.startswith("logging.name=")]
+    run_dir = root / (names[-1] if names else config)
     assert (run_dir / "policy" / "model.safetensors").is_file()
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -33,11 +34,18 @@ def run(config: str, root: Path, env, *extra: str) -> list[dict]:
 def test_rejection_sampling_online_dpo_and_rrhf(private_env, tmp_path):
     root = tmp_path / "runs"
     # rejection sampling: every prompt's best kept (no threshold), two SFT steps per round
-    runs = run("demo-rs", root, private_env, "iterations=3", "rs.threshold=null")
+    rs = ["iterations=3", "rs.threshold=null", "checkpoint.every=2"]
+    runs = run("demo-rs", root, private_env, *rs)
     assert [h["rs/kept_fraction"] for h in runs] == [1.0, 1.0, 1.0]
     assert all(h["rs/best_of_n"] >= h["rs/mean_score"] for h in runs)
     assert all("rs/sft_loss" in h and h["learner/empty_batch"] == 0.0 for h in runs)
     assert runs[-1]["sync/bytes"] > 0
+    # resumed inside the stage from its checkpoint after iteration 1: round 2 again, the same
+    checkpoint = root / "demo-rs" / "checkpoints" / "iter_000001"
+    again = run("demo-rs", root, private_env, *rs, f"resume={checkpoint}", "logging.name=rs-b")
+    assert [h["iteration"] for h in again] == [2]
+    for key in ("rs/best_of_n", "rs/mean_score", "rs/sft_loss", "reward/score_mean"):
+        assert again[0][key] == runs[2][key], key
 
     # online DPO: best and worst of each prompt's samples; the first step is at the reference
     runs = run("demo-dpo", root, private_env, "iterations=3")
