@@ -25,10 +25,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def ray_head(root: Path, *options: str) -> Iterator[dict[str, str]]:
-    """A Ray head (token auth, as the conftest set up; 2 CPUs, no dashboard) with its own HOME
-    under ``root`` and a short TMPDIR (Ray's socket paths must fit in 107 bytes); yields the
-    environment a run joining it needs (``RAY_ADDRESS`` set). Stopped on exit."""
+def ray_head(root: Path, *options: str, dashboard_port: int = 0) -> Iterator[dict[str, str]]:
+    """A Ray head (token auth, as the conftest set up; 2 CPUs; a dashboard, and with it the Jobs
+    API, only on ``dashboard_port``) with its own HOME under ``root`` and a short TMPDIR (Ray's
+    socket paths must fit in 107 bytes); yields the environment a run joining it needs
+    (``RAY_ADDRESS`` set). Stopped on exit."""
     home = root / "home"
     home.mkdir(exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")
@@ -36,7 +37,11 @@ def ray_head(root: Path, *options: str) -> Iterator[dict[str, str]]:
     env.pop("RAY_ADDRESS", None)
     ray, gcs = str(VENV / "bin" / "ray"), free_port()
     head = [ray, "start", "--head", f"--port={gcs}", "--num-cpus=2", *options]
-    head += ["--include-dashboard=false", "--disable-usage-stats"]
+    if dashboard_port:
+        head += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    else:
+        head += ["--include-dashboard=false"]
+    head += ["--disable-usage-stats"]
     subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
     try:
         yield env | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"}
