@@ -47,8 +47,9 @@ def test_rejection_sampling_online_dpo_and_rrhf(private_env, tmp_path):
     for key in ("rs/best_of_n", "rs/mean_score", "rs/sft_loss", "reward/score_mean"):
         assert again[0][key] == runs[2][key], key
 
-    # online DPO: best and worst of each prompt's samples; the first step is at the reference
-    runs = run("demo-dpo", root, private_env, "iterations=3")
+    # online DPO on two learner ranks (the pairs split between them): best and worst of each
+    # prompt's samples; the first step is at the reference
+    runs = run("demo-dpo", root, private_env, "iterations=3", "learner.num_ranks=2")
     first = runs[0]
     assert 0 < first["pairs/kept_fraction"] <= 1.0
     assert first["dpo/loss"] == pytest.approx(np.log(2), abs=1e-3)
