@@ -18,8 +18,10 @@ Conventions (``shared/TECHNIQUES.md``):
    and token-reward estimators drop their rows (see :func:`scorable_mask`).
 
 Per-token helpers (masked statistics, KL estimators, log-probabilities and entropy from logits)
-live in ``learner.functional`` and the losses with their aggregation in ``learner.losses``; both
-are re-exported here, so ``learner.algorithms`` is the one import for all of the math. The
+live in ``learner.functional``, the losses with their aggregation in ``learner.losses``, the
+off-policy correction (importance weights between the behaviour and the proximal policy) in
+``learner.off_policy``; all are re-exported here, so ``learner.algorithms`` is the one import for
+all of the math. The
 estimator names and their setup choices (``AdvantageEstimator``, ``EstimatorSpec``) live in the
 torch-free ``learner.estimators``, for the config; they are re-exported here too.
 """
@@ -49,8 +51,11 @@ from learner.losses import (
     global_counts,
     kl_loss,
     policy_loss,
+    preference_loss,
+    rrhf_loss,
     value_loss,
 )
+from learner.off_policy import OffPolicySpec, behaviour_weights
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -63,7 +68,9 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "AggMode",
     "Metrics",
+    "OffPolicySpec",
     "aggregate",
+    "behaviour_weights",
     "compute_advantages",
     "entropy_from_logits",
     "gae",
@@ -76,8 +83,10 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "preference_loss",
     "reinforce_returns",
     "rloo_advantages",
+    "rrhf_loss",
     "scorable_mask",
     "token_rewards",
     "value_loss",

@@ -84,17 +84,21 @@ def policy_loss(
     agg: AggMode = "token-mean",
     num_tokens: int | float | None = None,
     num_seqs: int | float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate (Schulman et al. 2017, arXiv 1707.06347), with optional dual clip
     (Ye et al. 2020, arXiv 1912.09729) and asymmetric bounds (DAPO's clip-higher).
 
     ``rho = exp(logprobs - old_logprobs)``;
     ``l = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))``; with ``dual_clip = c > 1``,
-    ``l = min(l, -c A)`` where ``A < 0``. Reduced with :func:`aggregate`.
+    ``l = min(l, -c A)`` where ``A < 0``; with ``weights`` ``w`` (the behaviour correction,
+    ``learner.off_policy.behaviour_weights``), ``w l``: the decoupled objective, its clip
+    around ``old_logprobs``. Reduced with :func:`aggregate`.
 
     Args:
         logprobs: (B, T) current policy, with grad. old_logprobs, advantages: (B, T).
         response_mask: (B, T). num_tokens, num_seqs: global counts, see :func:`aggregate`.
+        weights: (B, T) per-token loss weights, detached; None: 1.
     Returns:
         ``(loss, metrics)`` with ``actor/clipfrac`` (share of tokens where the clipped term is
         active), ``actor/approx_kl`` (k3 of old vs new), ``actor/ratio_mean|min|max`` and, with
@@ -114,6 +118,8 @@ def policy_loss(
         dual_active = (advantages < 0) & (loss_mat > dual)
         loss_mat = torch.where(advantages < 0, torch.minimum(loss_mat, dual), loss_mat)
         metrics["actor/dual_clipfrac"] = masked_mean(dual_active.float(), mask).detach()
+    if weights is not None:
+        loss_mat = loss_mat * weights
     loss = aggregate(loss_mat, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs)
     with torch.no_grad():
         big = torch.finfo(ratio.dtype).max

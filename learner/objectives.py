@@ -43,6 +43,7 @@ import torch
 
 from learner.losses import aggregate, kl_loss, policy_loss, value_loss
 from learner.models import LOGITS_CHUNK_BYTES, critic_forward, policy_forward
+from learner.off_policy import OffPolicySpec, behaviour_weights
 from rollout import schema as S
 from rollout.tensors import PaddedBatch, to_padded
 
@@ -128,6 +129,7 @@ class LossSpec:
     kl_loss_coef: float = 0.0  # GRPO-style KL to the reference as a loss term; 0 = off
     kl_kind: str = "k3"
     value_clip: float | None = 0.2
+    off_policy: OffPolicySpec = OffPolicySpec()  # the behaviour correction; off by default
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,14 @@ class PolicyGradient(Objective):
             "critic/value_loss",
             "actor/kl_ref",
             "rollout/logprob_mismatch",
+            "off_policy/weight_mean",
+            "off_policy/truncated_fraction",
+            "off_policy/masked_fraction",
         }
     )
-    maxima = frozenset({"rollout/logprob_mismatch_max"})
+    maxima = frozenset(
+        {"rollout/logprob_mismatch_max", "off_policy/weight_max", "off_policy/ratio_max"}
+    )
     rates = frozenset(
         {
             "actor/clipfrac",
@@ -194,6 +201,8 @@ class PolicyGradient(Objective):
         if self.on_policy:
             return (S.ADVANTAGES, S.ROLLOUT_LOGPROBS, S.REF_LOGPROBS)
         columns = [S.OLD_LOGPROBS, S.ADVANTAGES]
+        if self.loss.off_policy.enabled:
+            columns.append(S.ROLLOUT_LOGPROBS)
         if self.loss.kl_loss_coef > 0:
             columns.append(S.REF_LOGPROBS)
         if self.critic:
@@ -249,6 +258,11 @@ class PolicyGradient(Objective):
         )
         t = batch.per_token
         old = out.logprobs.detach() if self.on_policy else t[S.OLD_LOGPROBS]
+        weights, correction = None, {}
+        if spec.off_policy.enabled:
+            weights, correction = behaviour_weights(
+                old, t[S.ROLLOUT_LOGPROBS], mask, spec.off_policy, num_tokens=n_tok
+            )
         pg_loss, metrics = policy_loss(
             out.logprobs,
             old,
@@ -260,7 +274,9 @@ class PolicyGradient(Objective):
             agg=agg,
             num_tokens=n_tok,
             num_seqs=n_seq,
+            weights=weights,
         )
+        metrics |= correction
         entropy = aggregate(out.entropy, mask, agg, num_tokens=n_tok, num_seqs=n_seq)
         loss = pg_loss - spec.entropy_coef * entropy if spec.entropy_coef else pg_loss
         metrics["actor/pg_loss"] = pg_loss.detach()

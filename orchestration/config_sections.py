@@ -95,6 +95,26 @@ class GeneratorConfig(Section):
     with a checkpoint of the learner's state."""
 
 
+class OffPolicyConfig(Section):
+    """The behaviour correction (``learner.off_policy``): each token's policy loss weighed by
+    ``w = pi_old / mu``, the learner's recomputed log-probability over vLLM's
+    (``rollout_logprobs``), truncated at ``cap``; ratios outside ``[1/band, band]`` masked. The
+    PPO ratio and clip stay around ``pi_old``, so with samples older than the weights being
+    trained this is the decoupled PPO objective; in synchronous training it corrects the
+    numerical gap between vLLM and the learner (large in bf16). Metrics: ``off_policy/*``."""
+
+    weight: Literal["none", "token", "sequence"] = "none"
+    """Per-token truncated importance weights (TIS), one weight per sample (the product of its
+    token ratios, truncated), or none."""
+    cap: float = Field(2.0, gt=0)
+    """The most a weight can be (TIS's C)."""
+    mask: Literal["none", "token", "sequence"] = "none"
+    """Leave out (weight 0) the tokens, or the whole samples by the geometric mean of their
+    token ratios, whose ratio leaves ``[1/band, band]``."""
+    band: float = Field(2.0, gt=1)
+    """The mask's band."""
+
+
 class AlgorithmConfig(Section):
     estimator: AdvantageEstimator = AdvantageEstimator.GRPO
     """gae (PPO with a critic), grpo, dr_grpo, rloo or reinforce_pp."""
@@ -125,6 +145,8 @@ class AlgorithmConfig(Section):
     """Loss aggregation; default is the estimator's own (see learner.estimators)."""
     whiten_advantages: bool = True
     """gae: whiten advantages over the batch."""
+    off_policy: OffPolicyConfig = OffPolicyConfig()
+    """Importance correction between the policy that sampled and the learner's."""
 
     @property
     def spec(self) -> EstimatorSpec:

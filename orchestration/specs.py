@@ -14,6 +14,7 @@ from actors.vllm_engine import EngineSpec, Sampling
 from learner.algorithms import AdaptiveKLController, FixedKLController
 from learner.engine import LearnerSpec, OptimizerSpec
 from learner.objectives import LossSpec, PolicyGradient
+from learner.off_policy import OffPolicySpec
 from orchestration.config import RunConfig
 from reward_service.remote import RemoteSpec
 from reward_service.scorer import RuleSpec
@@ -65,6 +66,7 @@ def objective(cfg: RunConfig) -> PolicyGradient:
             kl_loss_coef=0.0 if spec.kl_in_reward else algo.kl_coef,
             kl_kind=kl_kind(cfg),
             value_clip=algo.value_clip,
+            off_policy=OffPolicySpec(**algo.off_policy.model_dump()),
         ),
         temperature=cfg.generator.temperature,
         critic=spec.needs_critic,

@@ -264,3 +264,47 @@ def test_an_on_policy_update_equals_the_one_after_a_scoring_pass(tiny_model):
     assert got["actor/kl_ref"] == pytest.approx(float((old + 2.0).mean()), rel=1e-5)
     assert got["rollout/logprob_mismatch"] == pytest.approx(float((old + 1.5).abs().mean()), 1e-5)
     assert got["rollout/logprob_mismatch_max"] == pytest.approx(float((old + 1.5).abs().max()))
+
+
+def test_the_behaviour_correction_weighs_tokens_by_old_over_rollout_across_micro_batches(
+    tiny_model,
+):
+    """Samples whose ``rollout_logprobs`` sit ``delta`` below the learner's ``old_logprobs``:
+    the reported weights are ``min(e^delta, cap)`` over every token, summed over the
+    micro-batches like the loss, and the masked ones count as masked."""
+    from learner.off_policy import OffPolicySpec
+
+    spec = LearnerSpec(
+        model_path=tiny_model,
+        policy_optim=OptimizerSpec(lr=1e-3),
+        objective=PolicyGradient(
+            LossSpec(off_policy=OffPolicySpec(weight="token", cap=2.0, mask="token", band=3.0))
+        ),
+        micro_batch_tokens=16,  # several micro-batches
+    )
+    engine = Learner(spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
+    samples = [
+        GeneratedSample(i, 0, [5, 1, 6, 2], [3 + i % 4, 0], [-1.0] * 2, "stop") for i in range(8)
+    ]
+    table = engine.compute_old(build_rollout_table(samples, weight_version=0))
+    deltas = [[0.5, -0.5], [1.0, 0.0], [-1.5, 0.2], [0.0, 0.0]] * 2  # e^1.0 > cap; e^-1.5 < 1/3
+    old = table["old_logprobs"].to_pylist()
+    rollout = [
+        [o - d for o, d in zip(row, ds, strict=True)] for row, ds in zip(old, deltas, strict=True)
+    ]
+    table = table.set_column(
+        table.column_names.index("rollout_logprobs"),
+        "rollout_logprobs",
+        pa.array(rollout, pa.list_(pa.float32())),
+    )
+    per_token = pa.array([[1.0, 1.0]] * 8, pa.list_(pa.float32()))
+    table = append_columns(
+        table, {"advantages": per_token, "score": pa.array([1.0] * 8, pa.float32())}
+    )
+    metrics = engine.train(table, {})
+    weights = [min(math.exp(d), 2.0) if math.exp(d) >= 1 / 3 else 0.0 for ds in deltas for d in ds]
+    assert metrics["off_policy/weight_mean"] == pytest.approx(sum(weights) / 16, rel=1e-4)
+    assert metrics["off_policy/weight_max"] == pytest.approx(2.0)
+    assert metrics["off_policy/truncated_fraction"] == pytest.approx(2 / 16)
+    assert metrics["off_policy/masked_fraction"] == pytest.approx(2 / 16)
+    assert metrics["off_policy/ratio_max"] == pytest.approx(math.exp(1.0), rel=1e-4)

@@ -207,3 +207,19 @@ def test_reward_weights_cover_every_scored_component_but_not_monitors():
         ],
     )
     assert cfg.reward.weights == {"exact_integer": 0.5, "rm": 2.0, "judge": 1.0}
+
+
+def test_the_off_policy_correction_reaches_the_objective_and_is_checked():
+    from learner.off_policy import OffPolicySpec
+    from orchestration.specs import objective
+    from rollout import schema as S
+
+    cfg = load_config(
+        "demo-ppo", ["algorithm.off_policy.weight=token", "algorithm.off_policy.cap=3"]
+    )
+    obj = objective(cfg)
+    assert obj.loss.off_policy == OffPolicySpec(weight="token", cap=3.0)
+    assert S.ROLLOUT_LOGPROBS in obj.columns  # PPO's objective reads vLLM's log-probabilities
+    assert objective(load_config("demo-ppo")).loss.off_policy.enabled is False
+    with pytest.raises(ConfigError, match="band"):
+        load_config("demo", ["algorithm.off_policy.band=1"])
