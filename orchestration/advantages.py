@@ -40,6 +40,7 @@ class AdvantageSpec:
     whiten: bool = True
     pad_token_id: int = 0
     distill_coef: float = 0.0  # on-policy distillation: the reverse-KL token reward's weight
+    max_staleness: int = 0  # the most versions a row may be behind the weights being trained
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,22 @@ class Advantages:
 
 
 def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: int) -> Advantages:
-    """Advantages and returns of a scored rollout sampled by weight ``version``, which needs
+    """Advantages and returns of a scored rollout for the weights of ``version``, which needs
     ``rollout_logprobs``, ``ref_logprobs``, ``score`` (null: unscorable), with a critic
     ``values``, and ``old_logprobs`` unless the update is on-policy (``specs.on_policy``: then
-    the train stage reports the metrics that need them, and the KL is not in the reward)."""
-    versions = pc.unique(S.column_array(table, S.WEIGHT_VERSION)).to_pylist()
-    if versions != [version]:
+    the train stage reports the metrics that need them, and the KL is not in the reward).
+
+    Every row's ``weight_version`` is within ``spec.max_staleness`` versions of ``version``
+    (0: all of them ``version``); with a bound, ``rollout/staleness_mean``, ``_max`` and the
+    histogram ``rollout/staleness_<s>`` (the share of rows ``s`` versions behind)."""
+    rows = S.column_array(table, S.WEIGHT_VERSION).to_numpy()
+    staleness = version - rows
+    k = spec.max_staleness
+    if len(rows) and (staleness.min() < 0 or staleness.max() > k):
+        versions = sorted(set(rows.tolist()))
         raise RuntimeError(
-            f"rollout mixes or misses weight versions {versions}; expected only {version}"
+            f"rollout has weight versions {versions}; training version {version} takes only "
+            + (f"{version}" if k == 0 else f"{max(version - k, 0)}..{version} (max_staleness={k})")
         )
     has_old = S.OLD_LOGPROBS in table.column_names
     if not has_old and (spec.kl_in_reward or spec.needs_critic or spec.distill_coef):
@@ -118,6 +127,11 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
             "rollout/logprob_mismatch_max": float(torch.where(mask, mismatch, 0).max()),
         }
     new = {S.ADVANTAGES: to_list_column(adv, mask), S.RETURNS: to_list_column(returns, mask)}
+    if k:
+        metrics["rollout/staleness_mean"] = float(staleness.mean()) if len(rows) else 0.0
+        metrics["rollout/staleness_max"] = float(staleness.max()) if len(rows) else 0.0
+        for s in range(k + 1):
+            metrics[f"rollout/staleness_{s}"] = float((staleness == s).mean()) if len(rows) else 0.0
     return Advantages(table=append_columns(table, new), metrics=metrics, kl_ref=kl_ref)
 
 

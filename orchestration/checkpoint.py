@@ -146,10 +146,17 @@ def set_rng_states(state: dict) -> None:
 
 
 def save(
-    run_dir: Path, iteration: int, driver_state: dict, config: dict, learners: list, timeout: float
+    run_dir: Path,
+    iteration: int,
+    driver_state: dict,
+    config: dict,
+    learners: list,
+    timeout: float,
+    tables: dict | None = None,
 ) -> Path:
-    """Write checkpoint ``iteration`` (learner ranks first, the driver's state, the config) and
-    commit it. Returns its directory."""
+    """Write checkpoint ``iteration`` (learner ranks first, the driver's state, the config, and
+    ``tables``: name -> Arrow table, as ``<name>.parquet``) and commit it. Returns its
+    directory."""
     import ray
 
     from orchestration import calls
@@ -167,9 +174,26 @@ def save(
         )
     calls.wait(done, "checkpoint", timeout)
     (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if tables:
+        import pyarrow.parquet as pq
+
+        for name, table in tables.items():
+            pq.write_table(table, path / f"{name}.parquet")
     write_json(path / "driver.json", driver_state | {"iteration": iteration})
     write_json(path / MARKER, {"iteration": iteration, "seconds": time.perf_counter() - start})
     return path
+
+
+def pending_generations(path: Path) -> list:
+    """The generations that were running ahead of training when checkpoint ``path`` was
+    written (``pending_<j>.parquet``, oldest first; none in a synchronous run), as
+    ``GeneratorPool.submit`` results that hold their table."""
+    import pyarrow.parquet as pq
+
+    from orchestration.generators import Submitted
+
+    files = sorted(Path(path).glob("pending_*.parquet"), key=lambda f: int(f.stem.split("_")[1]))
+    return [Submitted(None, None, [], [], -1, table=pq.read_table(f)) for f in files]
 
 
 def prune(run_dir: Path, keep: int) -> None:

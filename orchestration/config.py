@@ -120,6 +120,11 @@ class RunConfig(Section):
     iterations: int = Field(20, ge=1)
     """Training iterations (rl: generate -> score -> train -> sync each; sft and rm: one
     optimizer step each)."""
+    max_staleness: int = Field(0, ge=0)
+    """rl: how many weight versions a training batch's samples may be behind the weights being
+    trained. 0: synchronous (generate, then train). k > 0: the generators sample the next k
+    batches while the learner trains, each finishing with the weights it started with, and
+    ``algorithm.off_policy`` must correct the gap (``off_policy/*``, ``rollout/staleness_*``)."""
     seed: int = 0
     """Seed of the learner's initialisation, eval sampling and the demo reward model's training."""
     resume: str = "never"

@@ -77,6 +77,8 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"rrhf.dataset_responses: {cfg.data.source} holds no responses; give a data.source "
             "whose rows have those fields"
         )
+    if cfg.max_staleness:
+        problems += staleness_problems(cfg)
     if not cfg.samples:
         return problems + supervised_problems(cfg)
     if cfg.stage != "rl":
@@ -122,6 +124,31 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "name under logging.root"
         )
     return problems + scale_problems(cfg) + reward_problems(cfg) + eval_problems(cfg)
+
+
+def staleness_problems(cfg: RunConfig) -> list[str]:
+    """``max_staleness > 0``: stage rl, a correction, and generators that keep their devices
+    while the learner trains."""
+    k, problems = cfg.max_staleness, []
+    if cfg.stage != "rl":
+        problems.append(f"max_staleness={k} is for stage=rl, not stage={cfg.stage}")
+    off = cfg.algorithm.off_policy
+    if off.weight == "none" and off.mask == "none":
+        problems.append(
+            f"max_staleness={k} trains on samples of older weights: set "
+            "algorithm.off_policy.weight (token: truncated importance weights) or "
+            "algorithm.off_policy.mask to correct for them"
+        )
+    if cfg.cluster.colocate == "all":
+        problems.append(
+            f"max_staleness={k}: with cluster.colocate=all the generators sleep while the "
+            "learner trains, so nothing can run ahead; colocate less, or set max_staleness=0"
+        )
+    if cfg.reward.dynamic_sampling.enabled:
+        problems.append(
+            f"max_staleness={k} does not yet work with reward.dynamic_sampling; turn one off"
+        )
+    return problems
 
 
 def method_problems(cfg: RunConfig) -> list[str]:

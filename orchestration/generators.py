@@ -8,6 +8,7 @@ the current version, and pushes new versions through the run's :class:`WeightSyn
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,20 @@ class Faults:
     def count(self, fault: str, seconds: float) -> None:
         for key, value in ((f"faults/{fault}", 1.0), (f"faults/{fault}_seconds", seconds)):
             self.metrics[key] = self.metrics.get(key, 0.0) + value
+
+
+@dataclass
+class Submitted:
+    """A generation running ahead of training (:meth:`GeneratorPool.submit`): the prompts and
+    their seeds (to sample them again the same way if a replica fails), one call per replica,
+    and the version it was asked for."""
+
+    prompts: pa.Table
+    seeds: np.ndarray
+    tables: list
+    versions: list
+    version: int
+    table: pa.Table | None = None  # set when it comes from a checkpoint instead
 
 
 class GeneratorPool:
@@ -137,6 +152,46 @@ class GeneratorPool:
                 results[k] = table
             idle.append(i)
         return concat_refs(results, "generate", self.timeout)
+
+    def submit(self, prompts: pa.Table, sampling: Sampling) -> Submitted:
+        """Start generating ``prompts`` with the version served now and return at once (the
+        asynchronous loop: training runs meanwhile). The prompts are split evenly over the
+        replicas, one call each; each replica runs its calls in order, so a weight sync
+        submitted later reaches it after this generation (which finishes with the weights it
+        started with). Seeds as :meth:`generate`'s. :meth:`collect` waits for the table."""
+        if self._pids is None:
+            self.restarted()
+        seeds = self.seeds(prompts.num_rows, sampling.n)
+        seeded = prompts.append_column(SAMPLE_SEED, pa.array(seeds, pa.int64()))
+        gens = self.actors.generators
+        parts = split_rows(seeded, max(1, -(-seeded.num_rows // len(gens))))
+        tables, versions = [], []
+        for gen, part in zip(gens, parts, strict=False):  # fewer parts than replicas: idle ones
+            table, version = gen.generate_checked.options(num_returns=2).remote(
+                part, sampling, self.version
+            )
+            tables.append(table)
+            versions.append(version)
+        return Submitted(prompts, seeds, tables, versions, self.version)
+
+    def collect(self, submitted: Submitted, sampling: Sampling) -> ray.ObjectRef:
+        """The table of a :meth:`submit` (ref). A replica that failed or served other weights
+        is brought back (:meth:`recover`) and the prompts sampled again, with the same seeds,
+        by the version served now."""
+        if submitted.table is not None:
+            return ray.put(submitted.table)
+        try:
+            calls.wait(submitted.versions, "generate", self.timeout)
+        except (ray.exceptions.RayActorError, StaleWeightsError) as e:
+            print(
+                f"generators: {type(e).__name__} during a generation ahead of training; "
+                f"re-syncing them to weight version {self.version} and sampling its "
+                f"{submitted.prompts.num_rows} prompts again",
+                flush=True,
+            )
+            self.recover(self.version)
+            return self.generate(submitted.prompts, sampling, submitted.seeds)
+        return concat_refs(submitted.tables, "generate", self.timeout)
 
     def beam_search(self, prompts: pa.Table, width: int, max_new_tokens: int) -> ray.ObjectRef:
         """The ``width`` best beams of every prompt (RRHF candidates; see

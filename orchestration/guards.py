@@ -102,6 +102,8 @@ class Guards:
         return []
 
     def _mismatch(self, k: int, metrics: dict[str, float]) -> list[str]:
+        if self.cfg.max_staleness:  # older weights sampled on purpose: off_policy/* shows it
+            return []
         value = metrics.get("rollout/logprob_mismatch")
         if value is None:
             return []

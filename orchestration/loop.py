@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 
 import pyarrow as pa
@@ -60,6 +61,7 @@ class Loop:
         self.recovery = recovery
         self.sync_enabled = True  # tests turn it off to show what a missed sync looks like
         self.last_batch: pa.Table | None = None  # the iteration's whole table
+        self.pending: deque = deque()  # max_staleness > 0: the generations running ahead
         self.eval_table = None
         if eval_prompts is not None:
             table, limit = all_prompts(eval_prompts), cfg.eval.max_prompts
@@ -138,7 +140,7 @@ class Loop:
             rounds, passes = [], None
             while True:  # one round, or more under dynamic sampling until enough groups teach
                 with timer("generate"):
-                    generated = stages.generate(self.sampler.next_batch(wanted))
+                    generated = self._generated(wanted)
                 if stages.early_passes:  # the batch is final: score it while it is rewarded
                     passes = stages.start_passes(generated)
                 with timer("reward"):
@@ -169,6 +171,31 @@ class Loop:
         timings = timer.timings | pass_timings
         metrics |= timings | throughput(metrics, timings) | stages.faults.metrics
         return metrics, trained.skipped_in_a_row
+
+    def _generated(self, wanted: int):
+        """This iteration's generated batch (ref). Synchronous (``max_staleness`` 0): sampled
+        now by the current weights. With ``max_staleness = k``: the next generations are
+        started first, so that k run ahead of this one (each by the weights served when it
+        was started), then the oldest is collected; a batch started at iteration i trains at
+        iteration i + k, k versions behind."""
+        k = self.cfg.max_staleness
+        if not k:
+            return self.stages.generate(self.sampler.next_batch(wanted))
+        while len(self.pending) < k + 1:
+            self.pending.append(self.stages.submit(self.sampler.next_batch(wanted)))
+        return self.stages.collect(self.pending.popleft())
+
+    def _pending_tables(self) -> dict[str, pa.Table]:
+        """The generations running ahead, waited for, as tables (for a checkpoint)."""
+        import ray
+
+        tables = {}
+        for j, submitted in enumerate(self.pending):
+            if submitted.table is None:
+                ref = self.stages.collect(submitted)
+                submitted.table = ray.get(ref, timeout=self.cfg.cluster.call_timeout_s)
+            tables[f"pending_{j}"] = submitted.table
+        return tables
 
     def ptx_rows(self) -> pa.Table | None:
         """This iteration's PTX examples (``ptx.rows_per_iteration``), None without a PTX
@@ -206,6 +233,7 @@ class Loop:
         self.sampler.load_state_dict(state["sampler"])
         if self.ptx_sampler is not None:
             self.ptx_sampler.load_state_dict(state["ptx_sampler"])
+        self.pending.clear()  # the state's prompts were drawn after them: they are gone
 
     def save_checkpoint(self, k: int) -> Path:
         """Checkpoint after iteration ``k`` (committed), keeping the newest
@@ -215,7 +243,9 @@ class Loop:
         state = self.state_dict() | {"rng": checkpoint.rng_states()}
         config = self.cfg.model_dump(mode="json")
         timeout = self.cfg.cluster.call_timeout_s
-        path = checkpoint.save(self.run_dir, k, state, config, self.actors.learners, timeout)
+        tables = self._pending_tables()  # max_staleness > 0: resumed, they train as they would
+        learners = self.actors.learners
+        path = checkpoint.save(self.run_dir, k, state, config, learners, timeout, tables)
         checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
         return path
 
@@ -230,6 +260,7 @@ class Loop:
         self.load_state_dict(state)
         checkpoint.set_rng_states(state["rng"])
         self.stages.pool.restore(state["weight_version"])
+        self.pending.extend(checkpoint.pending_generations(path))
         return int(state["iteration"])
 
     # ------------------------------------------------------------------ outputs

@@ -282,4 +282,5 @@ def advantage_spec(cfg: RunConfig, pad_token_id: int):
         whiten=algo.whiten_advantages,
         pad_token_id=pad_token_id,
         distill_coef=cfg.distill.coef if cfg.distill.teacher is not None else 0.0,
+        max_staleness=cfg.max_staleness,
     )

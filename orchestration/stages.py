@@ -22,7 +22,7 @@ from actors.vllm_engine import Sampling
 from orchestration import calls, specs
 from orchestration.advantages import Advantages, advantages
 from orchestration.config import RunConfig
-from orchestration.generators import Faults, GeneratorPool, concat_refs
+from orchestration.generators import Faults, GeneratorPool, Submitted, concat_refs
 from orchestration.placement import Actors
 from orchestration.reward_stage import RewardStage, Scored, enough_groups, select_groups
 from orchestration.sync import WeightSync, weight_sync_for
@@ -92,6 +92,14 @@ class Stages:
 
     def generate(self, prompts: pa.Table) -> ray.ObjectRef:
         return self.pool.generate(prompts, self.sampling)
+
+    def submit(self, prompts: pa.Table) -> Submitted:
+        """Start generating ``prompts`` without waiting (``GeneratorPool.submit``)."""
+        return self.pool.submit(prompts, self.sampling)
+
+    def collect(self, submitted: Submitted) -> ray.ObjectRef:
+        """The table of a :meth:`submit` (``GeneratorPool.collect``)."""
+        return self.pool.collect(submitted, self.sampling)
 
     def with_beams(self, generated: ray.ObjectRef, prompts: pa.Table, width: int) -> ray.ObjectRef:
         """``generated`` and ``width`` beam-search candidates per prompt, in one table (the

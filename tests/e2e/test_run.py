@@ -80,6 +80,45 @@ def test_demo_learns(private_env, tmp_path, preset, extra, present, absent):
     assert_learned(summary, history, present, absent)
 
 
+def test_the_demo_learns_with_generation_one_batch_ahead_and_resumes_exactly(private_env, tmp_path):
+    """``demo-async``: the demo with ``max_staleness=1`` (every batch after the first sampled by
+    the weights before the ones it trains, corrected by truncated importance weights) passes
+    the demo's thresholds. Resumed from its checkpoint after iteration 59, which holds batch 60
+    (sampled ahead by weights 59 while iteration 59 trained), the run trains that very batch
+    (not one sampled again by weights 60): iterations 60 and 61 are the uninterrupted ones."""
+    from tests.e2e.test_resume import assert_same_iteration
+
+    root = tmp_path / "runs"
+    common = ["--config", "demo-async", f"logging.root={root}", "logging.rollouts_every=1"]
+    summary, history = finished(
+        train([*common, "iterations=120", "checkpoint.every=60"], private_env), root
+    )
+    assert summary["iterations"] == 120  # (0.82 here at 120, 0.96 at the preset's 200)
+    assert summary["reward_first"] < 0.2
+    assert summary["reward_last"] >= THRESHOLD, summary["reward_curve"]
+    assert summary["reward_last"] - summary["reward_first"] >= MARGIN
+    assert [h["rollout/weight_version"] for h in history] == list(range(120))
+    assert [h["rollout/staleness_mean"] for h in history] == [0.0] + [1.0] * 119
+    assert all(0 < h["off_policy/weight_mean"] <= 2.0 for h in history)
+    assert max(h["off_policy/ratio_max"] for h in history[1:]) > 1.0  # the gap was real
+
+    whole = root / "demo-async"
+    checkpoint = whole / "checkpoints" / "iter_000059"
+    assert (checkpoint / "pending_0.parquet").is_file()
+    resumed = [*common, "iterations=62", f"resume={checkpoint}", "logging.name=parts"]
+    out = train(resumed, private_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "resume: continuing after iteration 59" in out.stdout
+    parts = [
+        json.loads(line) for line in (root / "parts" / "metrics.jsonl").read_text().splitlines()
+    ]
+    for k in (60, 61):
+        assert_same_iteration(whole, root / "parts", k)
+        got = next(h for h in parts if h["iteration"] == k)
+        for key in ("off_policy/weight_mean", "off_policy/ratio_max", "rollout/staleness_mean"):
+            assert got[key] == pytest.approx(history[k][key], rel=1e-5), (k, key)
+
+
 def assert_learned(summary: dict, history: list[dict], present: str, absent: str) -> None:
     """The demo's learning thresholds, a healthy run, and the algorithm's own metrics."""
     assert summary["reward_first"] < 0.2

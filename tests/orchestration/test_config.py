@@ -223,3 +223,25 @@ def test_the_off_policy_correction_reaches_the_objective_and_is_checked():
     assert objective(load_config("demo-ppo")).loss.off_policy.enabled is False
     with pytest.raises(ConfigError, match="band"):
         load_config("demo", ["algorithm.off_policy.band=1"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["max_staleness=1"], "max_staleness=1 trains on samples of older weights: set"),
+        (
+            ["max_staleness=1", "algorithm.off_policy.weight=token", "cluster.colocate=all"],
+            "with cluster.colocate=all the generators sleep",
+        ),
+        (
+            ["max_staleness=2", "algorithm.off_policy.mask=sequence"]
+            + ["reward.dynamic_sampling.enabled=true"],
+            "does not yet work with reward.dynamic_sampling",
+        ),
+        (["max_staleness=1", "stage=sft"], "max_staleness=1 is for stage=rl, not stage=sft"),
+    ],
+)
+def test_generation_ahead_needs_a_correction_and_devices_of_its_own(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", overrides)
+    assert load_config("demo-async").max_staleness == 1

@@ -99,3 +99,38 @@ def test_an_error_without_a_dead_rank_is_not_retried(tmp_path, monkeypatch):
         loop.run(log)
     log.close()
     assert rebuilds == [] and trainer.pushed == []
+
+
+class StandInPool:
+    """Generations that record the version served when each was started (the submit) and hand
+    back which batch they were (the collect)."""
+
+    def __init__(self):
+        self.version, self.started = 0, []
+
+    def submit(self, prompts):
+        self.started.append((prompts, self.version))
+        return SimpleNamespace(batch=prompts, version=self.version)
+
+    def collect(self, submitted):
+        return submitted
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_with_max_staleness_k_generations_run_k_ahead_and_train_k_versions_behind(tmp_path, k):
+    cfg = load_config(
+        "demo",
+        [f"max_staleness={k}", "algorithm.off_policy.weight=token", f"logging.root={tmp_path}"],
+    )
+    pool = StandInPool()
+    stages = SimpleNamespace(submit=pool.submit, collect=pool.collect, pool=pool)
+    drawn = iter(range(100))
+    sampler = SimpleNamespace(next_batch=lambda wanted: next(drawn))
+    loop = Loop(cfg, stages, sampler, tmp_path)
+    for i in range(6):  # iteration i trains batch i, then syncs version i + 1
+        got = loop._generated(4)
+        assert got.batch == i  # the batches train in the order they were drawn
+        assert i - got.version == min(i, k)  # sampled k versions before the weights it trains
+        assert len(loop.pending) == k  # k run ahead while this one trains
+        pool.version += 1
+    assert [b for b, _ in pool.started] == list(range(6 + k))

@@ -3,6 +3,7 @@ CPU (no Ray, no vLLM, no DeepSpeed); and the advantages stage as a pure function
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from orchestration.config import load_config
 from orchestration.loop import Loop
 from orchestration.stages import Trained
 from rollout import GeneratedSample, append_columns, build_rollout_table
+from rollout import schema as S
 
 
 class StandInSampler:
@@ -235,6 +237,27 @@ def test_a_kl_in_the_reward_takes_the_coefficient_given():
 
 
 def test_a_rollout_from_other_weights_is_refused():
-    with pytest.raises(RuntimeError, match=r"weight versions \[3\]; expected only 4"):
+    with pytest.raises(
+        RuntimeError, match=r"weight versions \[3\]; training version 4 takes only 4"
+    ):
         advantages(scored_rollout([1.0, 0.0]), grpo_spec(), kl_coef=0.0, version=4)
     assert math.isfinite(advantages(scored_rollout([1.0, 0.0]), grpo_spec(), 0.0, 3).kl_ref)
+
+
+def test_the_staleness_bound_takes_rows_up_to_k_versions_behind_and_counts_them():
+    table = scored_rollout([1.0, 0.0, 0.5, 0.5])  # every row from version 3
+    at = table.column_names.index(S.WEIGHT_VERSION)
+    table = table.set_column(at, S.WEIGHT_VERSION, pa.array([3, 3, 4, 5], pa.int64()))
+    spec = dataclasses.replace(grpo_spec(), max_staleness=2)
+    got = advantages(table, spec, kl_coef=0.0, version=5).metrics
+    assert got["rollout/staleness_mean"] == pytest.approx((2 + 2 + 1 + 0) / 4)
+    assert got["rollout/staleness_max"] == 2.0
+    assert [got[f"rollout/staleness_{s}"] for s in range(3)] == [0.25, 0.25, 0.5]
+    with pytest.raises(RuntimeError, match=r"takes only 4..5 \(max_staleness=1\)"):
+        advantages(table, dataclasses.replace(spec, max_staleness=1), 0.0, version=5)
+    with pytest.raises(RuntimeError, match="training version 4"):  # a row from the future
+        advantages(table, spec, 0.0, version=4)
+    assert (
+        "rollout/staleness_mean"
+        not in advantages(scored_rollout([1.0, 0.0]), grpo_spec(), 0.0, 3).metrics
+    )
