@@ -423,6 +423,7 @@ class SupervisedLoop(Loop):
         self.guards = Guards(cfg)
         self.recovery = None
         self.last_batch = None
+        self.pending: deque = deque()  # nothing is generated ahead (Loop's checkpoints read it)
         self.dpo = cfg.stage == "dpo"
         self.eval_table = self._with_reference(inputs.held_out)
         self.batch_size = {

@@ -134,3 +134,15 @@ def test_with_max_staleness_k_generations_run_k_ahead_and_train_k_versions_behin
         assert len(loop.pending) == k  # k run ahead while this one trains
         pool.version += 1
     assert [b for b, _ in pool.started] == list(range(6 + k))
+
+
+def test_a_supervised_loop_checkpoints_no_generations_ahead(tmp_path):
+    """The supervised stages share Loop's checkpointing, which saves the generations running
+    ahead: they have none (the e2e pipeline test checkpoints an SFT stage for real)."""
+    from orchestration.loop import SupervisedLoop
+
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "1+2=", "response": "3"}\n')
+    cfg = load_config("pipeline-sft", [f"data.source={tmp_path}/sft.jsonl"])
+    inputs = type("Inputs", (), {"held_out": None, "__len__": lambda self: 4})()
+    loop = SupervisedLoop(cfg, None, inputs, tmp_path)
+    assert loop._pending_tables() == {}
