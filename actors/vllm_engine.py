@@ -15,8 +15,8 @@ after each load, since cached KV blocks were computed by the old weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +50,9 @@ class Sampling:
     max_new_tokens: int = 64
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: every response exactly max_new_tokens long
+    # Partial rollouts: a weight update that arrives during the generation applies from the
+    # next token on (``VLLMEngine.generate_continuing``) instead of waiting for its end.
+    continue_across_updates: bool = False
 
 
 def on_cpu() -> bool:
@@ -144,6 +147,82 @@ class VLLMEngine:
                     )
                 )
         return samples
+
+    def generate_continuing(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        prompt_indices: Sequence[int],
+        sampling: Sampling,
+        seeds: Sequence[int] | None,
+        version: int,
+        take_update: Callable[[], Callable[[], int] | None],
+    ) -> list[GeneratedSample]:
+        """:meth:`generate` that goes on across weight updates (partial rollouts): after every
+        engine step ``take_update()`` hands over a weight load that arrived meanwhile, or None.
+        Given one, the unfinished samples are stopped (their tokens so far kept), the load runs
+        (it returns the version then served) and each sample continues from prompt + its
+        tokens so far, with the new weights, for the tokens it has left. Every sample carries
+        ``token_versions``: ``version`` (served at the start) for its first tokens, the newer
+        version for those sampled after an update.
+
+        Sample ``j`` of prompt ``i`` is its own request seeded ``seeds[i] + j`` (as vLLM seeds
+        the samples of :meth:`generate`); a continuation draws from a new seed derived from
+        that one and the tokens it already has, so no random draw is reused."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        samples = [
+            _Continuing(index, j, list(ids), seed=None if seeds is None else int(seeds[i]) + j)
+            for i, (index, ids) in enumerate(zip(prompt_indices, prompt_ids, strict=True))
+            for j in range(sampling.n)
+        ]
+        if seeds is None and sampling.seed is not None:
+            for k, sample in enumerate(samples):
+                sample.seed = sampling.seed + k
+
+        def start(k: int) -> None:
+            sample = samples[k]
+            done = len(sample.tokens)
+            seed = sample.seed if not done or sample.seed is None else _continued_seed(sample)
+            params = SamplingParams(
+                n=1,
+                temperature=sampling.temperature,
+                max_tokens=sampling.max_new_tokens - done,
+                logprobs=0,
+                seed=seed,
+                ignore_eos=sampling.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+            )
+            sample.request = f"{k}.{sample.starts}"
+            sample.starts += 1
+            engine.add_request(
+                sample.request, {"prompt_token_ids": sample.prompt + sample.tokens}, params
+            )
+
+        for k in range(len(samples)):
+            start(k)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                sample = samples[int(out.request_id.split(".")[0])]
+                delta = out.outputs[0]
+                tokens = list(delta.token_ids)
+                sample.tokens += tokens
+                sample.logprobs += [
+                    step[tok].logprob for step, tok in zip(delta.logprobs, tokens, strict=True)
+                ]
+                sample.versions += [version] * len(tokens)
+                if out.finished:
+                    sample.finish_reason = _finish_reason(delta.finish_reason)
+            load = take_update()
+            if load is None:
+                continue
+            running = [k for k, s in enumerate(samples) if s.finish_reason is None]
+            engine.abort_request([samples[k].request for k in running])
+            version = load()
+            for k in running:
+                start(k)
+        return [s.generated() for s in samples]
 
     def beam_search(
         self,
@@ -263,6 +342,39 @@ class VLLMEngine:
     def wake_up(self) -> None:
         if not on_cpu():
             self.llm.wake_up()
+
+
+@dataclass
+class _Continuing:
+    """One sample of :meth:`VLLMEngine.generate_continuing` while it is generated."""
+
+    prompt_index: int
+    sample_index: int
+    prompt: list[int]
+    seed: int | None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    request: str = ""  # the engine's request id of its current segment
+    starts: int = 0  # segments started (the first, and one after each weight update)
+
+    def generated(self) -> GeneratedSample:
+        return GeneratedSample(
+            prompt_id=self.prompt_index,
+            sample_index=self.sample_index,
+            prompt_token_ids=self.prompt,
+            response_token_ids=self.tokens,
+            rollout_logprobs=self.logprobs,
+            finish_reason=self.finish_reason or "abort",
+            token_versions=self.versions,
+        )
+
+
+def _continued_seed(sample: _Continuing) -> int:
+    """A continuation's seed: a function of the sample's own seed and how far it got, so the
+    same run continues the same way and no draw of the first segment is repeated."""
+    return (sample.seed * 1_000_003 + len(sample.tokens) * 7_919) % 2**63
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -95,7 +95,7 @@ def _receive_only(plan):
 def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> dict:
     import ray
 
-    from actors.generator import PolicyGenerator
+    from actors.generator import actor_class as generator_actor_class
     from actors.learner_actor import LearnerActor
     from actors.vllm_engine import EngineSpec
     from learner.engine import LearnerSpec, OptimizerSpec
@@ -112,7 +112,7 @@ def measure(model_path: str, replicas: int, repeats: int, bucket_mib: float) -> 
     addr, port = ray.get(learner.endpoint.remote(), timeout=timeout)
     ray.get(learner.setup.remote(addr, port), timeout=timeout)
     generators = [
-        ray.remote(PolicyGenerator)
+        generator_actor_class()
         .options(**env)
         .remote(EngineSpec(model_path=model_path, max_model_len=128, kv_cache_bytes=64 * 2**20))
         for _ in range(replicas)

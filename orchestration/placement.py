@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from actors.generator import PolicyGenerator
+from actors.generator import actor_class as generator_actor_class
 from actors.learner_actor import LearnerActor
 from actors.reference import ReferenceModel
 from learner.weight_sync import SyncPlan
@@ -136,7 +136,7 @@ def start_generators(cfg: RunConfig, model_path: str, plan, groups) -> list:
             env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, bundles))
             env["VLLM_RAY_PER_WORKER_GPUS"] = str(cfg.cluster.generator.num_gpus)
         generators.append(
-            ray.remote(PolicyGenerator)
+            generator_actor_class()
             .options(**_options(cfg, slot, groups, env, name=f"generator-{i}", retry_calls=False))
             .remote(specs.engine_spec(cfg, model_path, i))
         )

@@ -25,6 +25,9 @@ class GeneratedSample:
     response_token_ids: Sequence[int]
     rollout_logprobs: Sequence[float]
     finish_reason: str
+    # Partial rollouts: the weight version that sampled each response token (None: all of them
+    # the table's ``weight_version``).
+    token_versions: Sequence[int] | None = None
 
 
 def build_rollout_table(
@@ -37,7 +40,9 @@ def build_rollout_table(
 
     Args:
         samples: one entry per row, in row order.
-        weight_version: the version of the weights that produced every sample.
+        weight_version: the version of the weights that produced every sample (with
+            ``token_versions``, its first token); samples that carry ``token_versions`` (all or
+            none) add that column.
         metadata: passthrough columns (``label`` and other prompt metadata), one value per sample,
             keyed by column name; names from the contract are refused.
 
@@ -56,6 +61,9 @@ def build_rollout_table(
         pa.array([weight_version] * n, pa.int64()),
     ]
     table = pa.Table.from_arrays(arrays, schema=S.GENERATOR_SCHEMA)
+    if n and samples[0].token_versions is not None:
+        versions = pa.array([list(s.token_versions) for s in samples], pa.list_(pa.int64()))
+        table = table.append_column(S.KNOWN_FIELDS[S.TOKEN_VERSIONS], versions)
     for name, values in (metadata or {}).items():
         if S.expected_type(name) is not None:
             raise ValueError(f"metadata column '{name}' is a rollout-contract column; rename it")

@@ -14,7 +14,10 @@ prompt_token_ids           list<int32>           generator
 response_token_ids         list<int32>           generator
 rollout_logprobs           list<float32>         generator (vLLM's logprob per sampled token)
 finish_reason              string                generator: "stop", "length" or "abort"
-weight_version             int64                 generator (weights that produced the sample)
+weight_version             int64                 generator (weights that produced the sample;
+                                                 with partial rollouts, its first token)
+token_versions             list<int64>           generator, partial rollouts only: the weight
+                                                 version that sampled each response token
 score, per-reward columns  float32 (nullable)    reward service; null = unscorable
 ref_logprobs               list<float32>         reference model
 old_logprobs, values       list<float32>         learner
@@ -37,6 +40,9 @@ RESPONSE_TOKEN_IDS = "response_token_ids"
 ROLLOUT_LOGPROBS = "rollout_logprobs"
 FINISH_REASON = "finish_reason"
 WEIGHT_VERSION = "weight_version"
+# Partial rollouts (``max_staleness > 0``, ``partial_rollouts: continue``): a generation that a
+# weight update reaches mid-way goes on with the new weights; each token's version is kept.
+TOKEN_VERSIONS = "token_versions"
 SCORE = "score"
 REF_LOGPROBS = "ref_logprobs"
 OLD_LOGPROBS = "old_logprobs"
@@ -89,6 +95,7 @@ PER_TOKEN_COLUMNS: tuple[str, ...] = (
 """list<float32> columns with exactly one entry per response token."""
 
 STAGE_FIELDS: dict[str, pa.Field] = {
+    TOKEN_VERSIONS: pa.field(TOKEN_VERSIONS, pa.list_(pa.int64()), nullable=False),
     SCORE: pa.field(SCORE, pa.float32(), nullable=True),
     REF_LOGPROBS: pa.field(REF_LOGPROBS, PER_TOKEN_TYPE, nullable=False),
     OLD_LOGPROBS: pa.field(OLD_LOGPROBS, PER_TOKEN_TYPE, nullable=False),
@@ -97,7 +104,8 @@ STAGE_FIELDS: dict[str, pa.Field] = {
     RETURNS: pa.field(RETURNS, PER_TOKEN_TYPE, nullable=False),
     SFT_MASK: pa.field(SFT_MASK, PER_TOKEN_TYPE, nullable=False),
 }
-"""Columns that later stages append, with their types. Reward columns other than ``score``
+"""Optional columns (the generator's ``token_versions``) and columns that later stages append,
+with their types. Reward columns other than ``score``
 (one per reward function) are float32 and nullable too; see :func:`expected_type`."""
 
 KNOWN_FIELDS: dict[str, pa.Field] = {f.name: f for f in GENERATOR_FIELDS} | STAGE_FIELDS

@@ -132,6 +132,9 @@ def validate(table: pa.Table, require: Iterable[str] = ()) -> pa.Table:
                 row=row,
             )
 
+    if S.TOKEN_VERSIONS in names:
+        _check_token_versions(table, response_len)
+
     # A sampled token cannot be more likely than certain; allow float rounding above 0.
     flat = S.column_array(table, S.ROLLOUT_LOGPROBS).flatten().to_numpy(zero_copy_only=False)
     if flat.size and (k := _first(flat > 1e-4)) is not None:
@@ -161,3 +164,35 @@ def validate(table: pa.Table, require: Iterable[str] = ()) -> pa.Table:
                 row=int(later),
             )
     return table
+
+
+def _check_token_versions(table: pa.Table, response_len: np.ndarray) -> None:
+    """``token_versions``: one version per response token, none before the row's
+    ``weight_version`` (the version its first token was sampled with) and none going back."""
+    arr = S.column_array(table, S.TOKEN_VERSIONS)
+    _check_not_null(arr, S.TOKEN_VERSIONS)
+    lengths = np.asarray(pc.list_value_length(arr))
+    if (row := _first(lengths != response_len)) is not None:
+        raise RolloutValidationError(
+            f"has {lengths[row]} entries but the response has {response_len[row]} tokens",
+            column=S.TOKEN_VERSIONS,
+            row=row,
+        )
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    if not flat.size:
+        return
+    parents = np.asarray(pc.list_parent_indices(arr))
+    first = S.column_array(table, S.WEIGHT_VERSION).to_numpy()[parents]
+    if (k := _first(flat < first)) is not None:
+        raise RolloutValidationError(
+            f"holds version {flat[k]}, older than the row's weight_version {first[k]}",
+            column=S.TOKEN_VERSIONS,
+            row=int(parents[k]),
+        )
+    back = (np.diff(flat) < 0) & (parents[1:] == parents[:-1])
+    if (k := _first(back)) is not None:
+        raise RolloutValidationError(
+            f"goes back from version {flat[k]} to {flat[k + 1]}; versions only move forward",
+            column=S.TOKEN_VERSIONS,
+            row=int(parents[k + 1]),
+        )

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actors.generator import PolicyGenerator, StaleWeightsError
+from actors.generator import LANES, PolicyGenerator, StaleWeightsError
 from actors.vllm_engine import EngineSpec, Sampling
 from rollout import schema as S
 from rollout.build import GeneratedSample
@@ -121,7 +121,7 @@ class _StubEngine:
 
 class _StubGenerator(PolicyGenerator):
     def __init__(self, version: int):
-        self.engine, self._version = _StubEngine(), version
+        super().__init__(None, initial_version=version, engine=_StubEngine())
 
 
 def test_the_pool_splits_prompts_over_replicas_and_keeps_their_order(private_env):
@@ -131,7 +131,7 @@ def test_the_pool_splits_prompts_over_replicas_and_keeps_their_order(private_env
 
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        actor = ray.remote(num_cpus=0)(_StubGenerator)
+        actor = ray.remote(num_cpus=0, concurrency_groups=LANES)(_StubGenerator)
         gens = [actor.remote(0), actor.remote(0)]
         pool = GeneratorPool(types.SimpleNamespace(generators=gens), None, Faults(), timeout=60)
         prompts = prompt_table()

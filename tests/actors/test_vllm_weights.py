@@ -22,15 +22,6 @@ from orchestration.tiny_model import FAMILY_MATRIX, build_tiny_model
 pytestmark = pytest.mark.slow  # a vLLM engine per model family
 
 
-@pytest.fixture(scope="module")
-def family_models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("families")
-    return {
-        name: build_tiny_model(str(root / name), addition_corpus(4), spec)
-        for name, spec in FAMILY_MATRIX.items()
-    }
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

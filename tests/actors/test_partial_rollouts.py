@@ -1,0 +1,103 @@
+"""Partial rollouts on a real vLLM engine (CPU, in this process), for every model family of
+the matrix: a weight update that arrives in the middle of a generation applies from the next
+token on. The tokens sampled before it are kept, each token records the version that sampled
+it, and each token's ``rollout_logprobs`` is that version's log-probability given everything
+before it (a transformers forward of that version's weights), so the continuation really ran
+on the new weights and recomputed the prefix with them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.generator import SAMPLE_SEED, PolicyGenerator, StaleWeightsError
+from actors.vllm_engine import EngineSpec, Sampling
+from orchestration.tiny_model import FAMILY_MATRIX
+from rollout import schema as S
+
+pytestmark = pytest.mark.slow  # a vLLM engine per model family
+
+PROMPTS = pa.table(
+    {
+        "prompt_id": pa.array([10, 11], pa.int64()),
+        "prompt_token_ids": pa.array([[3, 5, 7, 9], [4, 2]], pa.list_(pa.int32())),
+        SAMPLE_SEED: pa.array([100, 200], pa.int64()),
+    }
+)
+CONTINUING = Sampling(n=3, max_new_tokens=96, ignore_eos=True, continue_across_updates=True)
+
+
+def token_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """(R,) the model's log-probability of each response token given all before it."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].float()
+    logprobs = logits.log_softmax(-1)[len(prompt) - 1 : -1]
+    return logprobs.gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
+def update_mid_generation(generator: PolicyGenerator, version: int, weights: dict) -> dict:
+    """Start a continuing generation in a thread, hand it ``weights`` as ``version`` once it
+    runs, and return its table and how long the update took."""
+    out: dict = {}
+
+    def generate() -> None:
+        out["table"] = generator.generate(PROMPTS, CONTINUING, expected_version=version - 1)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    while not generator._takes_updates and thread.is_alive():
+        time.sleep(0.001)
+    start = time.perf_counter()
+    assert generator.update_weights(version, weights) == version
+    out["update_seconds"] = time.perf_counter() - start
+    out["generation_running_after_update"] = thread.is_alive()
+    thread.join(timeout=120)
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MATRIX))
+def test_an_update_mid_generation_applies_from_the_next_token(family_models, family):
+    from transformers import AutoModelForCausalLM
+
+    path = family_models[family]
+    old = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    new = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    generator = PolicyGenerator(
+        EngineSpec(model_path=path, max_model_len=128, kv_cache_bytes=32 << 20)
+    )
+    out = update_mid_generation(generator, 1, new.state_dict())
+    table = out["table"]
+    # The update did not wait for the generation to end.
+    assert out["generation_running_after_update"]
+    assert generator.weight_version() == 1
+    assert table.column_names[: len(S.GENERATOR_FIELDS)] == [f.name for f in S.GENERATOR_FIELDS]
+    assert table.num_rows == 6 and set(table.column(S.WEIGHT_VERSION).to_pylist()) == {0}
+    for row in table.to_pylist():
+        prompt, response = row["prompt_token_ids"], row["response_token_ids"]
+        versions = row[S.TOKEN_VERSIONS]
+        assert len(response) == CONTINUING.max_new_tokens and row["finish_reason"] == "length"
+        switch = versions.index(1)  # the first token sampled by version 1
+        assert 0 < switch < len(response)
+        assert versions == [0] * switch + [1] * (len(response) - switch)
+        rollout = torch.tensor(row["rollout_logprobs"])
+        by_old = token_logprobs(old, prompt, response)
+        by_new = token_logprobs(new, prompt, response)
+        assert (rollout[:switch] - by_old[:switch]).abs().max() < 1e-4
+        assert (rollout[switch:] - by_new[switch:]).abs().max() < 1e-4
+        assert (by_old[switch:] - by_new[switch:]).abs().max() > 1e-2  # the versions differ
+
+    # A continuing generation may start on a newer version than the driver saw (an update
+    # reached the replica first); an older one is a restarted replica, refused.
+    assert generator.generate(PROMPTS, CONTINUING, expected_version=0).num_rows == 6
+    with pytest.raises(StaleWeightsError):
+        generator.generate(PROMPTS, CONTINUING, expected_version=2)
+    with pytest.raises(StaleWeightsError):
+        generator.generate(PROMPTS, Sampling(n=1, max_new_tokens=4), expected_version=0)
