@@ -16,8 +16,7 @@ import actors.vllm_worker as vllm_worker
 from actors.generator import PolicyGenerator, StaleKernelError
 from actors.vllm_engine import EngineSpec, Sampling
 from learner import weight_sync as W
-from orchestration.data import addition_corpus
-from orchestration.tiny_model import FAMILY_MATRIX, build_tiny_model
+from orchestration.tiny_model import FAMILY_MATRIX
 
 pytestmark = pytest.mark.slow  # a vLLM engine per model family
 
