@@ -132,7 +132,28 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
         metrics["rollout/staleness_max"] = float(staleness.max()) if len(rows) else 0.0
         for s in range(k + 1):
             metrics[f"rollout/staleness_{s}"] = float((staleness == s).mean()) if len(rows) else 0.0
+    if S.TOKEN_VERSIONS in table.column_names:
+        metrics |= token_version_metrics(table, version)
     return Advantages(table=append_columns(table, new), metrics=metrics, kl_ref=kl_ref)
+
+
+def token_version_metrics(table: pa.Table, version: int) -> dict[str, float]:
+    """Partial rollouts: ``rollout/partial_fraction``, the share of rows whose tokens came from
+    more than one weight version (a weight update reached them mid-way), and
+    ``rollout/token_staleness_mean``, how many versions the response tokens are behind
+    ``version`` on average (at most the rows' staleness)."""
+    versions = S.column_array(table, S.TOKEN_VERSIONS)
+    flat = versions.flatten().to_numpy(zero_copy_only=False)
+    if not flat.size:
+        return {"rollout/partial_fraction": 0.0, "rollout/token_staleness_mean": 0.0}
+    first = S.column_array(table, S.WEIGHT_VERSION).to_numpy()
+    parents = np.asarray(pc.list_parent_indices(versions))
+    newest = np.full(len(first), np.iinfo(np.int64).min)
+    np.maximum.at(newest, parents, flat)
+    return {
+        "rollout/partial_fraction": float((newest > first).mean()),
+        "rollout/token_staleness_mean": float((version - flat).mean()),
+    }
 
 
 def distill_advantages(

@@ -123,8 +123,15 @@ class RunConfig(Section):
     max_staleness: int = Field(0, ge=0)
     """rl: how many weight versions a training batch's samples may be behind the weights being
     trained. 0: synchronous (generate, then train). k > 0: the generators sample the next k
-    batches while the learner trains, each finishing with the weights it started with, and
-    ``algorithm.off_policy`` must correct the gap (``off_policy/*``, ``rollout/staleness_*``)."""
+    batches while the learner trains (``partial_rollouts`` says what a weight update does to a
+    generation under way), and ``algorithm.off_policy`` must correct the gap (``off_policy/*``,
+    ``rollout/staleness_*``). A row's staleness counts from the version of its first token."""
+    partial_rollouts: Literal["continue", "finish"] = "continue"
+    """max_staleness > 0: what a weight update does to a generation under way. continue: the
+    generation stops between two engine steps, takes the new weights and goes on with them from
+    each sample's tokens so far (``token_versions`` records each token's version; the sync
+    waits for no generation). finish: the update waits until the generations started before it
+    have finished with the weights they started with (the same tokens whatever the timing)."""
     seed: int = 0
     """Seed of the learner's initialisation, eval sampling and the demo reward model's training."""
     resume: str = "never"

@@ -144,10 +144,6 @@ def staleness_problems(cfg: RunConfig) -> list[str]:
             f"max_staleness={k}: with cluster.colocate=all the generators sleep while the "
             "learner trains, so nothing can run ahead; colocate less, or set max_staleness=0"
         )
-    if cfg.reward.dynamic_sampling.enabled:
-        problems.append(
-            f"max_staleness={k} does not yet work with reward.dynamic_sampling; turn one off"
-        )
     return problems
 
 

@@ -57,6 +57,7 @@ class Submitted:
     versions: list
     version: int
     table: pa.Table | None = None  # set when it comes from a checkpoint instead
+    continuing: bool = False  # a weight update reaches it mid-way (partial rollouts)
 
 
 class GeneratorPool:
@@ -83,6 +84,7 @@ class GeneratorPool:
         self.version = 0
         self.requests = 0  # prompts sent for sampling so far: seeds each prompt's sampling
         self._pids: list[int] | None = None
+        self._in_flight: list[Submitted] = []  # submitted, not yet collected
 
     @classmethod
     def for_run(cls, cfg, actors, sync: WeightSync, faults: Faults) -> GeneratorPool:
@@ -156,9 +158,10 @@ class GeneratorPool:
     def submit(self, prompts: pa.Table, sampling: Sampling) -> Submitted:
         """Start generating ``prompts`` with the version served now and return at once (the
         asynchronous loop: training runs meanwhile). The prompts are split evenly over the
-        replicas, one call each; each replica runs its calls in order, so a weight sync
-        submitted later reaches it after this generation (which finishes with the weights it
-        started with). Seeds as :meth:`generate`'s. :meth:`collect` waits for the table."""
+        replicas, one call each; each replica runs its generations in order. A weight update
+        (:meth:`update`) reaches this generation mid-way when ``sampling`` continues across
+        updates (partial rollouts), else waits until it has finished with the weights it
+        started with. Seeds as :meth:`generate`'s. :meth:`collect` waits for the table."""
         if self._pids is None:
             self.restarted()
         seeds = self.seeds(prompts.num_rows, sampling.n)
@@ -172,7 +175,16 @@ class GeneratorPool:
             )
             tables.append(table)
             versions.append(version)
-        return Submitted(prompts, seeds, tables, versions, self.version)
+        submitted = Submitted(
+            prompts,
+            seeds,
+            tables,
+            versions,
+            self.version,
+            continuing=sampling.continue_across_updates,
+        )
+        self._in_flight.append(submitted)
+        return submitted
 
     def collect(self, submitted: Submitted, sampling: Sampling) -> ray.ObjectRef:
         """The table of a :meth:`submit` (ref). A replica that failed or served other weights
@@ -180,6 +192,8 @@ class GeneratorPool:
         by the version served now."""
         if submitted.table is not None:
             return ray.put(submitted.table)
+        if submitted in self._in_flight:
+            self._in_flight.remove(submitted)
         try:
             calls.wait(submitted.versions, "generate", self.timeout)
         except (ray.exceptions.RayActorError, StaleWeightsError) as e:
@@ -192,6 +206,18 @@ class GeneratorPool:
             self.recover(self.version)
             return self.generate(submitted.prompts, sampling, submitted.seeds)
         return concat_refs(submitted.tables, "generate", self.timeout)
+
+    def _finish_in_flight(self) -> None:
+        """Before a weight update: wait for the generations under way that finish with the
+        weights they started with (``partial_rollouts: finish``); their failures surface in
+        :meth:`collect`."""
+        waiting = [ref for s in self._in_flight if not s.continuing for ref in s.versions]
+        if waiting:
+            ray.wait(waiting, num_returns=len(waiting), timeout=self.timeout)
+
+    def forget_in_flight(self) -> None:
+        """The generations under way are dropped (a resume or a rollback)."""
+        self._in_flight.clear()
 
     def beam_search(self, prompts: pa.Table, width: int, max_new_tokens: int) -> ray.ObjectRef:
         """The ``width`` best beams of every prompt (RRHF candidates; see
@@ -280,6 +306,7 @@ class GeneratorPool:
         (:meth:`recover`)."""
         version = self.version + 1
         start = time.perf_counter()
+        self._finish_in_flight()
         try:
             sent = self.sync.push(version)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:

@@ -173,11 +173,13 @@ class Loop:
         return metrics, trained.skipped_in_a_row
 
     def _generated(self, wanted: int):
-        """This iteration's generated batch (ref). Synchronous (``max_staleness`` 0): sampled
-        now by the current weights. With ``max_staleness = k``: the next generations are
-        started first, so that k run ahead of this one (each by the weights served when it
-        was started), then the oldest is collected; a batch started at iteration i trains at
-        iteration i + k, k versions behind."""
+        """This iteration's generated batch (ref); called once per round (dynamic sampling
+        may take several). Synchronous (``max_staleness`` 0): sampled now by the current
+        weights. With ``max_staleness = k``: the next generations are started first, so that
+        k run ahead of this one (each by the weights served when it was started, and with
+        ``partial_rollouts: continue`` the newer ones from the first update that reaches it),
+        then the oldest is collected; a batch started at iteration i trains at iteration i + k
+        at the latest, at most k versions behind."""
         k = self.cfg.max_staleness
         if not k:
             return self.stages.generate(self.sampler.next_batch(wanted))
@@ -234,6 +236,7 @@ class Loop:
         if self.ptx_sampler is not None:
             self.ptx_sampler.load_state_dict(state["ptx_sampler"])
         self.pending.clear()  # the state's prompts were drawn after them: they are gone
+        self.stages.pool.forget_in_flight()
 
     def save_checkpoint(self, k: int) -> Path:
         """Checkpoint after iteration ``k`` (committed), keeping the newest

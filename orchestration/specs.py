@@ -171,6 +171,7 @@ def sampling(cfg: RunConfig) -> Sampling:
         temperature=gen.temperature,
         max_new_tokens=gen.max_new_tokens,
         ignore_eos=gen.ignore_eos,
+        continue_across_updates=bool(cfg.max_staleness) and cfg.partial_rollouts == "continue",
     )
 
 

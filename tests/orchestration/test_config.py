@@ -5,6 +5,7 @@ import pytest
 
 from learner.algorithms import AdvantageEstimator
 from learner.estimators import ESTIMATOR_SPECS
+from orchestration import specs
 from orchestration.config import ConfigError, load_config, parse_overrides, presets
 from orchestration.specs import kl_kind, learner_spec, shaping_spec
 
@@ -233,15 +234,20 @@ def test_the_off_policy_correction_reaches_the_objective_and_is_checked():
             ["max_staleness=1", "algorithm.off_policy.weight=token", "cluster.colocate=all"],
             "with cluster.colocate=all the generators sleep",
         ),
-        (
-            ["max_staleness=2", "algorithm.off_policy.mask=sequence"]
-            + ["reward.dynamic_sampling.enabled=true"],
-            "does not yet work with reward.dynamic_sampling",
-        ),
         (["max_staleness=1", "stage=sft"], "max_staleness=1 is for stage=rl, not stage=sft"),
     ],
 )
 def test_generation_ahead_needs_a_correction_and_devices_of_its_own(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo", overrides)
-    assert load_config("demo-async").max_staleness == 1
+    cfg = load_config("demo-async")
+    assert cfg.max_staleness == 1 and cfg.partial_rollouts == "continue"
+    assert specs.sampling(cfg).continue_across_updates
+    finish = load_config("demo-async", ["partial_rollouts=finish"])
+    assert not specs.sampling(finish).continue_across_updates
+    assert not specs.sampling(load_config("demo")).continue_across_updates  # synchronous
+    # Dynamic sampling takes its extra rounds from the generations running ahead.
+    both = ["max_staleness=2", "algorithm.off_policy.mask=sequence"]
+    assert load_config("demo", [*both, "reward.dynamic_sampling.enabled=true"]).max_staleness == 2
+    with pytest.raises(ConfigError, match="partial_rollouts"):
+        load_config("demo-async", ["partial_rollouts=later"])

@@ -136,6 +136,30 @@ def test_with_max_staleness_k_generations_run_k_ahead_and_train_k_versions_behin
     assert [b for b, _ in pool.started] == list(range(6 + k))
 
 
+def test_extra_rounds_of_dynamic_sampling_come_from_the_generations_ahead(tmp_path):
+    """Dynamic sampling asks for more rounds in some iterations: each round takes the oldest
+    generation running ahead and starts the next, so the batches keep their order, k stay
+    ahead, and none is more than k versions behind the weights it trains."""
+    k = 2
+    cfg = load_config(
+        "demo",
+        [f"max_staleness={k}", "algorithm.off_policy.weight=token", f"logging.root={tmp_path}"]
+        + ["reward.dynamic_sampling.enabled=true"],
+    )
+    pool = StandInPool()
+    stages = SimpleNamespace(submit=pool.submit, collect=pool.collect, pool=pool)
+    drawn = iter(range(100))
+    loop = Loop(cfg, stages, SimpleNamespace(next_batch=lambda wanted: next(drawn)), tmp_path)
+    trained = []
+    for i, rounds in enumerate([1, 3, 1, 2, 1, 1]):  # iteration i trains with version i
+        for _ in range(rounds):
+            got = loop._generated(4)
+            trained.append(got.batch)
+            assert 0 <= i - got.version <= k and len(loop.pending) == k
+        pool.version += 1
+    assert trained == list(range(9))
+
+
 def test_a_supervised_loop_checkpoints_no_generations_ahead(tmp_path):
     """The supervised stages share Loop's checkpointing, which saves the generations running
     ahead: they have none (the e2e pipeline test checkpoints an SFT stage for real)."""

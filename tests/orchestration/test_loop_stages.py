@@ -261,3 +261,23 @@ def test_the_staleness_bound_takes_rows_up_to_k_versions_behind_and_counts_them(
         "rollout/staleness_mean"
         not in advantages(scored_rollout([1.0, 0.0]), grpo_spec(), 0.0, 3).metrics
     )
+
+
+def test_partial_rollouts_count_rows_continued_across_an_update_and_token_staleness():
+    # Rows of 1, 2, 3 and 1 tokens; rows 1 and 2 were reached by an update mid-way.
+    table = scored_rollout([1.0, 0.0, 0.5, 0.5])
+    at = table.column_names.index(S.WEIGHT_VERSION)
+    table = table.set_column(at, S.WEIGHT_VERSION, pa.array([3, 3, 4, 5], pa.int64()))
+    versions = pa.array([[3], [3, 4], [4, 5, 5], [5]], pa.list_(pa.int64()))
+    table = table.append_column(S.KNOWN_FIELDS[S.TOKEN_VERSIONS], versions)
+    spec = dataclasses.replace(grpo_spec(), max_staleness=2)
+    got = advantages(table, spec, kl_coef=0.0, version=5).metrics
+    # The bound and the histogram count a row from its first token: (2 + 2 + 1 + 0) / 4.
+    assert got["rollout/staleness_mean"] == pytest.approx(1.25)
+    assert got["rollout/partial_fraction"] == 0.5
+    # Tokens behind version 5: 2 | 2, 1 | 1, 0, 0 | 0 -> 6 over 7 tokens.
+    assert got["rollout/token_staleness_mean"] == pytest.approx(6 / 7)
+    assert (
+        "rollout/partial_fraction"
+        not in advantages(table.drop([S.TOKEN_VERSIONS]), spec, 0.0, 5).metrics
+    )

@@ -132,3 +132,22 @@ def test_builder_refuses_bad_metadata_and_bad_samples():
         build_rollout_table(s, weight_version=0, metadata={"score": [1.0]})
     with pytest.raises(RolloutValidationError, match="row 0"):
         build_rollout_table([GeneratedSample(0, 0, [1], [2, 3], [-0.1], "stop")], weight_version=0)
+
+
+def test_token_versions_one_per_token_never_older_than_the_row_nor_going_back():
+    def with_versions(rows):
+        return table().append_column(
+            S.KNOWN_FIELDS[S.TOKEN_VERSIONS], pa.array(rows, pa.list_(pa.int64()))
+        )
+
+    good = with_versions([[1, 2], [1], []])
+    assert validate(good) is good
+    raises(with_versions([[1, 2], [1, 1], []]), S.TOKEN_VERSIONS, 1, "has 2 entries but")
+    raises(with_versions([[1, 2], [0], []]), S.TOKEN_VERSIONS, 1, "version 0, older than the")
+    raises(with_versions([[2, 1], [1], []]), S.TOKEN_VERSIONS, 0, "goes back from version 2 to 1")
+    # The builder writes the column when the samples carry versions.
+    built = build_rollout_table(
+        [GeneratedSample(3, 0, [1, 2], [4, 5], [-0.5, -0.25], "stop", token_versions=[1, 2])],
+        weight_version=1,
+    )
+    assert built.column(S.TOKEN_VERSIONS).to_pylist() == [[1, 2]]
