@@ -1,7 +1,11 @@
 """The GRPO step synchronous against asynchronous (``max_staleness`` k), at benchmark shapes.
 
-    .venv/bin/python benchmarks/bench_async.py [--modes 0,1,2] [--rounds 2] [--iterations 8]
-        [--warmup 2] [--workload W1] [--tiny] [key=value ...]
+    .venv/bin/python benchmarks/bench_async.py [--modes 0,1,2,1f,2f] [--rounds 2]
+        [--iterations 8] [--warmup 2] [--workload W1] [--tiny] [key=value ...]
+
+A mode is ``max_staleness`` k, with partial rollouts (``partial_rollouts: continue``, the
+default) or with an ``f`` after it finishing each generation with the weights it started with
+(``partial_rollouts: finish``).
 
 The workload is ``bench_shapes``'s (W1: the 6M Qwen2, 16 prompts x 4 samples, 9-token prompts,
 32-token responses; W2: 256-token responses), the Raylign loop on an embedded local Ray, every
@@ -35,12 +39,14 @@ STAGES = ("generate", "reward", "passes", "reference", "learner_forward", "train
 TARGET = 1.1  # the asynchronous step over the longer of generate and the learner's side
 
 
-def run_mode(k: int, workload, model: str, prompts: str, root: Path, args) -> list[dict]:
+def run_mode(mode: str, workload, model: str, prompts: str, root: Path, args) -> list[dict]:
     from orchestration.config import load_config
 
-    overrides = raylign_overrides(workload, model, prompts, root / f"k{k}")
+    k, finish = int(mode.rstrip("f")), mode.endswith("f")
+    overrides = raylign_overrides(workload, model, prompts, root / f"k{mode}")
     overrides += [
         f"max_staleness={k}",
+        f"partial_rollouts={'finish' if finish else 'continue'}",
         "algorithm.off_policy.weight=token",
         "cluster.torch_threads=1",
         f"iterations={args.warmup + args.iterations + 1}",
@@ -54,8 +60,9 @@ def run_mode(k: int, workload, model: str, prompts: str, root: Path, args) -> li
             if i >= args.warmup:
                 out.append(metrics)
                 print(
-                    f"k={k} iteration {i}: {metrics['timing/iteration']:.3f} s, staleness "
-                    f"{metrics.get('rollout/staleness_mean', 0.0):.2f}",
+                    f"{name(mode)} iteration {i}: {metrics['timing/iteration']:.3f} s, "
+                    f"staleness {metrics.get('rollout/staleness_mean', 0.0):.2f}, continued "
+                    f"across an update {metrics.get('rollout/partial_fraction', 0.0):.2f}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -64,9 +71,15 @@ def run_mode(k: int, workload, model: str, prompts: str, root: Path, args) -> li
         side.close()
 
 
-def summarize(runs: dict[int, list[dict]], rows: int) -> dict:
-    def median(k: int, key: str) -> float:
-        return statistics.median(m.get(key, 0.0) for m in runs[k])
+def name(mode: str) -> str:
+    if mode == "0":
+        return "synchronous"
+    return f"k={mode.rstrip('f')} " + ("finish" if mode.endswith("f") else "continue")
+
+
+def summarize(runs: dict[str, list[dict]], rows: int) -> dict:
+    def median(k: str, key: str, absent: float = 0.0) -> float:
+        return statistics.median(m.get(key, absent) for m in runs[k])
 
     modes = {}
     for k in runs:
@@ -76,27 +89,33 @@ def summarize(runs: dict[int, list[dict]], rows: int) -> dict:
             "samples_per_s": rows / step,
             "stages_s": {s: median(k, f"timing/{s}") for s in STAGES},
             "staleness_mean": median(k, "rollout/staleness_mean"),
+            "token_staleness_mean": median(  # finish: every token is its row's version
+                k, "rollout/token_staleness_mean", median(k, "rollout/staleness_mean")
+            ),
+            "partial_fraction": median(k, "rollout/partial_fraction"),
             "weight_mean": median(k, "off_policy/weight_mean"),
         }
     record = {"bench": "async", "modes": modes}
-    if 0 in runs:
-        sync = modes[0]["stages_s"]
+    if "0" in runs:
+        sync = modes["0"]["stages_s"]
         learner = sync["reference"] + sync["learner_forward"] + sync["train"]
         floor = max(sync["generate"], learner)
         record["sync_generate_s"], record["sync_learner_side_s"] = sync["generate"], learner
         record["floor_s"] = floor
         for k in runs:
-            if k:
+            if k != "0":
                 step = modes[k]["step_s"]
                 modes[k]["over_floor"] = step / floor
-                modes[k]["over_sync"] = step / modes[0]["step_s"]
-                modes[k]["target_met"] = step <= TARGET * floor and step < modes[0]["step_s"]
+                modes[k]["over_sync"] = step / modes["0"]["step_s"]
+                modes[k]["target_met"] = step <= TARGET * floor and step < modes["0"]["step_s"]
     return record
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/bench_async.py")
-    parser.add_argument("--modes", default="0,1,2", help="max_staleness values, comma-separated")
+    parser.add_argument(
+        "--modes", default="0,1,2,1f,2f", help="max_staleness values (f: finish), comma-separated"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=8, help="timed iterations per run")
     parser.add_argument("--warmup", type=int, default=2)
@@ -107,8 +126,8 @@ def main() -> int:
     workload = TINY if args.tiny else WORKLOADS[args.workload]
     if args.tiny:
         args.rounds, args.iterations, args.warmup = 1, 2, 1
-    modes = [int(k) for k in args.modes.split(",")]
-    runs: dict[int, list[dict]] = {k: [] for k in modes}
+    modes = args.modes.split(",")
+    runs: dict[str, list[dict]] = {k: [] for k in modes}
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
         root = Path(tmp)
         model, prompts = build_inputs(root, workload)
@@ -118,15 +137,15 @@ def main() -> int:
     record = summarize(runs, workload.rows) | {"workload": workload.name}
     print(
         f"{'mode':<14}{'step s':>9}{'samples/s':>11}{'generate':>10}{'passes':>8}{'train':>8}"
-        f"{'sync':>8}{'staleness':>11}"
+        f"{'sync':>8}{'staleness':>11}{'tokens':>8}{'continued':>11}"
     )
     for k, m in record["modes"].items():
         st = m["stages_s"]
-        name = "synchronous" if k == 0 else f"max_staleness {k}"
         print(
-            f"{name:<14}{m['step_s']:>9.3f}{m['samples_per_s']:>11.1f}{st['generate']:>10.3f}"
+            f"{name(k):<14}{m['step_s']:>9.3f}{m['samples_per_s']:>11.1f}{st['generate']:>10.3f}"
             f"{st['passes']:>8.3f}{st['train']:>8.3f}{st['sync']:>8.3f}"
-            f"{m['staleness_mean']:>11.2f}"
+            f"{m['staleness_mean']:>11.2f}{m['token_staleness_mean']:>8.2f}"
+            f"{m['partial_fraction']:>11.2f}"
         )
     if "floor_s" in record:
         print(
@@ -134,10 +153,10 @@ def main() -> int:
             f"forward + train {record['sync_learner_side_s']:.3f} s) = {record['floor_s']:.3f} s"
         )
         for k, m in record["modes"].items():
-            if k:
+            if k != "0":
                 verdict = "met" if m["target_met"] else "missed"
                 print(
-                    f"max_staleness {k}: step {m['over_floor']:.2f}x the floor (target <= "
+                    f"{name(k)}: step {m['over_floor']:.2f}x the floor (target <= "
                     f"{TARGET}), {m['over_sync']:.2f}x the synchronous step: {verdict}"
                 )
     print(json.dumps(record))
