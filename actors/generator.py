@@ -92,7 +92,18 @@ class PolicyGenerator:
         self._engine_lock = threading.Lock()  # one user of the engine at a time
         self._handoff_lock = threading.Lock()  # guards the two below
         self._takes_updates = False  # a generation that continues across updates runs
+        self._served = threading.Condition()  # notified when the version served changes
         self._handoff: _Handoff | None = None  # a load waiting for that generation's next step
+
+    def _serve(self, version: int) -> None:
+        with self._served:
+            self._version = version
+            self._served.notify_all()
+
+    def _wait_for_version(self, version: int, wait_s: float) -> None:
+        """Up to ``wait_s`` seconds for a weight update under way to bring ``version``."""
+        with self._served:
+            self._served.wait_for(lambda: self._version >= version, timeout=wait_s)
 
     @contextmanager
     def _engine_for_generation(self, takes_updates: bool):
@@ -145,7 +156,11 @@ class PolicyGenerator:
         return handoff.result()
 
     def generate(
-        self, prompts: pa.Table, sampling: Sampling, expected_version: int | None = None
+        self,
+        prompts: pa.Table,
+        sampling: Sampling,
+        expected_version: int | None = None,
+        wait_s: float = 0.0,
     ) -> pa.Table:
         """``sampling.n`` samples for each row of ``prompts``.
 
@@ -156,6 +171,8 @@ class PolicyGenerator:
             expected_version: refuse (:class:`StaleWeightsError`) unless serving this version
                 (with ``sampling.continue_across_updates``, this one or a newer one); a
                 generator Ray restarted serves its initial weights until it is re-synced.
+            wait_s: with ``sampling.continue_across_updates``, wait up to this long for an
+                update under way to bring ``expected_version`` before refusing.
         Returns:
             A validated rollout table, prompt-major, stamped with the weight version served at
             the start; with ``sampling.continue_across_updates`` also each token's version
@@ -163,6 +180,8 @@ class PolicyGenerator:
             on, ``VLLMEngine.generate_continuing``).
         """
         continuing = sampling.continue_across_updates
+        if continuing and expected_version is not None and wait_s > 0:
+            self._wait_for_version(expected_version, wait_s)
         ids = S.column_array(prompts, S.PROMPT_TOKEN_IDS).to_pylist()
         seeds = None
         if SAMPLE_SEED in prompts.column_names:
@@ -179,12 +198,12 @@ class PolicyGenerator:
         return self._rollout_table(prompts, samples, first)
 
     def generate_checked(
-        self, prompts: pa.Table, sampling: Sampling, expected_version: int
+        self, prompts: pa.Table, sampling: Sampling, expected_version: int, wait_s: float = 0.0
     ) -> tuple[pa.Table, int]:
         """:meth:`generate` plus the version served, as two return values (call it with
         ``num_returns=2``): the driver waits on the small one to learn whether the call failed
         without pulling the table."""
-        return self.generate(prompts, sampling, expected_version), self._version
+        return self.generate(prompts, sampling, expected_version, wait_s), self._version
 
     def beam_search(
         self,
@@ -268,7 +287,7 @@ class PolicyGenerator:
         def load() -> int:
             self._check_newer(version, reset)
             _check_kernels(version, self.engine.load_weights(items))
-            self._version = version
+            self._serve(version)
             return version
 
         return self._exclusive(load)
@@ -294,7 +313,7 @@ class PolicyGenerator:
             self._check_newer(version)
             received = self.engine.receive_weights(plan, verify)
             _check_kernels(version, sorted({m for _, stale in received for m in stale}))
-            self._version = version
+            self._serve(version)
             return version, [digest for digest, _ in received]
 
         return self._exclusive(load)
@@ -306,7 +325,7 @@ class PolicyGenerator:
         def load() -> int:
             self._check_newer(version)
             _check_kernels(version, self.engine.receive_ipc(plan, handles))
-            self._version = version
+            self._serve(version)
             return version
 
         return self._exclusive(load)

@@ -7,7 +7,9 @@ the current version, and pushes new versions through the run's :class:`WeightSyn
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,14 +37,22 @@ def concat_refs(refs: list, stage: str, timeout: float) -> ray.ObjectRef:
 
 class Faults:
     """``faults/<name>`` counters of recoveries and ``faults/<name>_seconds``, in every
-    iteration's metrics."""
+    iteration's metrics (counted from the driver's threads: the loop's and a weight update's
+    in the background)."""
 
     def __init__(self):
-        self.metrics: dict[str, float] = {}
+        self._metrics: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._metrics)
 
     def count(self, fault: str, seconds: float) -> None:
-        for key, value in ((f"faults/{fault}", 1.0), (f"faults/{fault}_seconds", seconds)):
-            self.metrics[key] = self.metrics.get(key, 0.0) + value
+        with self._lock:
+            for key, value in ((f"faults/{fault}", 1.0), (f"faults/{fault}_seconds", seconds)):
+                self._metrics[key] = self._metrics.get(key, 0.0) + value
 
 
 @dataclass
@@ -81,7 +91,10 @@ class GeneratorPool:
             max_restarts,
             seed,
         )
-        self.version = 0
+        self._version = 0  # the version every generator serves (see :attr:`version`)
+        self._updating: Future | None = None  # an update started by update(wait=False)
+        self._executor: ThreadPoolExecutor | None = None
+        self._unreported: dict[str, float] = {}  # its metrics, once it has finished
         self.requests = 0  # prompts sent for sampling so far: seeds each prompt's sampling
         self._pids: list[int] | None = None
         self._in_flight: list[Submitted] = []  # submitted, not yet collected
@@ -118,6 +131,7 @@ class GeneratorPool:
         Each prompt samples with its own seed (``seeds``, else the next of :meth:`seeds`). A
         replica that died (Ray restarts it) or serves other weights is re-synced to the current
         version and its chunk re-issued; the tokens come out the same."""
+        self.settle()
         if self._pids is None:
             self.restarted()  # the processes a restart would replace
         gens = self.actors.generators
@@ -133,7 +147,7 @@ class GeneratorPool:
             while idle and todo:
                 k, i = todo.pop(), idle.pop()
                 call = gens[i].generate_checked.options(num_returns=2)
-                table, version = call.remote(parts[k], sampling, self.version)
+                table, version = call.remote(parts[k], sampling, self._version)
                 busy[version] = (i, k, table)
             done = calls.first_ready(list(busy), "generate", self.timeout)
             i, k, table = busy.pop(done)
@@ -145,10 +159,10 @@ class GeneratorPool:
                     raise
                 print(
                     f"generator {i}: {type(e).__name__} during generate; re-syncing it to weight "
-                    f"version {self.version} and re-issuing its {parts[k].num_rows} prompts",
+                    f"version {self._version} and re-issuing its {parts[k].num_rows} prompts",
                     flush=True,
                 )
-                self.recover(self.version)
+                self.recover(self._version)
                 todo.append(k)
             else:
                 results[k] = table
@@ -164,23 +178,26 @@ class GeneratorPool:
         started with. Seeds as :meth:`generate`'s. :meth:`collect` waits for the table."""
         if self._pids is None:
             self.restarted()
+        # An update under way (update(wait=False)) serves the version this generation waits for.
+        ahead = self._updating is not None
+        version, wait_s = self._version + ahead, self.timeout if ahead else 0.0
         seeds = self.seeds(prompts.num_rows, sampling.n)
         seeded = prompts.append_column(SAMPLE_SEED, pa.array(seeds, pa.int64()))
         gens = self.actors.generators
         parts = split_rows(seeded, max(1, -(-seeded.num_rows // len(gens))))
         tables, versions = [], []
         for gen, part in zip(gens, parts, strict=False):  # fewer parts than replicas: idle ones
-            table, version = gen.generate_checked.options(num_returns=2).remote(
-                part, sampling, self.version
+            table, served = gen.generate_checked.options(num_returns=2).remote(
+                part, sampling, version, wait_s
             )
             tables.append(table)
-            versions.append(version)
+            versions.append(served)
         submitted = Submitted(
             prompts,
             seeds,
             tables,
             versions,
-            self.version,
+            version,
             continuing=sampling.continue_across_updates,
         )
         self._in_flight.append(submitted)
@@ -197,13 +214,14 @@ class GeneratorPool:
         try:
             calls.wait(submitted.versions, "generate", self.timeout)
         except (ray.exceptions.RayActorError, StaleWeightsError) as e:
+            self.settle()
             print(
                 f"generators: {type(e).__name__} during a generation ahead of training; "
-                f"re-syncing them to weight version {self.version} and sampling its "
+                f"re-syncing them to weight version {self._version} and sampling its "
                 f"{submitted.prompts.num_rows} prompts again",
                 flush=True,
             )
-            self.recover(self.version)
+            self.recover(self._version)
             return self.generate(submitted.prompts, sampling, submitted.seeds)
         return concat_refs(submitted.tables, "generate", self.timeout)
 
@@ -228,12 +246,13 @@ class GeneratorPool:
         deterministic, so no seeds). A replica that fails or serves other weights raises here
         (``StaleWeightsError``, ``RayActorError``), unlike :meth:`generate`, which recovers:
         call :meth:`recover` and ask again."""
+        self.settle()
         gens = self.actors.generators
         parts = split_rows(prompts, max(1, -(-prompts.num_rows // len(gens))))
         tables, versions = [], []
         for gen, part in zip(gens, parts, strict=False):  # fewer parts than replicas: idle ones
             call = gen.beam_search_checked.options(num_returns=2)
-            table, version = call.remote(part, width, max_new_tokens, self.version)
+            table, version = call.remote(part, width, max_new_tokens, self._version)
             tables.append(table)
             versions.append(version)
         calls.wait(versions, "beam search", self.timeout)  # raises the replica's error
@@ -288,6 +307,7 @@ class GeneratorPool:
     def restore(self, version: int) -> None:
         """Every generator serves the learner's current weights as ``version`` (after a resume
         or a rollback: versions may go back). Waits for generators Ray is restarting."""
+        self.settle(raise_errors=False)  # the weights it was pushing are replaced anyway
         start = time.perf_counter()
         gens = self.actors.generators
         for g in gens:
@@ -295,16 +315,60 @@ class GeneratorPool:
         served = self.sync.restore(version, gens)
         if set(served) != {version}:
             raise RuntimeError(f"generators serve versions {served} after restoring {version}")
-        self.version = version
+        self._version = version
         if self._pids is not None and self.restarted():  # one died meanwhile
             self.sync.reopen()
             self.faults.count("generator_recoveries", time.perf_counter() - start)
 
-    def update(self) -> dict[str, float]:
-        """The learner's weights -> every generator as the next version. A generator that dies
-        on the way is restarted by Ray and given the new weights through the object store
-        (:meth:`recover`)."""
-        version = self.version + 1
+    @property
+    def version(self) -> int:
+        """The weight version every generator serves (after an update under way, if any)."""
+        self.settle()
+        return self._version
+
+    @version.setter
+    def version(self, version: int) -> None:
+        self.settle()
+        self._version = version
+
+    def update(self, wait: bool = True) -> dict[str, float]:
+        """The learner's weights -> every generator as the next version; returns ``sync/*``.
+        A generator that dies on the way is restarted by Ray and given the new weights through
+        the object store (:meth:`recover`).
+
+        With ``wait=False`` (the asynchronous loop with partial rollouts) the update runs in a
+        thread of the driver and this returns ``{}`` at once: the next generations are
+        submitted meanwhile (each starts once its replica serves the new version) and the
+        rollout is rewarded and scored; :meth:`settle` (or reading :attr:`version`) waits for
+        it, and :meth:`take_sync_metrics` returns its metrics."""
+        self.settle()
+        if wait:
+            return self._update()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="weight-sync")
+        self._updating = self._executor.submit(self._update)
+        return {}
+
+    def settle(self, raise_errors: bool = True) -> None:
+        """Wait for the update :meth:`update` started without waiting, if any (its error,
+        unless ``raise_errors`` is off); :meth:`take_sync_metrics` has its metrics."""
+        if self._updating is None:
+            return
+        updating, self._updating = self._updating, None
+        try:
+            self._unreported = updating.result()
+        except Exception:  # noqa: BLE001 - the caller replaces the weights (restore)
+            if raise_errors:
+                raise
+
+    def take_sync_metrics(self) -> dict[str, float]:
+        """The ``sync/*`` metrics of the last update started without waiting, once (after
+        :meth:`settle`)."""
+        out, self._unreported = self._unreported, {}
+        return out
+
+    def _update(self) -> dict[str, float]:
+        version = self._version + 1
         start = time.perf_counter()
         self._finish_in_flight()
         try:
@@ -321,7 +385,7 @@ class GeneratorPool:
             self.recover(version)
             sent = float("nan")
         seconds = time.perf_counter() - start
-        self.version = version
+        self._version = version
         return {
             "sync/bytes": float(sent),
             "sync/seconds": seconds,

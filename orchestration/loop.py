@@ -10,7 +10,9 @@ Per iteration ``k``:
    on-policy: the train stage's first forward gives them);
 3. advantages (a pure function) and the KL controller's update;
 4. train the objective on every learner rank, with the controller's current KL coefficient;
-5. sync: the new weights to every generator as the next version;
+5. sync: the new weights to every generator as the next version (with partial rollouts it runs
+   behind the next iteration's rollout and is waited for before its advantages:
+   ``timing/sync_wait``, and its ``sync/*`` metrics are that iteration's);
 6. log, then the run-health checks (``orchestration.guards``): a numerical-fault stop comes from
    the train stage's typed result;
 7. the rollout file, export and checkpoint, when due.
@@ -60,6 +62,13 @@ class Loop:
         self.guards = Guards(cfg, lambda: stages.rewards.describe_unscorable())
         self.recovery = recovery
         self.sync_enabled = True  # tests turn it off to show what a missed sync looks like
+        # Partial rollouts: each sync runs behind the next iteration's rollout (the generations
+        # started meanwhile wait for its version) and is waited for before the advantages.
+        self.sync_behind = (
+            cfg.max_staleness > 0
+            and cfg.partial_rollouts == "continue"
+            and not cfg.weight_sync.verify_checksum
+        )
         self.last_batch: pa.Table | None = None  # the iteration's whole table
         self.pending: deque = deque()  # max_staleness > 0: the generations running ahead
         self.eval_table = None
@@ -153,6 +162,10 @@ class Loop:
                 passes = stages.start_passes(scored if stages.dynamic else generated)
             with timer("passes"):  # the reference's and the learner's, at once
                 table, pass_timings = stages.finish_passes(passes, scored)
+            if self.sync_behind:  # the last iteration's sync, which ran during this rollout
+                with timer("sync_wait"):
+                    stages.pool.settle()
+                metrics |= stages.pool.take_sync_metrics()
             with timer("advantages"):
                 adv = stages.advantages(table, self.kl_ctl.value)
                 if adv.kl_ref is not None:
@@ -165,7 +178,7 @@ class Loop:
             metrics |= trained.metrics
             with timer("sync"):
                 if self.sync_enabled:
-                    metrics |= stages.sync_weights()
+                    metrics |= stages.sync_weights(wait=not self.sync_behind)
                     if self.cfg.weight_sync.verify_checksum:
                         self.verify_served()
         timings = timer.timings | pass_timings

@@ -223,8 +223,8 @@ class Stages:
     def sleep(self) -> None:
         self.sync.sleep()
 
-    def sync_weights(self) -> dict[str, float]:
-        return self.pool.update()
+    def sync_weights(self, wait: bool = True) -> dict[str, float]:
+        return self.pool.update(wait)
 
     # ------------------------------------------------------------------ around the loop
 

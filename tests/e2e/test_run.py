@@ -81,11 +81,14 @@ def test_demo_learns(private_env, tmp_path, preset, extra, present, absent):
 
 
 def test_the_demo_learns_with_generation_one_batch_ahead_and_resumes_exactly(private_env, tmp_path):
-    """``demo-async``: the demo with ``max_staleness=1`` (every batch after the first sampled by
-    the weights before the ones it trains, corrected by truncated importance weights) passes
-    the demo's thresholds. Resumed from its checkpoint after iteration 59, which holds batch 60
-    (sampled ahead by weights 59 while iteration 59 trained), the run trains that very batch
-    (not one sampled again by weights 60): iterations 60 and 61 are the uninterrupted ones."""
+    """``demo-async``: the demo with ``max_staleness=1`` and partial rollouts (every batch after
+    the first started by the weights before the ones it trains, corrected by truncated
+    importance weights) passes the demo's thresholds. Resumed from its checkpoint after
+    iteration 59, which holds batch 60 (sampled ahead while iteration 59 trained), the run
+    trains that very batch (not one sampled again by weights 60): iteration 60 is the
+    uninterrupted one exactly. So is iteration 61 unless a weight update reached its batch
+    mid-way in either run (``rollout/partial_fraction``; where it lands is timing): then the
+    same prompts and seeds, and the same tokens before the update."""
     from tests.e2e.test_resume import assert_same_iteration
 
     root = tmp_path / "runs"
@@ -113,10 +116,35 @@ def test_the_demo_learns_with_generation_one_batch_ahead_and_resumes_exactly(pri
         json.loads(line) for line in (root / "parts" / "metrics.jsonl").read_text().splitlines()
     ]
     for k in (60, 61):
-        assert_same_iteration(whole, root / "parts", k)
         got = next(h for h in parts if h["iteration"] == k)
+        continued = got["rollout/partial_fraction"] or history[k]["rollout/partial_fraction"]
+        if k == 61 and continued:
+            assert_same_before_the_update(whole, root / "parts", k)
+            continue
+        assert_same_iteration(whole, root / "parts", k)
         for key in ("off_policy/weight_mean", "off_policy/ratio_max", "rollout/staleness_mean"):
             assert got[key] == pytest.approx(history[k][key], rel=1e-5), (k, key)
+
+
+def assert_same_before_the_update(a: Path, b: Path, k: int) -> None:
+    """Iteration ``k``'s batch in two runs: the same prompts and seeds, and each row's tokens
+    of its first weight version the same as far as both runs have them."""
+    import pyarrow.parquet as pq
+
+    ra = pq.read_table(a / "rollouts" / f"iter_{k:06d}.parquet").to_pylist()
+    rb = pq.read_table(b / "rollouts" / f"iter_{k:06d}.parquet").to_pylist()
+    assert [(r["prompt_id"], r["sample_seed"]) for r in ra] == [
+        (r["prompt_id"], r["sample_seed"]) for r in rb
+    ]
+
+    def first_version_tokens(row: dict) -> list[int]:
+        pairs = zip(row["response_token_ids"], row["token_versions"], strict=True)
+        return [t for t, v in pairs if v == row["weight_version"]]
+
+    for x, y in zip(ra, rb, strict=True):
+        first, second = first_version_tokens(x), first_version_tokens(y)
+        n = min(len(first), len(second))
+        assert first[:n] == second[:n]
 
 
 def assert_learned(summary: dict, history: list[dict], present: str, absent: str) -> None:

@@ -87,7 +87,7 @@ class StandInStages:
         assert ptx is None  # no ptx section: no PTX rows
         return Trained(metrics={"actor/pg_loss": 0.5}, skipped_in_a_row=self.skipped)
 
-    def sync_weights(self):
+    def sync_weights(self, wait=True):
         self.calls.append(("sync",))
         self.pool.version += 1
         return {"sync/bytes": 10.0}

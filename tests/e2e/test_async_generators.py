@@ -1,0 +1,126 @@
+"""Two vLLM generator replicas as Ray actors (CPU), driven by the ``GeneratorPool`` as the
+asynchronous loop drives them: a generation submitted ahead of training, then a weight update.
+
+With partial rollouts the update reaches both replicas in the middle of their generations (it
+returns while they still generate), and every row continues with the new weights from its
+tokens so far (``token_versions``). With ``partial_rollouts: finish`` the update waits for the
+generations submitted before it, which finish with the weights they started with. The weights
+come from a stand-in for the learner rank (a plain actor holding a perturbed copy of the model):
+the subject is the generators' lanes and the pool, not training."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.generator import actor_class
+from actors.vllm_engine import EngineSpec, Sampling
+from rollout import schema as S
+
+pytestmark = pytest.mark.slow
+NEW_TOKENS = 120  # the tiny model has 128 positions
+
+
+class WeightsHolder:
+    """What ``WeightSync`` asks of a learner rank: its policy as host arrays."""
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path).float()
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+    def sync_plan(self):
+        from learner.weight_sync import describe, plan_buckets
+
+        return plan_buckets(describe(dict(self.model.named_parameters())), 64 << 20)
+
+    def policy_arrays(self):
+        from learner.weight_sync import to_host_arrays
+
+        return to_host_arrays(self.model.state_dict())
+
+
+def prompts(rows: int) -> pa.Table:
+    return pa.table(
+        {
+            S.PROMPT_ID: pa.array(range(rows), pa.int64()),
+            S.PROMPT_TOKEN_IDS: pa.array(
+                [[3, 5, 7][: 1 + i % 3] for i in range(rows)], S.TOKEN_IDS_TYPE
+            ),
+        }
+    )
+
+
+def test_a_weight_update_reaches_generations_under_way_on_every_replica(private_env, tiny_model):
+    import ray
+
+    from orchestration.generators import Faults, GeneratorPool
+    from orchestration.sync import WeightSync
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        spec = EngineSpec(model_path=tiny_model, max_model_len=128, kv_cache_bytes=64 << 20)
+        gens = [actor_class().options(num_cpus=0).remote(spec) for _ in range(2)]
+        holder = ray.remote(num_cpus=0)(WeightsHolder).remote(tiny_model)
+        plan = ray.get(holder.sync_plan.remote(), timeout=300)
+        actors = SimpleNamespace(generators=gens, learners=[holder], sync_plan=plan)
+        sync = WeightSync(actors, 300, colocated=False, tp=1)
+        pool = GeneratorPool(actors, sync, Faults(), timeout=300)
+        assert ray.get([g.weight_version.remote() for g in gens], timeout=300) == [0, 0]
+        warm = Sampling(n=1, max_new_tokens=4)  # an engine's first steps are slow (warm-up)
+        ray.get(pool.generate(prompts(4), warm), timeout=300)
+
+        # Partial rollouts: the update does not wait for the generations.
+        continuing = Sampling(
+            n=2, max_new_tokens=NEW_TOKENS, ignore_eos=True, continue_across_updates=True
+        )
+        submitted = pool.submit(prompts(6), continuing)
+        time.sleep(0.3)  # both replicas are generating (120 tokens take about a second here)
+        start = time.perf_counter()
+        pool.update()
+        update_s = time.perf_counter() - start
+        ready, _ = ray.wait(submitted.versions, num_returns=2, timeout=0)
+        assert len(ready) < 2, "the update waited for the generations"
+        table = ray.get(pool.collect(submitted, continuing), timeout=300)
+        assert table.num_rows == 12 and table.column(S.PROMPT_ID).to_pylist() == [
+            i for i in range(6) for _ in range(2)
+        ]
+        assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {0}
+        versions = table.column(S.TOKEN_VERSIONS).to_pylist()
+        assert all(len(v) == NEW_TOKENS and v[0] == 0 and v[-1] == 1 for v in versions)
+        assert ray.get([g.weight_version.remote() for g in gens], timeout=60) == [1, 1]
+
+        # The loop's sync behind the rollout: the update runs in the driver's background, and
+        # a generation submitted meanwhile starts once its replica serves the new version.
+        assert pool.update(wait=False) == {}
+        again = pool.submit(prompts(2), continuing)
+        assert again.version == 2
+        table = ray.get(pool.collect(again, continuing), timeout=300)
+        assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {2}
+        assert {t for v in table.column(S.TOKEN_VERSIONS).to_pylist() for t in v} == {2}
+        assert pool.version == 2 and pool.take_sync_metrics()["sync/bytes"] > 0
+        assert pool.take_sync_metrics() == {}  # reported once
+
+        # partial_rollouts: finish: the update waits until the generations submitted before it
+        # have finished, with the weights they started with.
+        finishing = Sampling(n=2, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        submitted = pool.submit(prompts(6), finishing)
+        time.sleep(0.3)
+        pool.update()
+        ready, _ = ray.wait(submitted.versions, num_returns=2, timeout=0)
+        assert len(ready) == 2
+        table = ray.get(pool.collect(submitted, finishing), timeout=300)
+        assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {2}
+        assert S.TOKEN_VERSIONS not in table.column_names
+        assert ray.get([g.weight_version.remote() for g in gens], timeout=60) == [3, 3]
+        print(f"\npartial rollouts: the update took {update_s:.3f} s during the generations")
+    finally:
+        ray.shutdown()
