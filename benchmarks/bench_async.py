@@ -35,7 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_shapes import TINY, WORKLOADS, RaySide, build_inputs, raylign_overrides  # noqa: E402
 
-STAGES = ("generate", "reward", "passes", "reference", "learner_forward", "train", "sync")
+STAGES = (
+    "generate",
+    "reward",
+    "passes",
+    "reference",
+    "learner_forward",
+    "train",
+    "sync",
+    "sync_wait",
+)
 TARGET = 1.1  # the asynchronous step over the longer of generate and the learner's side
 
 
@@ -137,13 +146,13 @@ def main() -> int:
     record = summarize(runs, workload.rows) | {"workload": workload.name}
     print(
         f"{'mode':<14}{'step s':>9}{'samples/s':>11}{'generate':>10}{'passes':>8}{'train':>8}"
-        f"{'sync':>8}{'staleness':>11}{'tokens':>8}{'continued':>11}"
+        f"{'sync':>8}{'wait':>7}{'staleness':>11}{'tokens':>8}{'continued':>11}"
     )
     for k, m in record["modes"].items():
         st = m["stages_s"]
         print(
             f"{name(k):<14}{m['step_s']:>9.3f}{m['samples_per_s']:>11.1f}{st['generate']:>10.3f}"
-            f"{st['passes']:>8.3f}{st['train']:>8.3f}{st['sync']:>8.3f}"
+            f"{st['passes']:>8.3f}{st['train']:>8.3f}{st['sync']:>8.3f}{st['sync_wait']:>7.3f}"
             f"{m['staleness_mean']:>11.2f}{m['token_staleness_mean']:>8.2f}"
             f"{m['partial_fraction']:>11.2f}"
         )

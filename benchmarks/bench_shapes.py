@@ -259,6 +259,7 @@ class RaySide:
     def close(self) -> None:
         import ray
 
+        self.loop.stages.pool.settle(raise_errors=False)  # a weight update under way ends first
         ray.shutdown()
 
 

@@ -44,6 +44,8 @@ from rollout import schema as S
 class Loop:
     """Synchronous iterations of the configured algorithm over ``stages``."""
 
+    sync_behind = False  # see __init__ (the supervised stages sync nothing)
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -64,11 +66,7 @@ class Loop:
         self.sync_enabled = True  # tests turn it off to show what a missed sync looks like
         # Partial rollouts: each sync runs behind the next iteration's rollout (the generations
         # started meanwhile wait for its version) and is waited for before the advantages.
-        self.sync_behind = (
-            cfg.max_staleness > 0
-            and cfg.partial_rollouts == "continue"
-            and not cfg.weight_sync.verify_checksum
-        )
+        self.sync_behind = cfg.max_staleness > 0 and cfg.partial_rollouts == "continue"
         self.last_batch: pa.Table | None = None  # the iteration's whole table
         self.pending: deque = deque()  # max_staleness > 0: the generations running ahead
         self.eval_table = None
@@ -93,7 +91,16 @@ class Loop:
         cfg = self.cfg
         if start == 0 and self.recovery is not None:
             self.recovery.remember(self)
-        k = start
+        try:
+            self._run(log, start)
+        finally:  # a weight update still under way must end before Ray does
+            if self.sync_behind:
+                self.stages.pool.settle(raise_errors=False)
+        if self.eval_table is not None:  # the final weights, as their own record
+            log.log(cfg.iterations, self.evaluate(cfg.iterations))
+
+    def _run(self, log, start: int) -> None:
+        cfg, k = self.cfg, start
         while k < cfg.iterations:
             try:
                 metrics, skipped = self.step(k)
@@ -114,8 +121,6 @@ class Loop:
             if k == cfg.iterations - 1 or (every and (k + 1) % every == 0):
                 self.save_checkpoint(k)
             k += 1
-        if self.eval_table is not None:  # the final weights, as their own record
-            log.log(cfg.iterations, self.evaluate(cfg.iterations))
 
     def step(self, k: int) -> tuple[dict[str, float], int]:
         """Iteration ``k`` with its evaluation, rollout file and export as due; returns its
@@ -165,6 +170,8 @@ class Loop:
             if self.sync_behind:  # the last iteration's sync, which ran during this rollout
                 with timer("sync_wait"):
                     stages.pool.settle()
+                    if self.cfg.weight_sync.verify_checksum:
+                        self.verify_served()
                 metrics |= stages.pool.take_sync_metrics()
             with timer("advantages"):
                 adv = stages.advantages(table, self.kl_ctl.value)
@@ -179,7 +186,7 @@ class Loop:
             with timer("sync"):
                 if self.sync_enabled:
                     metrics |= stages.sync_weights(wait=not self.sync_behind)
-                    if self.cfg.weight_sync.verify_checksum:
+                    if self.cfg.weight_sync.verify_checksum and not self.sync_behind:
                         self.verify_served()
         timings = timer.timings | pass_timings
         metrics |= timings | throughput(metrics, timings) | stages.faults.metrics
