@@ -124,3 +124,37 @@ def test_a_weight_update_reaches_generations_under_way_on_every_replica(private_
         print(f"\npartial rollouts: the update took {update_s:.3f} s during the generations")
     finally:
         ray.shutdown()
+
+
+def test_two_replicas_dynamic_sampling_and_evaluation_run_k_ahead(private_env, tmp_path):
+    """The loop with max_staleness=2 and partial rollouts on two generator replicas, with
+    dynamic sampling (extra rounds come from the generations running ahead) and evaluation
+    (sampled by the current weights between them): every row within the bound, each token's
+    version recorded, the evaluations at their iterations."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tests.e2e.test_run import finished, train
+
+    root = tmp_path / "runs"
+    args = ["--config", "demo-async", f"logging.root={root}", "iterations=10"]
+    args += ["max_staleness=2", "generator.num_replicas=2", "eval.every=4"]
+    args += ["reward.dynamic_sampling.enabled=true", "logging.rollouts_every=1"]
+    summary, history = finished(train(args, private_env), root)
+    steps = [h for h in history if "rollout/staleness_max" in h]
+    assert [h["iteration"] for h in steps] == list(range(10))
+    assert all(h["rollout/staleness_max"] <= 2 for h in steps)
+    assert max(h["rollout/staleness_max"] for h in steps) == 2  # two batches ahead
+    assert any(h["rollout/sampling_rounds"] > 1 for h in steps)  # rounds from the queue
+    assert all(h["rollout/token_staleness_mean"] <= h["rollout/staleness_mean"] for h in steps)
+    assert sorted(h["iteration"] for h in history if "eval/prompts" in h) == [0, 4, 8, 10]
+    run = root / "demo-async"
+    for k in range(10):
+        table = pq.read_table(run / "rollouts" / f"iter_{k:06d}.parquet").to_pylist()
+        for row in table:
+            versions = row["token_versions"]
+            assert len(versions) == len(row["response_token_ids"])
+            assert min(versions, default=row["weight_version"]) == row["weight_version"]
+            assert k - row["weight_version"] <= 2
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 10
