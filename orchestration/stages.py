@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.generator import SAMPLE_SEED
+from actors.generator import SAMPLE_SEED, StaleWeightsError
 from actors.vllm_engine import Sampling
 from orchestration import calls, specs
 from orchestration.advantages import Advantages, advantages
@@ -251,7 +251,16 @@ class Stages:
         )
         bound, version = max_mismatch(self.cfg), self.pool.version
         for i, g in enumerate(self.actors.generators):
-            table, _ = g.generate_checked.options(num_returns=2).remote(probe, sampling, version)
+            for attempt in (1, 2):  # a replica that died since the sync is brought back first
+                call = g.generate_checked.options(num_returns=2)
+                table, served = call.remote(probe, sampling, version)
+                try:
+                    self._wait(served, "verify (generate)")
+                    break
+                except (ray.exceptions.RayActorError, StaleWeightsError):
+                    if attempt == 2:
+                        raise
+                    self.pool.recover(version)
             scored = self.learner_forward(table)
             rollout, old = (
                 np.concatenate(S.column_array(scored, c).to_numpy(zero_copy_only=False))

@@ -138,23 +138,25 @@ def test_two_replicas_dynamic_sampling_and_evaluation_run_k_ahead(private_env, t
     from tests.e2e.test_run import finished, train
 
     root = tmp_path / "runs"
-    args = ["--config", "demo-async", f"logging.root={root}", "iterations=10"]
-    args += ["max_staleness=2", "generator.num_replicas=2", "eval.every=4"]
-    args += ["reward.dynamic_sampling.enabled=true", "logging.rollouts_every=1"]
+    args = ["--config", "demo-async", f"logging.root={root}", "iterations=6"]
+    args += ["max_staleness=2", "generator.num_replicas=2", "eval.source=builtin:addition"]
+    args += ["eval.every=3", "eval.max_prompts=4", "data.prompts_per_iteration=8"]
+    args += ["reward.dynamic_sampling.enabled=true", "reward.dynamic_sampling.max_rounds=2"]
+    args += ["logging.rollouts_every=1", "logging.report=false", "logging.tensorboard=false"]
     summary, history = finished(train(args, private_env), root)
     steps = [h for h in history if "rollout/staleness_max" in h]
-    assert [h["iteration"] for h in steps] == list(range(10))
+    assert [h["iteration"] for h in steps] == list(range(6))
     assert all(h["rollout/staleness_max"] <= 2 for h in steps)
     assert max(h["rollout/staleness_max"] for h in steps) == 2  # two batches ahead
     assert any(h["rollout/sampling_rounds"] > 1 for h in steps)  # rounds from the queue
     assert all(h["rollout/token_staleness_mean"] <= h["rollout/staleness_mean"] for h in steps)
-    assert sorted(h["iteration"] for h in history if "eval/prompts" in h) == [0, 4, 8, 10]
+    assert sorted(h["iteration"] for h in history if "eval/prompts" in h) == [0, 3, 6]
     run = root / "demo-async"
-    for k in range(10):
+    for k in range(6):
         table = pq.read_table(run / "rollouts" / f"iter_{k:06d}.parquet").to_pylist()
         for row in table:
             versions = row["token_versions"]
             assert len(versions) == len(row["response_token_ids"])
             assert min(versions, default=row["weight_version"]) == row["weight_version"]
             assert k - row["weight_version"] <= 2
-    assert json.loads((run / "summary.json").read_text())["iterations"] == 10
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 6
