@@ -39,13 +39,19 @@ def token_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tenso
     return logprobs.gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
-def update_mid_generation(generator: PolicyGenerator, version: int, weights: dict) -> dict:
+def update_mid_generation(
+    generator: PolicyGenerator,
+    version: int,
+    weights: dict,
+    prompts: pa.Table = PROMPTS,
+    sampling: Sampling = CONTINUING,
+) -> dict:
     """Start a continuing generation in a thread, hand it ``weights`` as ``version`` once it
     runs, and return its table and how long the update took."""
     out: dict = {}
 
     def generate() -> None:
-        out["table"] = generator.generate(PROMPTS, CONTINUING, expected_version=version - 1)
+        out["table"] = generator.generate(prompts, sampling, expected_version=version - 1)
 
     thread = threading.Thread(target=generate)
     thread.start()
@@ -57,6 +63,24 @@ def update_mid_generation(generator: PolicyGenerator, version: int, weights: dic
     out["generation_running_after_update"] = thread.is_alive()
     thread.join(timeout=120)
     return out
+
+
+def assert_switched(table: pa.Table, old, new, tokens: int, tolerance: float) -> None:
+    """Every row of ``table`` ran ``tokens`` tokens, the first ones sampled by version 0 with
+    ``old``'s log-probabilities, the rest by version 1 with ``new``'s."""
+    for row in table.to_pylist():
+        prompt, response = row["prompt_token_ids"], row["response_token_ids"]
+        versions = row[S.TOKEN_VERSIONS]
+        assert len(response) == tokens and row["finish_reason"] == "length"
+        switch = versions.index(1)  # the first token sampled by version 1
+        assert 0 < switch < len(response)
+        assert versions == [0] * switch + [1] * (len(response) - switch)
+        rollout = torch.tensor(row["rollout_logprobs"])
+        by_old = token_logprobs(old, prompt, response)
+        by_new = token_logprobs(new, prompt, response)
+        assert (rollout[:switch] - by_old[:switch]).abs().max() < tolerance
+        assert (rollout[switch:] - by_new[switch:]).abs().max() < tolerance
+        assert (by_old[switch:] - by_new[switch:]).abs().max() > 1e-2  # the versions differ
 
 
 @pytest.mark.parametrize("family", list(FAMILY_MATRIX))
@@ -80,19 +104,7 @@ def test_an_update_mid_generation_applies_from_the_next_token(family_models, fam
     assert generator.weight_version() == 1
     assert table.column_names[: len(S.GENERATOR_FIELDS)] == [f.name for f in S.GENERATOR_FIELDS]
     assert table.num_rows == 6 and set(table.column(S.WEIGHT_VERSION).to_pylist()) == {0}
-    for row in table.to_pylist():
-        prompt, response = row["prompt_token_ids"], row["response_token_ids"]
-        versions = row[S.TOKEN_VERSIONS]
-        assert len(response) == CONTINUING.max_new_tokens and row["finish_reason"] == "length"
-        switch = versions.index(1)  # the first token sampled by version 1
-        assert 0 < switch < len(response)
-        assert versions == [0] * switch + [1] * (len(response) - switch)
-        rollout = torch.tensor(row["rollout_logprobs"])
-        by_old = token_logprobs(old, prompt, response)
-        by_new = token_logprobs(new, prompt, response)
-        assert (rollout[:switch] - by_old[:switch]).abs().max() < 1e-4
-        assert (rollout[switch:] - by_new[switch:]).abs().max() < 1e-4
-        assert (by_old[switch:] - by_new[switch:]).abs().max() > 1e-2  # the versions differ
+    assert_switched(table, old, new, CONTINUING.max_new_tokens, 1e-4)
 
     # A continuing generation may start on a newer version than the driver saw (an update
     # reached the replica first); an older one is a restarted replica, refused.

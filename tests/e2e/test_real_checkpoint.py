@@ -136,3 +136,39 @@ def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(
         assert (ours - torch.tensor(logprobs)).abs().max().item() < 1e-3
         if k % 2:
             assert response != beams[k - 1][1] and sum(logprobs) <= sum(beams[k - 1][2]) + 1e-4
+
+
+def test_partial_rollouts_on_the_real_checkpoint(smollm2):
+    """A weight update in the middle of a generation on SmolLM2 (tied head): the tokens before
+    it carry the old weights' log-probabilities, those after it the new weights' (transformers
+    on each), as on the tiny model matrix (``tests/actors/test_partial_rollouts.py``)."""
+    import pyarrow as pa
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.generator import SAMPLE_SEED, PolicyGenerator
+    from actors.vllm_engine import EngineSpec, Sampling
+    from tests.actors.test_partial_rollouts import assert_switched, update_mid_generation
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    ids = [chat_prompt_ids(tokenizer, q) for q, _ in QUESTIONS[:2]]
+    prompts = pa.table(
+        {
+            "prompt_id": pa.array([0, 1], pa.int64()),
+            "prompt_token_ids": pa.array(ids, pa.list_(pa.int32())),
+            SAMPLE_SEED: pa.array([5, 6], pa.int64()),
+        }
+    )
+    old = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    new = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in new.parameters():  # the tied embedding once
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    generator = PolicyGenerator(
+        EngineSpec(model_path=smollm2, max_model_len=256, kv_cache_bytes=128 << 20)
+    )
+    sampling = Sampling(n=2, max_new_tokens=32, ignore_eos=True, continue_across_updates=True)
+    out = update_mid_generation(generator, 1, new.state_dict(), prompts, sampling)
+    assert out["generation_running_after_update"]
+    assert_switched(out["table"], old, new, 32, 1e-3)
