@@ -200,28 +200,33 @@ class VLLMEngine:
                 sample.request, {"prompt_token_ids": sample.prompt + sample.tokens}, params
             )
 
-        for k in range(len(samples)):
-            start(k)
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                sample = samples[int(out.request_id.split(".")[0])]
-                delta = out.outputs[0]
-                tokens = list(delta.token_ids)
-                sample.tokens += tokens
-                sample.logprobs += [
-                    step[tok].logprob for step, tok in zip(delta.logprobs, tokens, strict=True)
-                ]
-                sample.versions += [version] * len(tokens)
-                if out.finished:
-                    sample.finish_reason = _finish_reason(delta.finish_reason)
-            load = take_update()
-            if load is None:
-                continue
-            running = [k for k, s in enumerate(samples) if s.finish_reason is None]
-            engine.abort_request([samples[k].request for k in running])
-            version = load()
-            for k in running:
+        try:
+            for k in range(len(samples)):
                 start(k)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    sample = samples[int(out.request_id.split(".")[0])]
+                    delta = out.outputs[0]
+                    tokens = list(delta.token_ids)
+                    sample.tokens += tokens
+                    sample.logprobs += [
+                        step[tok].logprob for step, tok in zip(delta.logprobs, tokens, strict=True)
+                    ]
+                    sample.versions += [version] * len(tokens)
+                    if out.finished:
+                        sample.finish_reason = _finish_reason(delta.finish_reason)
+                load = take_update()
+                if load is None:
+                    continue
+                running = [k for k, s in enumerate(samples) if s.finish_reason is None]
+                engine.abort_request([samples[k].request for k in running])
+                version = load()
+                for k in running:
+                    start(k)
+        finally:  # a failure leaves none of these requests in the engine for the next call
+            left = [s.request for s in samples if s.finish_reason is None and s.request]
+            if left:
+                engine.abort_request(left)
         return [s.generated() for s in samples]
 
     def beam_search(

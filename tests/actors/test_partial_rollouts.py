@@ -113,3 +113,36 @@ def test_an_update_mid_generation_applies_from_the_next_token(family_models, fam
         generator.generate(PROMPTS, CONTINUING, expected_version=2)
     with pytest.raises(StaleWeightsError):
         generator.generate(PROMPTS, Sampling(n=1, max_new_tokens=4), expected_version=0)
+
+
+def test_a_load_that_fails_mid_generation_fails_both_and_leaves_the_engine_clean(family_models):
+    """The load's error reaches the caller that asked for it, the generation stops with it (its
+    weights are in doubt), and no request of it stays in the engine for the next call."""
+    generator = PolicyGenerator(
+        EngineSpec(
+            model_path=family_models["qwen2-untied"], max_model_len=128, kv_cache_bytes=32 << 20
+        )
+    )
+    failed: dict = {}
+
+    def generate() -> None:
+        try:
+            generator.generate(PROMPTS, CONTINUING)
+        except RuntimeError as e:
+            failed["generation"] = e
+
+    def broken_load():
+        raise ValueError("the sync group is gone")
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    while not generator._takes_updates and thread.is_alive():
+        time.sleep(0.001)
+    with pytest.raises(ValueError, match="the sync group is gone"):
+        generator._exclusive(broken_load)
+    thread.join(timeout=120)
+    assert "in the middle of a generation" in str(failed["generation"])
+    assert isinstance(failed["generation"].__cause__, ValueError)
+    assert not generator.engine.llm.llm_engine.has_unfinished_requests()
+    table = generator.generate(PROMPTS, Sampling(n=2, max_new_tokens=4, seed=3))
+    assert table.num_rows == 4 and generator.weight_version() == 0
