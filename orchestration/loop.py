@@ -64,8 +64,7 @@ class Loop:
         self.guards = Guards(cfg, lambda: stages.rewards.describe_unscorable())
         self.recovery = recovery
         self.sync_enabled = True  # tests turn it off to show what a missed sync looks like
-        # Partial rollouts: each sync runs behind the next iteration's rollout (the generations
-        # started meanwhile wait for its version) and is waited for before the advantages.
+        # Partial rollouts: each sync runs behind the next rollout, settled before advantages.
         self.sync_behind = cfg.max_staleness > 0 and cfg.partial_rollouts == "continue"
         self.last_batch: pa.Table | None = None  # the iteration's whole table
         self.pending: deque = deque()  # max_staleness > 0: the generations running ahead
@@ -193,13 +192,11 @@ class Loop:
         return metrics, trained.skipped_in_a_row
 
     def _generated(self, wanted: int):
-        """This iteration's generated batch (ref); called once per round (dynamic sampling
-        may take several). Synchronous (``max_staleness`` 0): sampled now by the current
-        weights. With ``max_staleness = k``: the next generations are started first, so that
-        k run ahead of this one (each by the weights served when it was started, and with
-        ``partial_rollouts: continue`` the newer ones from the first update that reaches it),
-        then the oldest is collected; a batch started at iteration i trains at iteration i + k
-        at the latest, at most k versions behind."""
+        """This iteration's generated batch (ref), once per round (dynamic sampling may take
+        several). Synchronous (``max_staleness`` 0): sampled now by the current weights. With
+        ``max_staleness = k``: the next generations start first, so k run ahead of this one
+        (each by the weights served when it started; with partial rollouts, newer ones from
+        the first update that reaches it), then the oldest is collected: at most k behind."""
         k = self.cfg.max_staleness
         if not k:
             return self.stages.generate(self.sampler.next_batch(wanted))
