@@ -99,9 +99,12 @@ __all__ = [
 
 
 def _last_token_index(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) index of each row's last response token, and (B,) bool 'row has any token'."""
-    lengths = response_mask.to(torch.int64).sum(dim=1)
-    return (lengths - 1).clamp(min=0), lengths > 0
+    """(B,) index of each row's last token in the mask, and (B,) bool 'row has any token'. The
+    mask may have gaps (a multi-turn episode's observation tokens are not the model's)."""
+    mask = response_mask.bool()
+    has_tokens = mask.any(dim=1)
+    last = mask.shape[1] - 1 - mask.flip(1).to(torch.int64).argmax(dim=1)
+    return torch.where(has_tokens, last, torch.zeros_like(last)), has_tokens
 
 
 def token_rewards(
@@ -112,13 +115,13 @@ def token_rewards(
 ) -> torch.Tensor:
     """Per-token rewards for PPO / REINFORCE++ with the KL penalty in the reward (InstructGPT).
 
-    ``r_t = -kl_coef * KL_t`` on every response token, plus the sequence score on the last
-    response token. A row with no response tokens, or with a non-finite (unscorable) score, gets
+    ``r_t = -kl_coef * KL_t`` on every response token in the mask, plus the sequence score on the
+    last one. A row with no response tokens, or with a non-finite (unscorable) score, gets
     no reward at all; drop such rows from the loss with :func:`scorable_mask`.
 
     Args:
         scores: (B,) sequence scores. kl: (B, T) per-token KL estimates.
-        response_mask: (B, T), right-padded. kl_coef: scalar beta.
+        response_mask: (B, T): the model's tokens (gaps allowed). kl_coef: scalar beta.
     Returns:
         (B, T) rewards, 0 outside ``response_mask``.
     """
@@ -157,13 +160,17 @@ def gae(
     ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``,
     ``R_t = A_t + V_t``, with ``V`` (and ``A``) after the last response token equal to 0.
 
+    Over the tokens in the mask only: in a multi-turn episode ``t + 1`` is the model's next
+    token, past the observation tokens between two turns (they are the environment's
+    transition, not actions), so the model's turns chain as one trajectory.
+
     Args:
-        token_rewards: (B, T). values: (B, T) critic values. response_mask: (B, T), right-padded.
+        token_rewards: (B, T). values: (B, T) critic values. response_mask: (B, T): the
+            model's tokens, right-padded, with gaps where observations are.
     Returns:
         ``(advantages, returns)``, both (B, T) and 0 outside ``response_mask``. Not whitened.
     """
     keep = response_mask.bool()
-    mask = keep.to(values.dtype)
     values = torch.where(keep, values, torch.zeros_like(values))
     rewards = torch.where(keep, token_rewards, torch.zeros_like(token_rewards))
     T = values.shape[1]
@@ -172,9 +179,10 @@ def gae(
     next_adv = torch.zeros_like(values[:, 0])
     for t in reversed(range(T)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        advantages[:, t] = next_adv
-        next_value = values[:, t]
+        here = keep[:, t]
+        next_adv = torch.where(here, delta + gamma * lam * next_adv, next_adv)
+        advantages[:, t] = torch.where(here, next_adv, torch.zeros_like(next_adv))
+        next_value = torch.where(here, values[:, t], next_value)
     return advantages, advantages + values  # both already 0 outside the mask
 
 
@@ -263,21 +271,20 @@ def reinforce_returns(
     token_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float
 ) -> torch.Tensor:
     """Discounted returns ``G_t = r_t + gamma G_{t+1}`` within each response (REINFORCE++,
-    arXiv 2501.03262, before its batch whitening).
+    arXiv 2501.03262, before its batch whitening), ``t + 1`` the next token in the mask.
 
     Args:
-        token_rewards: (B, T). response_mask: (B, T), right-padded.
+        token_rewards: (B, T). response_mask: (B, T): the model's tokens (gaps allowed).
     Returns:
         (B, T) returns, 0 outside ``response_mask``.
     """
     keep = response_mask.bool()
-    mask = keep.to(token_rewards.dtype)
     rewards = torch.where(keep, token_rewards, torch.zeros_like(token_rewards))
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        returns[:, t] = running
+        running = torch.where(keep[:, t], rewards[:, t] + gamma * running, running)
+        returns[:, t] = torch.where(keep[:, t], running, torch.zeros_like(running))
     return returns
 
 

@@ -45,7 +45,7 @@ from learner.losses import aggregate, kl_loss, policy_loss, value_loss
 from learner.models import LOGITS_CHUNK_BYTES, critic_forward, policy_forward
 from learner.off_policy import OffPolicySpec, behaviour_weights
 from rollout import schema as S
-from rollout.tensors import PaddedBatch, to_padded
+from rollout.tensors import PaddedBatch, model_token_mask, to_padded
 
 Metrics = dict[str, torch.Tensor]
 
@@ -83,8 +83,9 @@ class Objective:
     maxima: frozenset[str] = frozenset()
 
     def loss_mask(self, table: pa.Table, response_mask: torch.Tensor) -> torch.Tensor:
-        """The response tokens that count in the loss (and its denominators)."""
-        return response_mask
+        """The response tokens that count in the loss (and its denominators): the model's
+        (a multi-turn episode's observation tokens, ``loss_mask`` 0, never count)."""
+        return model_token_mask(table, response_mask)
 
     def lengths(self, table: pa.Table) -> np.ndarray:
         """(rows,) tokens each row puts through the model: prompt + response."""
@@ -210,11 +211,13 @@ class PolicyGradient(Objective):
         return tuple(columns)
 
     def loss_mask(self, table: pa.Table, response_mask: torch.Tensor) -> torch.Tensor:
-        # Unscorable rows (null score) teach nothing: they leave every loss term.
+        # Unscorable rows (null score) teach nothing: they leave every loss term; so do the
+        # observation tokens of multi-turn episodes.
+        mask = model_token_mask(table, response_mask)
         if S.SCORE not in table.column_names:
-            return response_mask
+            return mask
         valid = pc.is_valid(S.column_array(table, S.SCORE)).to_numpy(zero_copy_only=False)
-        return response_mask & torch.from_numpy(valid).to(response_mask.device).unsqueeze(1)
+        return mask & torch.from_numpy(valid).to(response_mask.device).unsqueeze(1)
 
     def forward(self, models, batch: PaddedBatch) -> dict:
         policy = policy_forward(

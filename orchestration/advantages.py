@@ -24,7 +24,7 @@ from learner.algorithms import (
 from rollout import schema as S
 from rollout.groups import zero_spread_fraction
 from rollout.ops import append_columns, group_ids
-from rollout.tensors import to_list_column, to_padded
+from rollout.tensors import model_token_mask, to_list_column, to_padded
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,9 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
     if spec.needs_critic:
         columns.append(S.VALUES)
     batch = to_padded(table, pad_token_id=spec.pad_token_id, per_token_columns=columns)
-    t, mask = batch.per_token, batch.response_mask
+    # The model's tokens: a multi-turn episode's observation tokens (``loss_mask`` 0) get no
+    # reward, KL, value target or advantage.
+    t, mask = batch.per_token, model_token_mask(table, batch.response_mask)
     score_col = S.column_array(table, S.SCORE)
     scores = torch.from_numpy(
         np.array(score_col.fill_null(float("nan")).to_numpy(zero_copy_only=False), np.float32)
@@ -126,7 +128,11 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
             "rollout/logprob_mismatch": float(masked_mean(mismatch, mask)),
             "rollout/logprob_mismatch_max": float(torch.where(mask, mismatch, 0).max()),
         }
-    new = {S.ADVANTAGES: to_list_column(adv, mask), S.RETURNS: to_list_column(returns, mask)}
+    padding = batch.response_mask
+    new = {
+        S.ADVANTAGES: to_list_column(adv, padding),
+        S.RETURNS: to_list_column(returns, padding),
+    }
     if k:
         metrics["rollout/staleness_mean"] = float(staleness.mean()) if len(rows) else 0.0
         metrics["rollout/staleness_max"] = float(staleness.max()) if len(rows) else 0.0
@@ -134,6 +140,8 @@ def advantages(table: pa.Table, spec: AdvantageSpec, kl_coef: float, version: in
             metrics[f"rollout/staleness_{s}"] = float((staleness == s).mean()) if len(rows) else 0.0
     if S.TOKEN_VERSIONS in table.column_names:
         metrics |= token_version_metrics(table, version)
+    if S.LOSS_MASK in table.column_names:
+        metrics |= episode_metrics(table, mask)
     return Advantages(table=append_columns(table, new), metrics=metrics, kl_ref=kl_ref)
 
 
@@ -154,6 +162,33 @@ def token_version_metrics(table: pa.Table, version: int) -> dict[str, float]:
         "rollout/partial_fraction": float((newest > first).mean()),
         "rollout/token_staleness_mean": float((version - flat).mean()),
     }
+
+
+def episode_metrics(table: pa.Table, model_tokens: torch.Tensor) -> dict[str, float]:
+    """Multi-turn episodes: ``episode/turns_mean``, ``episode/tool_calls_mean``,
+    ``episode/tool_call_rate`` (the share of episodes with at least one tool call),
+    ``episode/model_tokens`` (tokens in the loss), ``episode/observation_tokens``,
+    ``episode/reward_mean`` (the environment's own rewards) and ``episode/end/<reason>``, the
+    share of episodes that ended so (``done``, ``max_turns``, ``max_tokens``, or
+    ``<tool>:<fault>``: a tool or the environment raised, hung or returned garbage)."""
+    n = max(table.num_rows, 1)
+    calls = S.column_array(table, S.TOOL_CALLS).to_numpy()
+    lengths = pc.sum(pc.list_value_length(S.column_array(table, S.LOSS_MASK))).as_py() or 0
+    model = int(model_tokens.sum())
+    metrics = {
+        "episode/turns_mean": float(S.column_array(table, S.TURNS).to_numpy().mean()),
+        "episode/tool_calls_mean": float(calls.mean()),
+        "episode/tool_call_rate": float((calls > 0).mean()),
+        "episode/model_tokens": float(model),
+        "episode/observation_tokens": float(lengths - model),
+        "episode/reward_mean": float(
+            S.column_array(table, S.EPISODE_REWARD).to_numpy(zero_copy_only=False).mean()
+        ),
+    }
+    ends = pc.value_counts(S.column_array(table, S.EPISODE_END)).to_pylist()
+    for entry in ends:
+        metrics[f"episode/end/{entry['values']}"] = entry["counts"] / n
+    return metrics
 
 
 def distill_advantages(

@@ -12,6 +12,20 @@ from rollout.validate import validate
 
 
 @dataclass(frozen=True)
+class EpisodeRecord:
+    """A multi-turn episode's own columns: ``loss_mask`` (one entry per response token, 1 on
+    the model's), its model turns, tool calls, why it ended, the environment's summed reward,
+    and a fault's detail (for the generator's log, not a column)."""
+
+    loss_mask: Sequence[float]
+    turns: int
+    tool_calls: int
+    end: str
+    reward: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class GeneratedSample:
     """One sampled response, as a generator backend reports it.
 
@@ -28,6 +42,7 @@ class GeneratedSample:
     # Partial rollouts: the weight version that sampled each response token (None: all of them
     # the table's ``weight_version``).
     token_versions: Sequence[int] | None = None
+    episode: EpisodeRecord | None = None  # multi-turn episodes only
 
 
 def build_rollout_table(
@@ -42,7 +57,7 @@ def build_rollout_table(
         samples: one entry per row, in row order.
         weight_version: the version of the weights that produced every sample (with
             ``token_versions``, its first token); samples that carry ``token_versions`` (all or
-            none) add that column.
+            none) add that column, and episodes (all or none) their columns.
         metadata: passthrough columns (``label`` and other prompt metadata), one value per sample,
             keyed by column name; names from the contract are refused.
 
@@ -64,6 +79,17 @@ def build_rollout_table(
     if n and samples[0].token_versions is not None:
         versions = pa.array([list(s.token_versions) for s in samples], pa.list_(pa.int64()))
         table = table.append_column(S.KNOWN_FIELDS[S.TOKEN_VERSIONS], versions)
+    if n and samples[0].episode is not None:
+        episodes = [s.episode for s in samples]
+        for name, values in (
+            (S.LOSS_MASK, [list(e.loss_mask) for e in episodes]),
+            (S.TURNS, [e.turns for e in episodes]),
+            (S.TOOL_CALLS, [e.tool_calls for e in episodes]),
+            (S.EPISODE_END, [e.end for e in episodes]),
+            (S.EPISODE_REWARD, [e.reward for e in episodes]),
+        ):
+            field = S.KNOWN_FIELDS[name]
+            table = table.append_column(field, pa.array(values, field.type))
     for name, values in (metadata or {}).items():
         if S.expected_type(name) is not None:
             raise ValueError(f"metadata column '{name}' is a rollout-contract column; rename it")

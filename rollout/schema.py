@@ -18,6 +18,11 @@ weight_version             int64                 generator (weights that produce
                                                  with partial rollouts, its first token)
 token_versions             list<int64>           generator, partial rollouts only: the weight
                                                  version that sampled each response token
+loss_mask                  list<float32>         generator, multi-turn episodes only: 1 on the
+                                                 model's tokens, 0 on observation tokens
+turns, tool_calls          int32                 generator, episodes: model turns, tool calls
+episode_end                string                generator, episodes: why the episode ended
+episode_reward             float32               generator, episodes: the environment's rewards
 score, per-reward columns  float32 (nullable)    reward service; null = unscorable
 ref_logprobs               list<float32>         reference model
 old_logprobs, values       list<float32>         learner
@@ -43,6 +48,13 @@ WEIGHT_VERSION = "weight_version"
 # Partial rollouts (``max_staleness > 0``, ``partial_rollouts: continue``): a generation that a
 # weight update reaches mid-way goes on with the new weights; each token's version is kept.
 TOKEN_VERSIONS = "token_versions"
+# Multi-turn episodes (``actors.episodes``): the response is every turn after the prompt, the
+# model's and the environment's (tool results, feedback), kept as token ids end to end.
+LOSS_MASK = "loss_mask"  # 1.0 on the model's tokens, 0.0 on observation tokens (not sampled)
+TURNS = "turns"  # the model's turns in the episode
+TOOL_CALLS = "tool_calls"  # tool calls the environment ran (well-formed or not)
+EPISODE_END = "episode_end"  # why it ended: "done", "max_turns", "max_tokens", "<tool>:<fault>"
+EPISODE_REWARD = "episode_reward"  # the sum of the environment's per-turn and final rewards
 SCORE = "score"
 REF_LOGPROBS = "ref_logprobs"
 OLD_LOGPROBS = "old_logprobs"
@@ -91,11 +103,17 @@ PER_TOKEN_COLUMNS: tuple[str, ...] = (
     ADVANTAGES,
     RETURNS,
     SFT_MASK,
+    LOSS_MASK,
 )
 """list<float32> columns with exactly one entry per response token."""
 
 STAGE_FIELDS: dict[str, pa.Field] = {
     TOKEN_VERSIONS: pa.field(TOKEN_VERSIONS, pa.list_(pa.int64()), nullable=False),
+    LOSS_MASK: pa.field(LOSS_MASK, PER_TOKEN_TYPE, nullable=False),
+    TURNS: pa.field(TURNS, pa.int32(), nullable=False),
+    TOOL_CALLS: pa.field(TOOL_CALLS, pa.int32(), nullable=False),
+    EPISODE_END: pa.field(EPISODE_END, pa.string(), nullable=False),
+    EPISODE_REWARD: pa.field(EPISODE_REWARD, pa.float32(), nullable=False),
     SCORE: pa.field(SCORE, pa.float32(), nullable=True),
     REF_LOGPROBS: pa.field(REF_LOGPROBS, PER_TOKEN_TYPE, nullable=False),
     OLD_LOGPROBS: pa.field(OLD_LOGPROBS, PER_TOKEN_TYPE, nullable=False),
@@ -104,9 +122,9 @@ STAGE_FIELDS: dict[str, pa.Field] = {
     RETURNS: pa.field(RETURNS, PER_TOKEN_TYPE, nullable=False),
     SFT_MASK: pa.field(SFT_MASK, PER_TOKEN_TYPE, nullable=False),
 }
-"""Optional columns (the generator's ``token_versions``) and columns that later stages append,
-with their types. Reward columns other than ``score``
-(one per reward function) are float32 and nullable too; see :func:`expected_type`."""
+"""Optional columns (the generator's ``token_versions`` and episode columns) and columns that
+later stages append, with their types. Reward columns other than ``score`` (one per reward
+function) are float32 and nullable too; see :func:`expected_type`."""
 
 KNOWN_FIELDS: dict[str, pa.Field] = {f.name: f for f in GENERATOR_FIELDS} | STAGE_FIELDS
 

@@ -150,6 +150,22 @@ def to_padded(
     )
 
 
+def model_token_mask(table: pa.Table, response_mask: torch.Tensor) -> torch.Tensor:
+    """The response tokens the model sampled: ``response_mask`` (B, R) cleared where the table's
+    ``loss_mask`` is 0 (multi-turn episodes: tool results and environment feedback, tokens no
+    policy sampled). Without a ``loss_mask`` column every response token is the model's."""
+    if S.LOSS_MASK not in table.column_names:
+        return response_mask
+    values, _ = _pad(
+        S.column_array(table, S.LOSS_MASK),
+        response_mask.shape[1],
+        left=False,
+        pad_value=0.0,
+        dtype=np.float32,
+    )
+    return response_mask.bool() & torch.from_numpy(values > 0.5).to(response_mask.device)
+
+
 def to_list_column(values: torch.Tensor, response_mask: torch.Tensor) -> pa.ListArray:
     """Turn a (B, R) per-token tensor back into a list<float32> column.
 

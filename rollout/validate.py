@@ -134,6 +134,8 @@ def validate(table: pa.Table, require: Iterable[str] = ()) -> pa.Table:
 
     if S.TOKEN_VERSIONS in names:
         _check_token_versions(table, response_len)
+    if S.LOSS_MASK in names:
+        _check_loss_mask(table)
 
     # A sampled token cannot be more likely than certain; allow float rounding above 0.
     flat = S.column_array(table, S.ROLLOUT_LOGPROBS).flatten().to_numpy(zero_copy_only=False)
@@ -164,6 +166,31 @@ def validate(table: pa.Table, require: Iterable[str] = ()) -> pa.Table:
                 row=int(later),
             )
     return table
+
+
+def _check_loss_mask(table: pa.Table) -> None:
+    """``loss_mask`` (its length is checked with the per-token columns): every entry 0 (an
+    observation token) or 1 (the model's), and an episode starts with the model's turn."""
+    arr = S.column_array(table, S.LOSS_MASK)
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    parents = np.asarray(pc.list_parent_indices(arr))
+    if (k := _first((flat != 0.0) & (flat != 1.0))) is not None:
+        raise RolloutValidationError(
+            f"holds {flat[k]:g}; a loss mask is 1 (the model's token) or 0 (an observation's)",
+            column=S.LOSS_MASK,
+            row=int(parents[k]),
+        )
+    lengths = np.asarray(pc.list_value_length(arr))
+    starts = np.cumsum(lengths) - lengths
+    opens_with_observation = np.zeros(len(lengths), dtype=bool)
+    has = lengths > 0
+    opens_with_observation[has] = flat[starts[has]] == 0.0
+    if (row := _first(opens_with_observation)) is not None:
+        raise RolloutValidationError(
+            "starts with an observation token; the response begins with the model's turn",
+            column=S.LOSS_MASK,
+            row=row,
+        )
 
 
 def _check_token_versions(table: pa.Table, response_len: np.ndarray) -> None:
