@@ -22,6 +22,8 @@ import pyarrow as pa
 import ray
 import torch
 
+from actors.environments import make_environment
+from actors.episodes import EpisodeRunner, ObservationFormat
 from actors.vllm_engine import EngineSpec, Sampling, VLLMEngine
 from learner import weight_sync
 from rollout import schema as S
@@ -35,6 +37,11 @@ LANES = {WEIGHTS: 1, QUERIES: 1}  # ray.remote(concurrency_groups=...) of a gene
 def actor_class():
     """``PolicyGenerator`` as a Ray actor class with its lanes (see the module docstring)."""
     return ray.remote(concurrency_groups=LANES)(PolicyGenerator)
+
+
+def _no_update() -> None:
+    """A generation that takes no weight update between its steps."""
+    return None
 
 
 class StaleWeightsError(RuntimeError):
@@ -94,6 +101,8 @@ class PolicyGenerator:
         self._takes_updates = False  # a generation that continues across updates runs
         self._served = threading.Condition()  # notified when the version served changes
         self._handoff: _Handoff | None = None  # a load waiting for that generation's next step
+        self._environments: dict[str, tuple] = {}  # episodes: environment and format per spec
+        self._faults_reported: set[str] = set()
 
     def _serve(self, version: int) -> None:
         with self._served:
@@ -186,16 +195,49 @@ class PolicyGenerator:
         seeds = None
         if SAMPLE_SEED in prompts.column_names:
             seeds = S.column_array(prompts, SAMPLE_SEED).to_pylist()
+        episodes = self._episodes(prompts, sampling) if sampling.episodes else None
         with self._engine_for_generation(takes_updates=continuing):
             self._check_request(prompts, expected_version, newer_ok=continuing)
             first = self._version
-            if continuing:
+            if continuing or episodes is not None:
+                take = self._take_update if continuing else _no_update
                 samples = self.engine.generate_continuing(
-                    ids, range(len(ids)), sampling, seeds, first, self._take_update
+                    ids, range(len(ids)), sampling, seeds, first, take, episodes
                 )
             else:
                 samples = self.engine.generate(ids, range(len(ids)), sampling, seeds)
+        if episodes is not None:
+            self._report_faults(samples)
         return self._rollout_table(prompts, samples, first)
+
+    def _episodes(self, prompts: pa.Table, sampling: Sampling) -> EpisodeRunner:
+        """The environment side of one episode per sample: each is reset from its prompt's
+        row (every column but the token ids: ``label``, metadata)."""
+        spec = sampling.episodes
+        key = repr(spec)
+        if key not in self._environments:  # built once per spec, in this process
+            self._environments[key] = (
+                make_environment(spec),
+                ObservationFormat(self.engine.tokenizer(), spec.observation_role),
+            )
+        environment, observations = self._environments[key]
+        rows = prompts.drop_columns([S.PROMPT_TOKEN_IDS]).to_pylist()
+        per_sample = [row for row in rows for _ in range(sampling.n)]
+        return EpisodeRunner(environment, spec, observations, per_sample)
+
+    def _report_faults(self, samples: list[GeneratedSample]) -> None:
+        """Print each kind of fault (a tool or the environment that raised, hung or returned
+        garbage) the first time it ends an episode; the metrics count every one."""
+        for sample in samples:
+            end = sample.episode.end
+            if ":" in end and end not in self._faults_reported:
+                self._faults_reported.add(end)
+                detail = sample.episode.detail or "no detail"
+                print(
+                    f"warning: an episode ended with {end} ({detail}); later ones are counted "
+                    f"in episode/end/{end} only",
+                    flush=True,
+                )
 
     def generate_checked(
         self, prompts: pa.Table, sampling: Sampling, expected_version: int, wait_s: float = 0.0

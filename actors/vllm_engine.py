@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rollout.build import GeneratedSample
+from actors.episodes import EpisodeRunner, EpisodeSpec, Outcome
+from rollout.build import EpisodeRecord, GeneratedSample
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class Sampling:
     # Partial rollouts: a weight update that arrives during the generation applies from the
     # next token on (``VLLMEngine.generate_continuing``) instead of waiting for its end.
     continue_across_updates: bool = False
+    # Multi-turn episodes (``actors.episodes``): each sample is an episode in this environment;
+    # ``max_new_tokens`` then bounds each model turn.
+    episodes: EpisodeSpec | None = None
 
 
 def on_cpu() -> bool:
@@ -156,6 +160,7 @@ class VLLMEngine:
         seeds: Sequence[int] | None,
         version: int,
         take_update: Callable[[], Callable[[], int] | None],
+        episodes: EpisodeRunner | None = None,
     ) -> list[GeneratedSample]:
         """:meth:`generate` that goes on across weight updates (partial rollouts): after every
         engine step ``take_update()`` hands over a weight load that arrived meanwhile, or None.
@@ -164,6 +169,13 @@ class VLLMEngine:
         tokens so far, with the new weights, for the tokens it has left. Every sample carries
         ``token_versions``: ``version`` (served at the start) for its first tokens, the newer
         version for those sampled after an update.
+
+        With ``episodes`` every sample is a multi-turn episode (``actors.episodes``): a model
+        turn ends at EOS, at one of the environment's stop strings or at
+        ``sampling.max_new_tokens``; the runner's environment answers it in a thread of its own
+        while the engine goes on with the other episodes, and the episode continues from its
+        token ids plus the observation's (``loss_mask`` 0, log-probability 0), up to
+        ``max_turns`` turns and ``max_tokens`` response tokens.
 
         Sample ``j`` of prompt ``i`` is its own request seeded ``seeds[i] + j`` (as vLLM seeds
         the samples of :meth:`generate`); a continuation draws from a new seed derived from
@@ -180,18 +192,23 @@ class VLLMEngine:
         if seeds is None and sampling.seed is not None:
             for k, sample in enumerate(samples):
                 sample.seed = sampling.seed + k
+        total = sampling.max_new_tokens if episodes is None else episodes.spec.max_tokens
+        stop = list(episodes.environment.stop) if episodes is not None else None
 
         def start(k: int) -> None:
             sample = samples[k]
             done = len(sample.tokens)
             seed = sample.seed if not done or sample.seed is None else _continued_seed(sample)
+            in_turn = done - sample.turn_start
             params = SamplingParams(
                 n=1,
                 temperature=sampling.temperature,
-                max_tokens=sampling.max_new_tokens - done,
+                max_tokens=min(sampling.max_new_tokens - in_turn, total - done),
                 logprobs=0,
                 seed=seed,
                 ignore_eos=sampling.ignore_eos,
+                stop=stop,
+                include_stop_str_in_output=True,
                 output_kind=RequestOutputKind.DELTA,
             )
             sample.request = f"{k}.{sample.starts}"
@@ -200,25 +217,66 @@ class VLLMEngine:
                 sample.request, {"prompt_token_ids": sample.prompt + sample.tokens}, params
             )
 
+        def turn_ended(k: int, reason: str) -> None:
+            sample = samples[k]
+            sample.request = ""
+            if episodes is None or reason == "abort":
+                sample.finish_reason = reason
+                return
+            sample.turns += 1
+            sample.turn_reason = reason  # "length": the turn ran out of tokens
+            if len(sample.tokens) >= total:
+                sample.end("length", "max_tokens")
+                return
+            episodes.submit(k, sample.tokens[sample.turn_start :])
+
+        def observed(k: int, outcome: Outcome) -> None:
+            sample = samples[k]
+            sample.reward += outcome.reward
+            sample.tool_calls += outcome.tool is not None
+            if outcome.observation is None:
+                sample.end(sample.turn_reason, outcome.end or "done", outcome.detail)
+            elif sample.turns >= episodes.spec.max_turns:
+                sample.end("length", "max_turns")
+            elif len(sample.tokens) + len(outcome.observation) >= total:
+                sample.end("length", "max_tokens")
+            else:
+                n = len(outcome.observation)
+                sample.tokens += outcome.observation
+                sample.logprobs += [0.0] * n
+                sample.versions += [version] * n
+                sample.mask += [0.0] * n
+                sample.turn_start = len(sample.tokens)
+                start(k)
+
         try:
             for k in range(len(samples)):
                 start(k)
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    sample = samples[int(out.request_id.split(".")[0])]
-                    delta = out.outputs[0]
-                    tokens = list(delta.token_ids)
-                    sample.tokens += tokens
-                    sample.logprobs += [
-                        step[tok].logprob for step, tok in zip(delta.logprobs, tokens, strict=True)
-                    ]
-                    sample.versions += [version] * len(tokens)
-                    if out.finished:
-                        sample.finish_reason = _finish_reason(delta.finish_reason)
+            while engine.has_unfinished_requests() or (episodes is not None and episodes.pending):
+                if engine.has_unfinished_requests():
+                    for out in engine.step():
+                        k = int(out.request_id.split(".")[0])
+                        sample = samples[k]
+                        delta = out.outputs[0]
+                        tokens = list(delta.token_ids)
+                        sample.tokens += tokens
+                        sample.logprobs += [
+                            step[tok].logprob
+                            for step, tok in zip(delta.logprobs, tokens, strict=True)
+                        ]
+                        sample.versions += [version] * len(tokens)
+                        sample.mask += [1.0] * len(tokens)
+                        if out.finished:
+                            turn_ended(k, _finish_reason(delta.finish_reason))
+                if episodes is not None:
+                    idle = not engine.has_unfinished_requests()
+                    wait = min(episodes.next_wait(), 0.05) if idle else 0.0
+                    for k, outcome in episodes.ready(wait):
+                        observed(k, outcome)
                 load = take_update()
                 if load is None:
                     continue
-                running = [k for k, s in enumerate(samples) if s.finish_reason is None]
+                running = [k for k, s in enumerate(samples) if s.request]
                 engine.abort_request([samples[k].request for k in running])
                 version = load()
                 for k in running:
@@ -227,7 +285,11 @@ class VLLMEngine:
             left = [s.request for s in samples if s.finish_reason is None and s.request]
             if left:
                 engine.abort_request(left)
-        return [s.generated() for s in samples]
+        return [s.generated(episodes is not None) for s in samples]
+
+    def tokenizer(self):
+        """The tokenizer vLLM serves with (episodes decode turns and encode observations)."""
+        return self.llm.get_tokenizer()
 
     def beam_search(
         self,
@@ -361,10 +423,23 @@ class _Continuing:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    request: str = ""  # the engine's request id of its current segment
-    starts: int = 0  # segments started (the first, and one after each weight update)
+    request: str = ""  # the engine's request id of its current segment ("" between turns)
+    starts: int = 0  # segments started (the first, after each weight update and observation)
+    # Episodes: 1.0 / 0.0 per token (the model's / an observation's), where the model's current
+    # turn starts, its turns and tool calls, the environment's reward, why it ended.
+    mask: list[float] = field(default_factory=list)
+    turn_start: int = 0
+    turn_reason: str = ""  # how the last model turn ended: "stop" or "length"
+    turns: int = 0
+    tool_calls: int = 0
+    reward: float = 0.0
+    ending: str = ""
+    detail: str = ""
 
-    def generated(self) -> GeneratedSample:
+    def end(self, finish_reason: str, ending: str, detail: str = "") -> None:
+        self.finish_reason, self.ending, self.detail = finish_reason, ending, detail
+
+    def generated(self, episode: bool) -> GeneratedSample:
         return GeneratedSample(
             prompt_id=self.prompt_index,
             sample_index=self.sample_index,
@@ -373,6 +448,16 @@ class _Continuing:
             rollout_logprobs=self.logprobs,
             finish_reason=self.finish_reason or "abort",
             token_versions=self.versions,
+            episode=EpisodeRecord(
+                self.mask,
+                self.turns,
+                self.tool_calls,
+                self.ending or "abort",
+                self.reward,
+                self.detail,
+            )
+            if episode
+            else None,
         )
 
 

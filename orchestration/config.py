@@ -56,6 +56,7 @@ from orchestration.config_sections import (
 from orchestration.config_stages import (
     DistillConfig,
     DpoConfig,
+    EpisodesConfig,
     PtxConfig,
     RejectionSamplingConfig,
     RewardTrainingConfig,
@@ -163,6 +164,8 @@ class RunConfig(Section):
     rrhf: RrhfConfig = RrhfConfig()
     rs: RejectionSamplingConfig = RejectionSamplingConfig()
     distill: DistillConfig = DistillConfig()
+    episodes: EpisodesConfig = EpisodesConfig()
+    """rl: multi-turn episodes with tools or an environment (off by default)."""
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

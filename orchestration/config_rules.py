@@ -118,12 +118,41 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"data.max_prompt_tokens + generator.max_new_tokens = {longest} exceeds "
             f"generator.max_model_len = {cfg.generator.max_model_len}; raise it"
         )
+    problems += episode_problems(cfg)
     if cfg.resume != "never" and not cfg.logging.name:
         problems.append(
             f"resume={cfg.resume} continues a named run: set logging.name to its directory "
             "name under logging.root"
         )
     return problems + scale_problems(cfg) + reward_problems(cfg) + eval_problems(cfg)
+
+
+def episode_problems(cfg: RunConfig) -> list[str]:
+    """Multi-turn episodes: stage rl, the episode fits the engine, the environment resolves."""
+    ep = cfg.episodes
+    if ep.environment is None:
+        return ["episodes.tools: set episodes.environment=tools to use them"] if ep.tools else []
+    problems = []
+    if cfg.stage != "rl":
+        problems.append(f"episodes.environment: episodes are for stage=rl, not stage={cfg.stage}")
+    longest = cfg.data.max_prompt_tokens + ep.max_tokens
+    if longest > cfg.generator.max_model_len:
+        problems.append(
+            f"data.max_prompt_tokens + episodes.max_tokens = {longest} exceeds "
+            f"generator.max_model_len = {cfg.generator.max_model_len}; raise it"
+        )
+    if ep.environment == "tools" and not ep.tools:
+        problems.append(
+            "episodes.environment=tools needs episodes.tools (e.g. [{name: calculator}])"
+        )
+        return problems
+    from actors.environments import make_environment
+
+    try:
+        make_environment(ep.spec())  # imports it and checks its params, before any actor
+    except ValueError as e:
+        problems.append(f"episodes.environment: {e}")
+    return problems
 
 
 def staleness_problems(cfg: RunConfig) -> list[str]:

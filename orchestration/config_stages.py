@@ -5,7 +5,7 @@ on-policy distillation. ``orchestration.config`` re-exports them with the other 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -160,3 +160,60 @@ class DistillConfig(Section):
     """The teacher checkpoint (path or hub name); None: no distillation."""
     coef: float = Field(1.0, gt=0)
     """The weight of the per-token reverse-KL reward."""
+
+
+class ToolConfig(Section):
+    name: str
+    """A built-in tool (``calculator``, ``python``) or ``package.module:object``."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the tool (``python``: ``timeout_s``, ``memory_mib``)."""
+
+
+class EpisodesConfig(Section):
+    """rl: multi-turn episodes (``actors.episodes``): each sample is an episode in which the
+    model's turns alternate with an environment's observations (tool results, a game's
+    feedback), one token sequence whose observation tokens stay out of every loss
+    (``loss_mask``). Off while ``environment`` is None."""
+
+    environment: str | None = None
+    """``tools`` (the model calls ``tools`` by writing ``<name>argument</name>``),
+    ``guess_number`` (a game: ``higher`` / ``lower`` after each guess), or
+    ``package.module:object``, called with ``params``, giving an ``actors.episodes.Environment``."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the environment (``tools`` takes its tools from ``tools``)."""
+    tools: list[ToolConfig] = Field(default_factory=list)
+    """``environment: tools``: the tools, each a built-in (``calculator``, ``python``) or
+    ``package.module:object`` with its ``params``."""
+    max_turns: int = Field(4, ge=1)
+    """Model turns per episode; an episode still going after them ends (``max_turns``)."""
+    max_tokens: int = Field(64, ge=1)
+    """Response tokens per episode, the model's and the observations' together (each model turn
+    also stops at ``generator.max_new_tokens``); ``data.max_prompt_tokens + max_tokens`` must fit
+    ``generator.max_model_len``."""
+    timeout_s: float = Field(5.0, gt=0)
+    """The longest one environment step (a tool call) may take; one that takes longer, raises or
+    returns garbage ends its episode (``episode/end/<tool>:<reason>``), never the run."""
+    observation_role: str = "tool"
+    """The chat template role observations are written as (models without a chat template see
+    the observation text as it is)."""
+    reward_weight: float = 1.0
+    """Weight of the environment's own rewards (``episode_reward``, summed over the episode) in
+    the score, as the ``environment`` component; 0 leaves them out."""
+
+    def spec(self):
+        """The generators' ``actors.episodes.EpisodeSpec``, or None when off."""
+        from actors.episodes import EpisodeSpec
+
+        if self.environment is None:
+            return None
+        params = dict(self.params)
+        if self.environment == "tools":
+            params["tools"] = [t.model_dump() for t in self.tools]
+        return EpisodeSpec(
+            environment=self.environment,
+            params=params,
+            max_turns=self.max_turns,
+            max_tokens=self.max_tokens,
+            timeout_s=self.timeout_s,
+            observation_role=self.observation_role,
+        )

@@ -68,6 +68,52 @@ def addition_corpus(max_operand: int) -> list[str]:
     return [prompt + answer for prompt, answer in addition_examples(max_operand)]
 
 
+CALCULATOR_LARGE = (10, 99)  # the calculator task's large operands
+GUESS_RANGE = (1, 8)  # the guessing game's secrets (``actors.environments.GuessNumber``)
+
+
+def calculator_examples(max_operand: int, large: int = 40, seed: int = 0) -> list[tuple[str, str]]:
+    """The calculator task (``episodes.tools: [calculator]``): the built-in task's sums of
+    small operands (0..max_operand), which a tiny model can learn by heart, and ``large`` sums
+    of two-digit operands, which it answers right only by calling the calculator
+    (``<calc>47+85</calc>``)."""
+    import random
+
+    rng = random.Random(seed)
+    low, high = CALCULATOR_LARGE
+    pairs = {(rng.randint(low, high), rng.randint(low, high)) for _ in range(large * 4)}
+    big = sorted(pairs)[:large] if len(pairs) >= large else sorted(pairs)
+    rng.shuffle(big)
+    return addition_examples(max_operand) + [(f"{a}+{b}=", str(a + b)) for a, b in big[:large]]
+
+
+def guess_examples() -> list[tuple[str, str]]:
+    """The guessing game (``episodes.environment: guess_number``): one prompt per secret."""
+    low, high = GUESS_RANGE
+    return [(f"guess {low}-{high}:", str(n)) for n in range(low, high + 1)]
+
+
+BUILTIN_TASKS = {
+    "builtin:addition": addition_examples,
+    "builtin:calculator": calculator_examples,
+    "builtin:guess": lambda max_operand: guess_examples(),
+}
+"""Built-in prompt sets: source -> ``(max_operand) -> [(prompt, label)]``."""
+
+
+def builtin_corpus(source: str, max_operand: int) -> list[str]:
+    """Text to train the built-in tiny model's tokenizer on for a built-in task: its prompts
+    and answers, and for the multi-turn tasks their tool calls and observations."""
+    corpus = addition_corpus(max_operand)
+    if source == "builtin:calculator":
+        for prompt, answer in calculator_examples(max_operand):
+            corpus.append(f"{prompt}<calc>{prompt[:-1]}</calc><result>{answer}</result>{answer}")
+        corpus.append("<error>bad argument for calc</error>")
+    elif source == "builtin:guess":
+        corpus += [f"{p}{a} higher\n lower\n say a number\n" for p, a in guess_examples()]
+    return corpus
+
+
 # ------------------------------------------------------------------------------ files
 
 
@@ -368,12 +414,14 @@ def _responses(row: dict, keys: Sequence[str]) -> list[str]:
 def _source_records(
     source: str, addition_max_operand: int, split: str
 ) -> tuple[str, list[_Record]]:
-    if source == "builtin:addition":
-        rows = [{"prompt": p, "label": a} for p, a in addition_examples(addition_max_operand)]
+    if source in BUILTIN_TASKS:
+        pairs = BUILTIN_TASKS[source](addition_max_operand)
+        rows = [{"prompt": p, "label": a} for p, a in pairs]
         return source, [_Record(f"row {i}", row) for i, row in enumerate(rows)]
     if source.startswith("builtin:"):
         raise DataError(
-            f"unknown built-in dataset {source!r}; the built-in one is builtin:addition"
+            f"unknown built-in dataset {source!r}; the built-in ones are "
+            + ", ".join(BUILTIN_TASKS)
         )
     return _open_source(Path(source), split)
 

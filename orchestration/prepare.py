@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from orchestration.config import BUILTIN_MODEL, BUILTIN_RM, ConfigError, RunConfig
-from orchestration.data import PromptSet, addition_corpus, load_prompts
+from orchestration.data import PromptSet, builtin_corpus, load_prompts
 
 
 def make_run_dir(cfg: RunConfig, source: str) -> Path:
@@ -63,7 +63,8 @@ def prepare_model(cfg: RunConfig, run_dir: Path, located: str) -> str:
     if (run_dir / "base_model" / "config.json").is_file():
         return str(run_dir / "base_model")
     return build_tiny_model(
-        str(run_dir / "base_model"), addition_corpus(cfg.data.addition_max_operand)
+        str(run_dir / "base_model"),
+        builtin_corpus(cfg.data.source, cfg.data.addition_max_operand),
     )
 
 

@@ -23,13 +23,17 @@ from rollout.groups import group_spread
 from rollout.ops import append_columns
 
 DATASET_ROW = S.DATASET_ROW  # which dataset prompt a sample answers
+ENVIRONMENT_COMPONENT = "environment"  # multi-turn episodes: the environment's own rewards
 
 
 @ray.remote(num_cpus=0)
 def _reward_inputs(table: pa.Table) -> dict[str, np.ndarray]:
     """The few per-row values shaping needs, so the driver never pulls the whole table."""
     rows = table[DATASET_ROW] if DATASET_ROW in table.column_names else table[S.PROMPT_ID]
-    return {
+    extra = {}
+    if S.EPISODE_REWARD in table.column_names:
+        extra[ENVIRONMENT_COMPONENT] = S.column_array(table, S.EPISODE_REWARD)
+    return extra | {
         "finish_reason": np.asarray(S.column_array(table, S.FINISH_REASON).to_pylist()),
         "response_length": pc.list_value_length(S.column_array(table, S.RESPONSE_TOKEN_IDS))
         .to_numpy()
@@ -87,6 +91,10 @@ class RewardStage:
         for t in tables[1:]:
             for name in t.column_names:
                 columns = columns.append_column(name, t[name])
+        inputs = calls.wait(inputs, "reward", self.timeout)
+        if ENVIRONMENT_COMPONENT in inputs:  # multi-turn episodes: the environment's rewards
+            name = S.REWARD_COLUMN_PREFIX + ENVIRONMENT_COMPONENT
+            columns = columns.append_column(name, inputs.pop(ENVIRONMENT_COMPONENT))
         self.last_metrics = metrics
         failing = {k for k in _failing(metrics) if k not in self.reported}
         if failing:
@@ -98,7 +106,7 @@ class RewardStage:
                         flush=True,
                     )
                     self.reported.add(name)
-        return columns, calls.wait(inputs, "reward", self.timeout), metrics
+        return columns, inputs, metrics
 
     def problems(self) -> dict:
         """Every reward actor's failing components: name -> ``scorer.Problem``."""

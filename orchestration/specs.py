@@ -16,6 +16,7 @@ from learner.engine import LearnerSpec, OptimizerSpec
 from learner.objectives import LossSpec, PolicyGradient
 from learner.off_policy import OffPolicySpec
 from orchestration.config import RunConfig
+from orchestration.reward_stage import ENVIRONMENT_COMPONENT
 from reward_service.remote import RemoteSpec
 from reward_service.scorer import RuleSpec
 from reward_service.shaping import SafetyGate, ShapingSpec
@@ -172,6 +173,7 @@ def sampling(cfg: RunConfig) -> Sampling:
         max_new_tokens=gen.max_new_tokens,
         ignore_eos=gen.ignore_eos,
         continue_across_updates=bool(cfg.max_staleness) and cfg.partial_rollouts == "continue",
+        episodes=cfg.episodes.spec(),
     )
 
 
@@ -183,6 +185,7 @@ def eval_sampling(cfg: RunConfig) -> Sampling:
         temperature=ev.temperature,
         max_new_tokens=ev.max_new_tokens or cfg.generator.max_new_tokens,
         seed=cfg.seed,
+        episodes=cfg.episodes.spec(),
     )
 
 
@@ -254,8 +257,11 @@ def shaping_spec(cfg: RunConfig) -> ShapingSpec:
     whitening."""
     rw = cfg.reward
     gate = rw.safety_gate
+    weights = rw.weights
+    if cfg.episodes.environment is not None and cfg.episodes.reward_weight:
+        weights = weights | {ENVIRONMENT_COMPONENT: cfg.episodes.reward_weight}
     return ShapingSpec(
-        weights=rw.weights,
+        weights=weights,
         gate=SafetyGate(gate.component, gate.threshold) if gate else None,
         reference_baseline=rw.reference_baseline,
         normalize=rw.normalize,
@@ -263,7 +269,9 @@ def shaping_spec(cfg: RunConfig) -> ShapingSpec:
         no_eos_penalty=rw.no_eos_penalty,
         overlong_buffer=rw.overlong.buffer_tokens if rw.overlong else None,
         overlong_penalty=rw.overlong.penalty if rw.overlong else 1.0,
-        max_new_tokens=cfg.generator.max_new_tokens,
+        max_new_tokens=cfg.episodes.max_tokens
+        if cfg.episodes.environment is not None
+        else cfg.generator.max_new_tokens,
         whiten=rw.whiten,
     )
 

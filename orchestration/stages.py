@@ -248,6 +248,7 @@ class Stages:
             self.sampling,
             n=len(self.actors.learners),
             max_new_tokens=min(8, self.sampling.max_new_tokens),
+            episodes=None,  # one turn: a probe of the weights, not of an environment
         )
         bound, version = max_mismatch(self.cfg), self.pool.version
         for i, g in enumerate(self.actors.generators):

@@ -156,11 +156,27 @@ class RemoteScorer:
 
 
 def decode(tokenizer, table: pa.Table) -> tuple[list[str], list[str]]:
-    """The decoded prompts and responses of ``table`` (special tokens dropped)."""
-    return tuple(
-        tokenizer.batch_decode(S.column_array(table, c).to_pylist(), skip_special_tokens=True)
-        for c in (S.PROMPT_TOKEN_IDS, S.RESPONSE_TOKEN_IDS)
+    """The decoded prompts and responses of ``table`` (special tokens dropped). A multi-turn
+    episode's response is its last model turn (after the last observation): the answer a
+    verifier judges."""
+    prompts, responses = (
+        S.column_array(table, c).to_pylist() for c in (S.PROMPT_TOKEN_IDS, S.RESPONSE_TOKEN_IDS)
     )
+    if S.LOSS_MASK in table.column_names:
+        masks = S.column_array(table, S.LOSS_MASK).to_pylist()
+        responses = [r[_last_turn_start(m) :] for r, m in zip(responses, masks, strict=True)]
+    return (
+        tokenizer.batch_decode(prompts, skip_special_tokens=True),
+        tokenizer.batch_decode(responses, skip_special_tokens=True),
+    )
+
+
+def _last_turn_start(mask: list[float]) -> int:
+    """Where the last model turn starts: after the last observation token (0 in the mask)."""
+    for i in range(len(mask) - 1, -1, -1):
+        if mask[i] == 0.0:
+            return i + 1
+    return 0
 
 
 def labels_of(table: pa.Table, column: str) -> list[str | None]:

@@ -1,0 +1,150 @@
+"""Multi-turn episodes on a real vLLM engine (CPU, in this process), for every model family of
+the matrix: the response is the model's turns and the environment's observations as one token
+sequence, the observations tokenized once and appended as they are (``loss_mask`` 0,
+log-probability 0), the model's tokens exactly those vLLM sampled, each with the log-probability
+a transformers forward of the whole sequence gives it; and a hung environment is cut at its
+limit while the other episodes go on."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.episodes import EpisodeSpec, Step
+from actors.generator import SAMPLE_SEED, PolicyGenerator
+from actors.vllm_engine import EngineSpec, Sampling
+from orchestration.tiny_model import FAMILY_MATRIX
+from rollout import schema as S
+
+pytestmark = pytest.mark.slow  # a vLLM engine per model family
+
+OBSERVATION = " 7+7=14\n"  # text that a re-encoding of the whole response would merge differently
+
+
+class TwoTurns:
+    """Answers the model's first turn with :data:`OBSERVATION`; the second turn ends the
+    episode with a reward of the turn's length."""
+
+    stop: tuple[str, ...] = ()
+
+    def __init__(self, hang_on_label: str | None = None):
+        self.hang_on_label = hang_on_label
+
+    def reset(self, row):
+        return _TwoTurnEpisode(row["label"] == self.hang_on_label)
+
+
+class _TwoTurnEpisode:
+    def __init__(self, hang: bool):
+        self.turns, self.hang = 0, hang
+
+    def step(self, turn: str) -> Step:
+        self.turns += 1
+        if self.hang:
+            time.sleep(60)
+        if self.turns == 1:
+            return Step(OBSERVATION, reward=0.25)
+        return Step(done=True, reward=1.0)
+
+
+PROMPTS = pa.table(
+    {
+        "prompt_id": pa.array([10, 11], pa.int64()),
+        "prompt_token_ids": pa.array([[3, 5, 7, 9], [4, 2]], pa.list_(pa.int32())),
+        SAMPLE_SEED: pa.array([100, 200], pa.int64()),
+        "label": ["a", "b"],
+    }
+)
+TWO_TURNS = EpisodeSpec(
+    environment="tests.actors.test_episodes:TwoTurns", max_turns=4, max_tokens=40, timeout_s=2.0
+)
+
+
+def sequence_logprobs(model, ids: list[int], start: int) -> torch.Tensor:
+    """(len(ids) - start,) the model's log-probability of each token from ``start`` on, given
+    all before it."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    logprobs = logits.log_softmax(-1)[start - 1 : -1]
+    return logprobs.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MATRIX))
+def test_two_turn_episode_keeps_token_ids_and_masks_the_observation(family, family_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = family_models[family]
+    generator = PolicyGenerator(EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    observation = tokenizer.encode(OBSERVATION, add_special_tokens=False)
+    sampling = Sampling(n=2, max_new_tokens=6, episodes=TWO_TURNS)
+    table = generator.generate(PROMPTS, sampling, expected_version=0)
+
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    rows = table.to_pylist()
+    assert len(rows) == 4
+    for row in rows:
+        mask, response = row[S.LOSS_MASK], row[S.RESPONSE_TOKEN_IDS]
+        assert len(mask) == len(response) == len(row[S.ROLLOUT_LOGPROBS])
+        # model turn, observation, model turn: the mask has exactly one gap, the observation's
+        # ids exactly as tokenized once (never re-encoded together with the model's tokens)
+        first = mask.index(0.0)
+        gap = len(observation)
+        assert mask == [1.0] * first + [0.0] * gap + [1.0] * (len(mask) - first - gap)
+        assert response[first : first + gap] == observation
+        assert row[S.TURNS] == 2 and row[S.EPISODE_END] == "done"
+        assert row[S.EPISODE_REWARD] == pytest.approx(1.25)
+        assert row[S.TOOL_CALLS] == 0
+        # the episode's finish reason is its last turn's: EOS, or the turn's token limit
+        ended_with_eos = response[-1] == tokenizer.eos_token_id
+        assert row[S.FINISH_REASON] == ("stop" if ended_with_eos else "length")
+        # each model token's log-probability is the policy's given everything before it,
+        # observation included: vLLM conditioned on these very ids
+        ids = row[S.PROMPT_TOKEN_IDS] + response
+        expected = sequence_logprobs(model, ids, len(row[S.PROMPT_TOKEN_IDS]))
+        got = torch.tensor(row[S.ROLLOUT_LOGPROBS])
+        model_tokens = torch.tensor(mask) > 0
+        assert torch.allclose(got[model_tokens], expected[model_tokens], atol=1e-4)
+        assert (got[~model_tokens] == 0).all()
+
+
+def test_a_hung_environment_is_cut_at_its_limit_and_the_others_go_on(family_models):
+    path = family_models["qwen2-untied"]
+    generator = PolicyGenerator(EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25))
+    spec = EpisodeSpec(
+        environment="tests.actors.test_episodes:TwoTurns",
+        params={"hang_on_label": "b"},
+        max_turns=4,
+        max_tokens=40,
+        timeout_s=1.0,
+    )
+    start = time.perf_counter()
+    table = generator.generate(PROMPTS, Sampling(n=2, max_new_tokens=6, episodes=spec))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10.0  # not the 60 s the environment sleeps
+    rows = table.to_pylist()
+    hung = [r for r in rows if r["label"] == "b"]
+    fine = [r for r in rows if r["label"] == "a"]
+    assert [r[S.EPISODE_END] for r in hung] == ["environment:timeout"] * 2
+    assert all(r[S.TURNS] == 1 and 0.0 not in r[S.LOSS_MASK] for r in hung)
+    assert [r[S.EPISODE_END] for r in fine] == ["done"] * 2
+    assert all(r[S.TURNS] == 2 for r in fine)
+
+
+def test_episode_limits_end_episodes(family_models):
+    """``max_turns`` ends an episode whose environment would go on; ``max_tokens`` one that
+    has no room for the next observation."""
+    path = family_models["qwen2-untied"]
+    generator = PolicyGenerator(EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25))
+    one_turn = EpisodeSpec(environment=TWO_TURNS.environment, max_turns=1, max_tokens=40)
+    rows = generator.generate(PROMPTS, Sampling(n=1, max_new_tokens=6, episodes=one_turn))
+    assert set(rows[S.EPISODE_END].to_pylist()) == {"max_turns"}
+    assert set(rows[S.FINISH_REASON].to_pylist()) == {"length"}
+    assert all(0.0 not in m for m in rows[S.LOSS_MASK].to_pylist())
+    short = EpisodeSpec(environment=TWO_TURNS.environment, max_turns=4, max_tokens=7)
+    rows = generator.generate(PROMPTS, Sampling(n=1, max_new_tokens=6, episodes=short))
+    assert set(rows[S.EPISODE_END].to_pylist()) == {"max_tokens"}
+    assert all(len(r) <= 7 for r in rows[S.RESPONSE_TOKEN_IDS].to_pylist())

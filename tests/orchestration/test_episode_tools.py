@@ -1,0 +1,153 @@
+"""Tools and environments of multi-turn episodes, without an engine: the calculator, tool calls
+parsed from a turn, malformed calls as observations, tools that raise, return garbage or hang
+ending their episode with a recorded reason (a hang cut at its limit), the Python tool in the
+code verifier's limited process, the guessing game, observations in a chat template, and the
+config's checks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from actors.environments import Calculator, GuessNumber, PythonTool, ToolEnvironment
+from actors.episodes import EpisodeRunner, EpisodeSpec, ObservationFormat, Step
+from orchestration.config import ConfigError, load_config
+from tests.orchestration.chat_tokens import ASSISTANT, USER, E, d
+
+
+class Raises:
+    name, arguments, description = "boom", r".*", "raises"
+
+    def __call__(self, argument: str) -> str:
+        raise RuntimeError("the tool broke")
+
+
+class Garbage:
+    name, arguments, description = "junk", r".*", "returns a number, not text"
+
+    def __call__(self, argument: str):
+        return 42
+
+
+class Hangs:
+    name, arguments, description = "slow", r".*", "never answers"
+
+    def __call__(self, argument: str) -> str:
+        time.sleep(60)
+        return "late"
+
+
+def test_the_calculator_evaluates_arithmetic_and_refuses_anything_else():
+    calc = Calculator()
+    assert calc("47+85") == "132"
+    assert calc("12*(3+4)") == "84"
+    assert calc("7/2") == "3.5" and calc("8/2") == "4"
+    from actors.environments import BadArgument
+
+    for bad in ("2**999999", "__import__('os')", "1/0", "3+"):
+        with pytest.raises(BadArgument):
+            calc(bad)
+
+
+def test_a_turn_without_a_call_is_the_answer_and_a_call_gets_the_result():
+    env = ToolEnvironment([{"name": "calculator"}])
+    assert env.stop == ("</calc>",)
+    episode = env.reset({"label": "132"})
+    assert episode.step("<calc>47+85</calc>") == Step("<result>132</result>", tool="calc")
+    assert episode.step("132") == Step(done=True)
+    # a malformed call is an observation: the episode goes on
+    assert episode.step("<calc>47+x</calc>") == Step(
+        "<error>bad argument for calc</error>", tool="calc"
+    )
+    assert episode.step("<calc>4/0</calc>") == Step("<error>division by zero</error>", tool="calc")
+
+
+class Characters:
+    """A stand-in tokenizer, one id per character (the subject here is the runner and the
+    tools; the tiny tokenizer knows only the addition task's characters)."""
+
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i) for i in ids if i)
+
+
+def run_turns(tokenizer, tools, turns: dict[int, str], timeout_s: float = 1.0) -> dict:
+    env = ToolEnvironment([{"name": f"tests.orchestration.test_episode_tools:{t}"} for t in tools])
+    spec = EpisodeSpec(environment="tools", timeout_s=timeout_s)
+    runner = EpisodeRunner(env, spec, ObservationFormat(tokenizer, "tool"), [{}] * len(turns))
+    for k, text in turns.items():
+        runner.submit(k, tokenizer.encode(text, add_special_tokens=False))
+    outcomes = {}
+    deadline = time.monotonic() + 10
+    while runner.pending and time.monotonic() < deadline:
+        outcomes |= dict(runner.ready(0.05))
+    return outcomes
+
+
+def test_tools_that_raise_return_garbage_or_hang_end_their_episode_with_the_reason():
+    start = time.monotonic()
+    outcomes = run_turns(
+        Characters(),
+        ["Raises", "Garbage", "Hangs"],
+        {0: "<boom>1</boom>", 1: "<junk>1</junk>", 2: "<slow>1</slow>", 3: "3"},
+        timeout_s=0.5,
+    )
+    assert time.monotonic() - start < 5  # the hang is cut at its 0.5 s limit, not 60 s
+    assert outcomes[0].end == "boom:raised" and "the tool broke" in outcomes[0].detail
+    assert outcomes[1].end == "junk:garbage"
+    assert outcomes[2].end == "slow:timeout"
+    assert outcomes[3].end == "done" and outcomes[3].observation is None
+
+
+def test_the_python_tool_runs_code_in_a_limited_process_and_cuts_a_hang():
+    tool = PythonTool(timeout_s=1.0)
+    assert tool("print(6 * 7)").strip() == "42"
+    start = time.monotonic()
+    out = tool("while True:\n    pass")
+    assert out.endswith("[timeout]") and time.monotonic() - start < 10
+    assert "Error" in tool("raise ValueError('no')")  # a failing program says so, no fault
+
+
+def test_the_guessing_game_answers_higher_or_lower_until_found():
+    game = GuessNumber(low=1, high=8, turn_cost=0.1)
+    episode = game.reset({"label": "5"})
+    assert episode.step("3") == Step(" higher\n")
+    assert episode.step("7") == Step(" lower\n")
+    assert episode.step("hmm") == Step(" say a number\n")
+    assert episode.step("5") == Step(done=True, reward=pytest.approx(0.7))
+    with pytest.raises(ValueError, match="outside"):
+        game.reset({"label": "12"})
+
+
+def test_observations_follow_the_chat_template(chat_tokenizer):
+    # template: <|role|>content<eos> per message, <|assistant|> as the generation prompt
+    fmt = ObservationFormat(chat_tokenizer, "user")
+    # the model ended its turn with EOS: the observation is the user turn, then the next prompt
+    assert fmt.ids("3", turn_ended_with_eos=True) == [USER, *d("3"), E, ASSISTANT]
+    # it stopped at a tool call's closing tag: its turn is closed first
+    assert fmt.ids("3", turn_ended_with_eos=False) == [E, USER, *d("3"), E, ASSISTANT]
+    assert fmt.ids([7, 8], turn_ended_with_eos=True) == [7, 8]  # ids go in as they are
+
+
+def test_plain_models_see_the_observation_text_as_it_is(tokenizer):
+    assert ObservationFormat(tokenizer, "tool").ids("1+2", True) == d("1+2")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["episodes.environment=tools"], "needs episodes.tools"),
+        (["episodes.environment=nowhere.module:Env"], "cannot import"),
+        (["episodes.environment=guess_number", "episodes.params={lo: 1}"], "unexpected keyword"),
+        (["episodes.environment=guess_number", "episodes.max_tokens=100"], "max_model_len"),
+        (["episodes.tools=[{name: calculator}]"], "set episodes.environment=tools"),
+    ],
+)
+def test_bad_episode_configs_fail_before_any_actor(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", overrides)
