@@ -55,7 +55,14 @@ NO_ROLLOUTS_SUPERVISED = "no rollouts: a supervised run generates none"
 SUPERVISED = {"sft/loss": "SFT (supervised fine-tuning)", "rm/loss": "reward model"}
 LOSSES = ("sft/loss", "eval/sft_loss", "rm/loss", "eval/rm_loss", "actor/ptx_loss")
 ACCURACIES = ("sft/accuracy", "eval/sft_accuracy", "rm/accuracy", "eval/rm_accuracy")
-SAMPLE_COLUMNS = ("prompt_token_ids", "response_token_ids", "score", "finish_reason")
+SAMPLE_COLUMNS = (
+    "prompt_token_ids",
+    "response_token_ids",
+    "score",
+    "finish_reason",
+    "loss_mask",
+    "episode_end",
+)
 
 
 @dataclass(frozen=True)
@@ -311,6 +318,22 @@ class Sample:
     score: float | None
     rewards: dict[str, float | None]  # component -> value, from the ``reward/<component>`` columns
     finish_reason: str
+    # Multi-turn episodes: the response's turns in order, (True: the model's, text), and why
+    # the episode ended; empty for one-turn samples.
+    turns: tuple[tuple[bool, str], ...] = ()
+    episode_end: str = ""
+
+
+def episode_turns(response: list[int], mask: list[float]) -> list[tuple[bool, list[int]]]:
+    """A multi-turn response cut into its turns: runs of the model's tokens (mask 1) and of
+    observation tokens (mask 0), in order."""
+    turns: list[tuple[bool, list[int]]] = []
+    for token, m in zip(response, mask, strict=True):
+        model = m > 0.5
+        if not turns or turns[-1][0] != model:
+            turns.append((model, []))
+        turns[-1][1].append(token)
+    return turns
 
 
 def iteration_files(folder: Path) -> list[tuple[int, Path]]:
@@ -361,6 +384,13 @@ def read_samples(path: Path, iteration: int, n: int, tokenizer: Any | None) -> l
             score=r.get("score"),
             rewards={k.removeprefix("reward/"): v for k, v in r.items() if k.startswith("reward/")},
             finish_reason=r.get("finish_reason") or "",
+            turns=tuple(
+                (model, decode(ids))
+                for model, ids in episode_turns(r["response_token_ids"], r["loss_mask"])
+            )
+            if r.get("loss_mask") is not None
+            else (),
+            episode_end=r.get("episode_end") or "",
         )
         for r in rows
     ]
@@ -387,11 +417,19 @@ def samples_table(samples: list[Sample]) -> str:
     head = ["iteration", "prompt", "response", "score", *components, "finish reason"]
     rows = []
     for s in samples:
-        cells = [f"<td>{s.iteration}</td>"]
-        cells += [f'<td class="text">{html.escape(t)}</td>' for t in (s.prompt, s.response)]
+        cells = [f"<td>{s.iteration}</td>", f'<td class="text">{html.escape(s.prompt)}</td>']
+        if s.turns:  # an episode: each turn in its own block, the observations set apart
+            blocks = "".join(
+                f'<div class="{"model" if model else "observation"}">{html.escape(text)}</div>'
+                for model, text in s.turns
+            )
+            cells.append(f'<td class="text">{blocks}</td>')
+        else:
+            cells.append(f'<td class="text">{html.escape(s.response)}</td>')
         numbers = [s.score, *(s.rewards.get(c) for c in components)]
         cells += [f"<td>{html.escape(_fmt(v))}</td>" for v in numbers]
-        cells.append(f"<td>{html.escape(s.finish_reason)}</td>")
+        ending = f"{s.finish_reason} ({s.episode_end})" if s.episode_end else s.finish_reason
+        cells.append(f"<td>{html.escape(ending)}</td>")
         rows.append("".join(cells))
     return _grid(head, rows, "samples")
 
@@ -505,7 +543,9 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 8px;
 text-align:left;vertical-align:top}td.text{font-family:monospace;white-space:pre-wrap;
 max-width:420px;word-break:break-all}figure{margin:1em 0}img{max-width:100%}
-figcaption,.note{color:#555;font-size:.9em}"""
+figcaption,.note{color:#555;font-size:.9em}td.text div{padding:1px 3px;margin:1px 0}
+div.model{border-left:3px solid #36c}div.observation{border-left:3px solid #aaa;background:#f3f3f3;
+color:#555}"""
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples: int = 4) -> Path:

@@ -446,3 +446,23 @@ def test_rl_run_with_a_pretraining_loss_adds_the_figure_after_the_rl_ones(run_di
     assert [t for t, _, _ in figures] == [*TITLES, "Supervised loss"] and skipped == []
     assert [x.get_text() for x in figures[-1][2].legends[0].get_texts()] == ["actor/ptx_loss"]
     assert load_metrics(run_dir).supervised is None
+
+
+def test_an_episode_shows_its_turns_apart():
+    from orchestration.report import Sample, episode_turns, samples_table
+
+    turns = episode_turns([3, 2, 7, 8, 4], [1.0, 1.0, 0.0, 0.0, 1.0])
+    assert turns == [(True, [3, 2]), (False, [7, 8]), (True, [4])]
+    sample = Sample(
+        0,
+        "p",
+        "ab<o>c",
+        1.0,
+        {},
+        "stop",
+        turns=((True, "ab"), (False, "<o>"), (True, "c")),
+        episode_end="done",
+    )
+    html = samples_table([sample])
+    assert '<div class="model">ab</div><div class="observation">&lt;o&gt;</div>' in html
+    assert "stop (done)" in html
