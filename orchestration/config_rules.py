@@ -221,9 +221,12 @@ def supervised_problems(cfg: RunConfig) -> list[str]:
     if (
         cfg.stage == "sft"
         and cfg.data.source.startswith("builtin:")
-        and cfg.data.source not in ("builtin:addition",)
+        and cfg.data.source not in ("builtin:addition", "builtin:calculator")
     ):
-        problems.append(f"data.source={cfg.data.source}: stage=sft reads builtin:addition")
+        problems.append(
+            f"data.source={cfg.data.source}: stage=sft reads builtin:addition and "
+            "builtin:calculator"
+        )
     if cfg.stage == "rm":
         edges = cfg.rm.length_buckets
         if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):  # noqa: B905

@@ -72,19 +72,26 @@ CALCULATOR_LARGE = (10, 99)  # the calculator task's large operands
 GUESS_RANGE = (1, 8)  # the guessing game's secrets (``actors.environments.GuessNumber``)
 
 
-def calculator_examples(max_operand: int, large: int = 40, seed: int = 0) -> list[tuple[str, str]]:
+def calculator_examples(
+    max_operand: int, large: int = 40, seed: int = 0, exclude: frozenset = frozenset()
+) -> list[tuple[str, str]]:
     """The calculator task (``episodes.tools: [calculator]``): the built-in task's sums of
     small operands (0..max_operand), which a tiny model can learn by heart, and ``large`` sums
-    of two-digit operands, which it answers right only by calling the calculator
-    (``<calc>47+85</calc>``)."""
+    of two-digit operands drawn with ``seed`` (none of the prompts in ``exclude``), which it
+    answers right only by calling the calculator (``<calc>47+85</calc>``)."""
     import random
 
     rng = random.Random(seed)
     low, high = CALCULATOR_LARGE
-    pairs = {(rng.randint(low, high), rng.randint(low, high)) for _ in range(large * 4)}
-    big = sorted(pairs)[:large] if len(pairs) >= large else sorted(pairs)
-    rng.shuffle(big)
-    return addition_examples(max_operand) + [(f"{a}+{b}=", str(a + b)) for a, b in big[:large]]
+    big: list[tuple[str, str]] = []
+    seen = set(exclude)
+    while len(big) < large:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        prompt = f"{a}+{b}="
+        if prompt not in seen:
+            seen.add(prompt)
+            big.append((prompt, str(a + b)))
+    return addition_examples(max_operand) + big
 
 
 def guess_examples() -> list[tuple[str, str]]:
@@ -105,8 +112,10 @@ def builtin_corpus(source: str, max_operand: int) -> list[str]:
     """Text to train the built-in tiny model's tokenizer on for a built-in task: its prompts
     and answers, and for the multi-turn tasks their tool calls and observations."""
     corpus = addition_corpus(max_operand)
-    if source == "builtin:calculator":
-        for prompt, answer in calculator_examples(max_operand):
+    if source == "builtin:calculator":  # the RL prompts and those of the demonstrations
+        for prompt, answer in calculator_examples(max_operand) + calculator_examples(
+            max_operand, 200, seed=1
+        ):
             corpus.append(f"{prompt}<calc>{prompt[:-1]}</calc><result>{answer}</result>{answer}")
         corpus.append("<error>bad argument for calc</error>")
     elif source == "builtin:guess":

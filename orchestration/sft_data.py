@@ -19,9 +19,15 @@ and ``datasets`` directories. A row is read as the first of these that fits:
 
 4. plain text, ``{"text": ...}`` (pretraining data for the PTX term): the first token is the
    context and every later token, and the EOS, is in the loss.
+5. an episode, ``{"prompt": str, "turns": [{"role": "model" | "observation", "content": str}]}``
+   (multi-turn demonstrations: tool calls and their results): each turn tokenized on its own
+   and appended, as a multi-turn rollout builds the sequence (``actors.episodes``); the model's
+   turns are in the loss, the last one followed by EOS, and the observations are context.
 
-``builtin:addition`` gives ``"a+b="`` -> ``"c"`` with EOS. An example longer than ``max_tokens``
-(prompt and response together) is skipped, truncated at the end of its response, or an error.
+``builtin:addition`` gives ``"a+b="`` -> ``"c"`` with EOS; ``builtin:calculator`` gives the
+calculator task's demonstrations (:func:`calculator_demonstrations`). An example longer than
+``max_tokens`` (prompt and response together) is skipped, truncated at the end of its response,
+or an error.
 Malformed rows are skipped, counted and described with their file and line, as in
 ``orchestration.data``; with ``strict=True`` the first one is an error.
 """
@@ -191,8 +197,61 @@ def _text(text, tokenizer) -> _Example:
     return _Example(ids[:1], ids[1:], [1.0] * (len(ids) - 1))
 
 
+def _episode(prompt, turns, tokenizer) -> _Example:
+    """A multi-turn demonstration: the model's turns in the loss, observations not."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _BadRow("an episode's 'prompt' must be a non-empty string")
+    if not isinstance(turns, list) or not turns:
+        raise _BadRow("'turns' must be a non-empty list of {role, content}")
+    response: list[int] = []
+    mask: list[float] = []
+    for i, turn in enumerate(turns):
+        role = turn.get("role") if isinstance(turn, dict) else None
+        content = turn.get("content") if isinstance(turn, dict) else None
+        if role not in ("model", "observation") or not isinstance(content, str):
+            raise _BadRow(f"turns[{i}] is not {{role: model | observation, content: str}}")
+        if (role == "model") != (i % 2 == 0):
+            raise _BadRow("turns alternate, starting and ending with the model's")
+        ids = _text_ids(content, tokenizer)
+        response += ids
+        mask += [1.0 if role == "model" else 0.0] * len(ids)
+    if len(turns) % 2 == 0:
+        raise _BadRow("turns alternate, starting and ending with the model's")
+    response.append(_eos(tokenizer))
+    mask.append(1.0)
+    return _Example(_text_ids(prompt, tokenizer), response, mask)
+
+
+def calculator_demonstrations(
+    max_operand: int, large: int = 200, call_share: float = 0.5, seed: int = 1
+) -> list[dict]:
+    """Demonstrations of the calculator task: its sums of small operands answered directly,
+    and ``large`` sums of large ones (none of the RL prompts of ``builtin:calculator``, so
+    imitation cannot learn those answers by heart), ``call_share`` of them by calling the
+    calculator and answering with its result, the others answered directly."""
+    from orchestration.data import calculator_examples
+
+    rl_prompts = frozenset(p for p, _ in calculator_examples(max_operand))
+    rng = random.Random(seed)
+    rows = []
+    for prompt, answer in calculator_examples(max_operand, large, seed, rl_prompts):
+        small = all(int(x) <= max_operand for x in prompt[:-1].split("+"))
+        if small or rng.random() >= call_share:
+            rows.append({"prompt": prompt, "response": answer})
+            continue
+        turns = [
+            {"role": "model", "content": f"<calc>{prompt[:-1]}</calc>"},
+            {"role": "observation", "content": f"<result>{answer}</result>"},
+            {"role": "model", "content": answer},
+        ]
+        rows.append({"prompt": prompt, "turns": turns})
+    return rows
+
+
 def _example(row: dict, tokenizer, at: str, prompt_key: str, response_key: str) -> _Example:
     """A row's example, by the first format that fits (see the module docstring)."""
+    if row.get("turns") is not None:
+        return _episode(row.get(prompt_key), row["turns"], tokenizer)
     if row.get(prompt_key) is not None:
         prompt, response = row[prompt_key], row.get(response_key)
         if response is None:
@@ -277,6 +336,10 @@ def load_supervised(
         records = [
             _Record(f"row {i}", {"prompt": p, "response": a}) for i, (p, a) in enumerate(pairs)
         ]
+    elif source == "builtin:calculator":
+        demos = calculator_demonstrations(addition_max_operand)
+        where, prompt_key, response_key = source, "prompt", "response"
+        records = [_Record(f"row {i}", row) for i, row in enumerate(demos)]
     else:
         where, records = _source_records(source, addition_max_operand, split)
     if not records:

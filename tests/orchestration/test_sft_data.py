@@ -319,3 +319,43 @@ def test_split_held_out_sizes():
     assert len(split_held_out(examples(2), 0.9, seed=0)[0]) == 1
     with pytest.raises(ValueError, match="share"):
         split_held_out(examples(10), 1.0, seed=0)
+
+
+def test_an_episode_row_masks_its_observations(tmp_path, tokenizer):
+    # model turn "1+2", observation "3", model turn "3": each tokenized on its own, the
+    # observation out of the loss, EOS after the last model turn
+    turns = [
+        {"role": "model", "content": "1+2"},
+        {"role": "observation", "content": "=3"},
+        {"role": "model", "content": "3"},
+    ]
+    rows = [
+        {"prompt": "1+2=", "turns": turns},
+        {"prompt": "1+2=", "turns": turns[:2]},  # ends on an observation: malformed
+        {"prompt": "1+2=", "turns": [{"role": "tool", "content": "3"}]},
+    ]
+    data = load_supervised(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, max_tokens=16)
+    assert data.prompt_ids == [d("1+2=")]
+    assert data.response_ids == [[*d("1+2"), *d("=3"), *d("3"), E]]
+    assert data.loss_masks == [[1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]
+    assert data.report.malformed == 2
+    assert any("alternate" in p for p in data.report.problems)
+
+
+def test_calculator_demonstrations_hold_out_the_rl_prompts():
+    from orchestration.data import calculator_examples
+    from orchestration.sft_data import calculator_demonstrations
+
+    rl = {p for p, _ in calculator_examples(4)}
+    demos = calculator_demonstrations(4)
+    large = [r for r in demos if len(r["prompt"]) > 4]
+    assert len(large) == 200 and not {r["prompt"] for r in large} & rl
+    calls = [r for r in large if "turns" in r]
+    assert 0.3 < len(calls) / len(large) < 0.7  # about half call the calculator
+    for r in calls:
+        a, b = r["prompt"][:-1].split("+")
+        model, observation, answer = (t["content"] for t in r["turns"])
+        assert model == f"<calc>{a}+{b}</calc>" and answer == str(int(a) + int(b))
+        assert observation == f"<result>{answer}</result>"
+    small = [r for r in demos if len(r["prompt"]) <= 4]
+    assert len(small) == 25 and all("turns" not in r for r in small)
