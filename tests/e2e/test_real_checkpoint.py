@@ -172,3 +172,60 @@ def test_partial_rollouts_on_the_real_checkpoint(smollm2):
     out = update_mid_generation(generator, 1, new.state_dict(), prompts, sampling)
     assert out["generation_running_after_update"]
     assert_switched(out["table"], old, new, 32, 1e-3)
+
+
+def test_episodes_on_the_real_checkpoint_follow_its_chat_template(smollm2):
+    """A two-turn episode on SmolLM2: the observation goes in as the chat template's tool turn
+    and the next assistant prompt (closing the model's turn first if it did not stop by itself),
+    so the episode's text is the template's rendering of the conversation; every model token
+    carries the log-probability transformers gives it in that sequence (within 1e-3)."""
+    import dataclasses
+
+    import pyarrow as pa
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.generator import SAMPLE_SEED, PolicyGenerator
+    from actors.vllm_engine import EngineSpec, Sampling
+    from rollout import schema as S
+    from tests.actors.test_episodes import OBSERVATION, TWO_TURNS, sequence_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    questions = [q for q, _ in QUESTIONS[:2]]
+    prompts = pa.table(
+        {
+            "prompt_id": pa.array([0, 1], pa.int64()),
+            "prompt_token_ids": pa.array(
+                [chat_prompt_ids(tokenizer, q) for q in questions], pa.list_(pa.int32())
+            ),
+            SAMPLE_SEED: pa.array([5, 6], pa.int64()),
+            "label": ["a", "b"],
+        }
+    )
+    generator = PolicyGenerator(
+        EngineSpec(model_path=smollm2, max_model_len=256, kv_cache_bytes=128 << 20)
+    )
+    spec = dataclasses.replace(TWO_TURNS, max_tokens=128)
+    table = generator.generate(prompts, Sampling(n=2, max_new_tokens=16, episodes=spec))
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    for row in table.to_pylist():
+        mask, response = row[S.LOSS_MASK], row[S.RESPONSE_TOKEN_IDS]
+        assert row[S.TURNS] == 2 and row[S.EPISODE_END] == "done"
+        start = mask.index(0.0)
+        end = mask.index(1.0, start)
+        turn = tokenizer.decode(response[:start], skip_special_tokens=True)
+        conversation = [
+            {"role": "user", "content": questions[row[S.PROMPT_ID]]},
+            {"role": "assistant", "content": turn},
+            {"role": "tool", "content": OBSERVATION},
+        ]
+        rendered = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        assert tokenizer.decode(row[S.PROMPT_TOKEN_IDS] + response[:end]) == rendered
+        ids = row[S.PROMPT_TOKEN_IDS] + response
+        with torch.no_grad():
+            expected = sequence_logprobs(model, ids, len(row[S.PROMPT_TOKEN_IDS]))
+        got = torch.tensor(row[S.ROLLOUT_LOGPROBS])
+        model_tokens = torch.tensor(mask) > 0
+        assert torch.allclose(got[model_tokens], expected[model_tokens], atol=1e-3)
