@@ -92,7 +92,10 @@ class Fault(Exception):
 
     def __init__(self, who: str, reason: str, detail: str = ""):
         super().__init__(f"{who}: {reason}" + (f" ({detail})" if detail else ""))
-        self.who, self.reason = who, reason
+        self.who, self.reason, self.detail = who, reason, detail
+
+    def __reduce__(self):  # crosses processes (an environment in its own actor)
+        return (Fault, (self.who, self.reason, self.detail))
 
     @property
     def end(self) -> str:
@@ -107,7 +110,9 @@ class EpisodeSpec:
     ``params`` go to it. ``max_turns``: model turns per episode; ``max_tokens``: response tokens
     per episode, model and observations together (each turn also stops at the sampling's
     ``max_new_tokens``); ``timeout_s``: the longest one ``reset`` or ``step`` may take;
-    ``observation_role``: the chat template role observations are written as."""
+    ``observation_role``: the chat template role observations are written as;
+    ``isolation``: ``thread`` (in the generator's process) or ``actor`` (its own process,
+    ``actors.environment_host``)."""
 
     environment: str
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -115,6 +120,7 @@ class EpisodeSpec:
     max_tokens: int = 64
     timeout_s: float = 5.0
     observation_role: str = "tool"
+    isolation: str = "thread"
 
 
 @dataclass
@@ -258,11 +264,16 @@ class EpisodeRunner:
             if self._done.empty():
                 break
         now = time.monotonic()
+        hung = False
         for k, (limit, _) in list(self._deadlines.items()):
             if now >= limit:
                 del self._deadlines[k]
                 who = self._hung(k)
                 out.append((k, Outcome(None, end=f"{who}:timeout")))
+                hung = True
+        restart = getattr(self.environment, "restart", None)
+        if hung and restart is not None:  # in its own process: the hung call is killed
+            restart()
         return out
 
     def _hung(self, k: int) -> str:

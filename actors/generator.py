@@ -208,6 +208,9 @@ class PolicyGenerator:
                 samples = self.engine.generate(ids, range(len(ids)), sampling, seeds)
         if episodes is not None:
             self._report_faults(samples)
+            forget = getattr(episodes.environment, "forget", None)
+            if forget is not None:  # an environment in its own actor keeps no finished episode
+                forget()
         return self._rollout_table(prompts, samples, first)
 
     def _episodes(self, prompts: pa.Table, sampling: Sampling) -> EpisodeRunner:
@@ -215,9 +218,15 @@ class PolicyGenerator:
         row (every column but the token ids: ``label``, metadata)."""
         spec = sampling.episodes
         key = repr(spec)
-        if key not in self._environments:  # built once per spec, in this process
+        if key not in self._environments:  # built once per spec, in this process or its own
+            if spec.isolation == "actor":
+                from actors.environment_host import RemoteEnvironment
+
+                environment = RemoteEnvironment(spec)
+            else:
+                environment = make_environment(spec)
             self._environments[key] = (
-                make_environment(spec),
+                environment,
                 ObservationFormat(self.engine.tokenizer(), spec.observation_role),
             )
         environment, observations = self._environments[key]

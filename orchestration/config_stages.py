@@ -196,6 +196,13 @@ class EpisodesConfig(Section):
     observation_role: str = "tool"
     """The chat template role observations are written as (models without a chat template see
     the observation text as it is)."""
+    isolation: Literal["thread", "actor"] = "thread"
+    """Where the environment runs. thread: in the generator's process, each call in a thread of
+    its own (a call past ``timeout_s`` is abandoned, still running). actor: in a Ray actor of
+    its own per generator (no CPU reserved): a call past ``timeout_s`` gets it killed and
+    restarted (the episodes it held end ``environment:lost``), and a crash or a memory blow-up
+    in user code takes down that process only. The ``python`` tool runs its programs in a
+    limited child process either way."""
     reward_weight: float = 1.0
     """Weight of the environment's own rewards (``episode_reward``, summed over the episode) in
     the score, as the ``environment`` component; 0 leaves them out."""
@@ -216,4 +223,5 @@ class EpisodesConfig(Section):
             max_tokens=self.max_tokens,
             timeout_s=self.timeout_s,
             observation_role=self.observation_role,
+            isolation=self.isolation,
         )

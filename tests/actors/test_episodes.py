@@ -148,3 +148,71 @@ def test_episode_limits_end_episodes(family_models):
     rows = generator.generate(PROMPTS, Sampling(n=1, max_new_tokens=6, episodes=short))
     assert set(rows[S.EPISODE_END].to_pylist()) == {"max_tokens"}
     assert all(len(r) <= 7 for r in rows[S.RESPONSE_TOKEN_IDS].to_pylist())
+
+
+class Misbehaves:
+    """Episodes of label "b" hang (``mode="hang"``) or end their process (``mode="exit"``) on
+    their first step; the others are :class:`TwoTurns` episodes."""
+
+    stop: tuple[str, ...] = ()
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def reset(self, row):
+        return _Misbehaving(self.mode) if row["label"] == "b" else _TwoTurnEpisode(False)
+
+
+class _Misbehaving:
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def step(self, turn: str) -> Step:
+        if self.mode == "exit":
+            import os
+
+            os._exit(3)  # the whole process: the generator's, were the environment in it
+        time.sleep(60)
+        return Step(done=True)
+
+
+def test_an_environment_in_its_own_actor_is_restarted_when_it_hangs_or_dies(
+    private_env, family_models
+):
+    """``isolation: actor``: a hung call gets the environment's actor killed and restarted, and
+    an environment that ends its process loses its episodes, not the generator (this test's
+    own process here: in a thread it would have ended pytest)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        path = family_models["qwen2-untied"]
+        generator = PolicyGenerator(
+            EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25)
+        )
+
+        def run(mode: str) -> list[dict]:
+            spec = EpisodeSpec(
+                environment="tests.actors.test_episodes:Misbehaves",
+                params={"mode": mode},
+                max_tokens=40,
+                timeout_s=2.0,
+                isolation="actor",
+            )
+            table = generator.generate(PROMPTS, Sampling(n=2, max_new_tokens=6, episodes=spec))
+            return table.to_pylist()
+
+        start = time.perf_counter()
+        rows = run("hang")
+        assert time.perf_counter() - start < 30  # not the 60 s the environment sleeps
+        assert [r[S.EPISODE_END] for r in rows if r["label"] == "b"] == ["environment:timeout"] * 2
+        assert [r[S.EPISODE_END] for r in rows if r["label"] == "a"] == ["done"] * 2
+        rows = run("exit")
+        assert [r[S.EPISODE_END] for r in rows if r["label"] == "b"] == ["environment:lost"] * 2
+        # the actor came back: the next batch's good episodes run to their end
+        rows = run("exit")
+        assert all(
+            r[S.EPISODE_END] in ("done", "environment:lost") for r in rows if r["label"] == "a"
+        )
+    finally:
+        ray.shutdown()
