@@ -18,9 +18,10 @@ from typing import Any
 
 import ray
 
-from actors.episodes import Episode, EpisodeSpec, Fault, Step
+from actors.episodes import Episode, EpisodeSpec, Fault, HostedEnvironment, Step
 
-HOST_THREADS = 64  # calls a host runs at once (one per episode waiting on it, at most)
+HOST_THREADS = 256  # calls a host runs at once; more episodes of one generator waiting on slow
+# steps queue in the host, and their time there counts against ``timeout_s``
 CALL_SLACK_S = 1.0  # a remote call's own limit beyond the runner's, so the runner's fires first
 
 
@@ -43,6 +44,8 @@ class EnvironmentHost:
         self.episodes[key] = episode
 
     def step(self, key: str, turn: str) -> Step | Fault:
+        if key not in self.episodes:  # started before this host was: restarted meanwhile
+            return Fault("environment", "lost", "its actor was restarted")
         try:
             return self.episodes[key].step(turn)
         except Fault as fault:  # a tool's fault, returned to be raised in the generator
@@ -56,7 +59,7 @@ class EnvironmentHost:
             self.episodes.pop(key, None)
 
 
-class RemoteEnvironment:
+class RemoteEnvironment(HostedEnvironment):
     """The environment interface over an :class:`EnvironmentHost` actor (see the module
     docstring). ``restart()`` kills the host (Ray starts it again, empty)."""
 
@@ -88,6 +91,24 @@ class RemoteEnvironment:
         self.live.add(key)
         return _RemoteEpisode(self, key)
 
+    def blame(self, episodes) -> list[str | None]:
+        """The tool each episode is calling, asked of the host all at once (its other threads
+        answer while one hangs), waiting at most ``CALL_SLACK_S`` for all of them."""
+        refs = [
+            self.handle.tool_in_call.remote(e.key) if isinstance(e, _RemoteEpisode) else None
+            for e in episodes
+        ]
+        live = [r for r in refs if r is not None]
+        ready, _ = ray.wait(live, num_returns=len(live), timeout=CALL_SLACK_S) if live else ([], [])
+        done = set(ready)
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=CALL_SLACK_S) if ref in done else None)
+            except Exception:  # noqa: BLE001 - a host that cannot say: blame the environment
+                out.append(None)
+        return out
+
     def restart(self) -> None:
         """A call hung: kill the host (its episodes are lost; Ray starts it afresh)."""
         ray.kill(self.handle, no_restart=False)
@@ -106,13 +127,3 @@ class _RemoteEpisode:
 
     def step(self, turn: str) -> Step:
         return self.environment._call(self.environment.handle.step, self.key, turn)
-
-    @property
-    def tool_in_call(self) -> str | None:
-        """The tool the host's episode is calling (asked while the step may hang)."""
-        try:
-            return ray.get(
-                self.environment.handle.tool_in_call.remote(self.key), timeout=CALL_SLACK_S
-            )
-        except Exception:  # noqa: BLE001 - a host that cannot say: blame the environment
-            return None

@@ -19,22 +19,26 @@ a :class:`Tool` by writing ``<name>argument</name>``; the result comes back as
 ``<result>...</result>``. A call whose argument does not match the tool's ``arguments`` pattern
 (its schema) comes back as an ``<error>``: the model reads it, nothing fails.
 
-**Limits**: every ``reset`` and ``step`` runs in its own thread and is given ``timeout_s``; one that
-raises, hangs past its limit or returns something that is not a :class:`Step` (a tool that
-returns something that is not text) ends its episode, which records why
-(``episode_end``: ``<tool or environment>:raised|timeout|garbage``); the run goes on. A hung call's
-thread is abandoned, not killed (Python cannot kill a thread): a tool that runs code of its own
-runs it in a limited child process (``actors.environments.PythonTool``). Episodes end at
-``max_turns`` model turns and ``max_tokens`` response tokens (model and observation together).
+**Limits**: every ``step`` (with the episode's ``reset`` before its first) runs in a thread of
+its own and is given ``timeout_s``; one that raises, hangs past its limit or returns something
+that is not a :class:`Step` (a tool that returns something that is not text, a reward that is
+not a finite number, ids outside the vocabulary) ends its episode, which records why
+(``episode_end``: ``<tool or environment>:raised|timeout|garbage``); the run goes on. A hung
+call's thread is abandoned, not killed (Python cannot kill a thread), unless the environment
+runs in its own actor (``isolation: actor``, ``actors.environment_host``), which is restarted;
+a tool that runs code of its own runs it in a limited child process
+(``actors.environments.PythonTool``) either way. Episodes end at ``max_turns`` model turns and
+``max_tokens`` response tokens (model and observation together).
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 ENVIRONMENT = "environment"  # who is blamed for a fault outside any tool call
@@ -174,9 +178,16 @@ class ObservationFormat:
         self.close_after_eos = self.close.removeprefix(eos_text) if eos_text else self.close
 
     def ids(self, observation: str | Sequence[int], turn_ended_with_eos: bool) -> list[int]:
-        """The tokens to append after the model's turn; token ids are appended as they are."""
+        """The tokens to append after the model's turn; token ids are appended as they are
+        (``Fault`` for ids outside the vocabulary)."""
         if not isinstance(observation, str):
-            return [int(t) for t in observation]
+            try:
+                ids = [int(t) for t in observation]
+            except (TypeError, ValueError):
+                raise Fault(ENVIRONMENT, "garbage", "observation ids are not integers") from None
+            if any(not 0 <= t < len(self.tokenizer) for t in ids):
+                raise Fault(ENVIRONMENT, "garbage", "observation ids outside the vocabulary")
+            return ids
         if not self.chat:
             text = observation
         else:
@@ -185,13 +196,44 @@ class ObservationFormat:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
 
+class HostedEnvironment:
+    """An environment that lives in another process (``actors.environment_host``). The runner
+    asks it whom to blame for hung calls (all at once: the engine loop waits on it), restarts it
+    after one, and the generator has it forget each batch's episodes."""
+
+    stop: Sequence[str] = ()
+
+    def reset(self, row: Mapping[str, Any]) -> Episode:
+        raise NotImplementedError
+
+    def blame(self, episodes: Sequence[Episode | None]) -> list[str | None]:
+        """The tool each episode is calling, None where none (or no answer in time)."""
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class _Answer:
+    """What a step's thread brings back: the environment's step, or the fault that ended it."""
+
+    step: Step | None = None
+    fault: Fault | None = None
+
+
 class EpisodeRunner:
     """The environment side of a batch of episodes, one per sample ``k``, for the engine loop.
 
-    ``submit(k, turn_ids)`` hands the model's finished turn to the episode's ``step`` in a
-    thread of its own (the engine keeps generating the other episodes meanwhile);
-    ``ready(wait_s)`` returns the outcomes that arrived, and a timeout outcome for each call
-    past its limit."""
+    ``submit(k, turn_ids, ended_with_eos)`` hands the model's finished turn to the episode's
+    ``step`` (after ``reset`` on its first turn) in a thread of its own: the engine keeps
+    generating the other episodes meanwhile. ``ready(wait_s)`` returns the outcomes that
+    arrived, and a timeout outcome for each call past its limit. Tokenizing (the turn's text,
+    the observation's ids) happens in the engine loop's thread, which vLLM's detokenizer shares
+    the tokenizer with; the threads run user code only."""
 
     def __init__(
         self,
@@ -203,33 +245,42 @@ class EpisodeRunner:
         self.environment, self.spec, self.observations = environment, spec, observations
         self.rows = rows  # per sample
         self.episodes: dict[int, Episode] = {}
-        self._done: queue.Queue[tuple[int, int, Outcome]] = queue.Queue()
-        self._deadlines: dict[int, tuple[float, int]] = {}  # k -> (deadline, call number)
+        self._done: queue.Queue[tuple[int, int, _Answer]] = queue.Queue()
+        # k -> (deadline, call number, whether the turn ended with an end-of-turn token)
+        self._calls_out: dict[int, tuple[float, int, bool]] = {}
         self._calls = 0
 
     @property
     def pending(self) -> bool:
-        return bool(self._deadlines)
+        return bool(self._calls_out)
 
-    def submit(self, k: int, turn_ids: Sequence[int]) -> None:
+    def stops_in(self, turn_ids: Sequence[int]) -> bool:
+        """Whether the turn's text holds one of the environment's stop strings (a turn that a
+        weight update split in two: vLLM looks for them in each part alone)."""
+        stops = self.environment.stop
+        return bool(stops) and any(s in self._text(turn_ids) for s in stops)
+
+    def _text(self, turn_ids: Sequence[int]) -> str:
+        return self.observations.tokenizer.decode(list(turn_ids), skip_special_tokens=True)
+
+    def submit(self, k: int, turn_ids: Sequence[int], ended_with_eos: bool) -> None:
         self._calls += 1
         call = self._calls
-        self._deadlines[k] = (time.monotonic() + self.spec.timeout_s, call)
-        ended_with_eos = bool(turn_ids) and turn_ids[-1] == self.observations.eos
-        text = self.observations.tokenizer.decode(list(turn_ids), skip_special_tokens=True)
+        self._calls_out[k] = (time.monotonic() + self.spec.timeout_s, call, ended_with_eos)
+        text = self._text(turn_ids)
 
         def work() -> None:
             try:
-                outcome = self._step(k, text, ended_with_eos)
+                answer = _Answer(step=self._step(k, text))
             except Fault as fault:
-                outcome = Outcome(None, end=fault.end, detail=str(fault))
+                answer = _Answer(fault=fault)
             except Exception as e:  # noqa: BLE001 - user code: recorded as the episode's end
-                outcome = Outcome(None, end=f"{self._hung(k)}:raised", detail=f"{e!r:.200}")
-            self._done.put((k, call, outcome))
+                answer = _Answer(fault=Fault(self._blame([k])[0], "raised", f"{e!r:.200}"))
+            self._done.put((k, call, answer))
 
         threading.Thread(target=work, name=f"episode-{k}", daemon=True).start()
 
-    def _step(self, k: int, text: str, ended_with_eos: bool) -> Outcome:
+    def _step(self, k: int, text: str) -> Step:
         episode = self.episodes.get(k)
         if episode is None:
             episode = self.environment.reset(self.rows[k])
@@ -242,50 +293,63 @@ class EpisodeRunner:
         try:
             reward = float(step.reward)
         except (TypeError, ValueError):
-            raise Fault(ENVIRONMENT, "garbage", f"reward {step.reward!r}") from None
+            reward = float("nan")
+        if not math.isfinite(reward):
+            raise Fault(step.tool or ENVIRONMENT, "garbage", f"reward {step.reward!r}")
+        return replace(step, reward=reward)
+
+    def _outcome(self, answer: _Answer, ended_with_eos: bool) -> Outcome:
+        if answer.fault is not None:
+            fault = answer.fault
+            tool = None if fault.who == ENVIRONMENT else fault.who
+            return Outcome(None, tool=tool, end=fault.end, detail=str(fault))
+        step = answer.step
         if step.done or step.observation is None:
-            return Outcome(None, reward, step.tool, end="done")
-        ids = self.observations.ids(step.observation, ended_with_eos)
-        return Outcome(ids, reward, step.tool)
+            return Outcome(None, step.reward, step.tool, end="done")
+        try:
+            ids = self.observations.ids(step.observation, ended_with_eos)
+        except Fault as fault:
+            return Outcome(None, step.reward, step.tool, end=fault.end, detail=str(fault))
+        return Outcome(ids, step.reward, step.tool)
 
     def ready(self, wait_s: float) -> list[tuple[int, Outcome]]:
         """Outcomes that arrived (waiting up to ``wait_s`` for a first one), and a timeout for
-        every call past its limit (its thread is abandoned; a late answer is dropped)."""
+        every call past its limit (in this process its thread is abandoned, a late answer
+        dropped; a hosted environment is restarted)."""
         out = []
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                k, call, outcome = self._done.get(timeout=max(0.0, deadline - time.monotonic()))
+                k, call, answer = self._done.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if self._deadlines.get(k, (0.0, -1))[1] == call:  # not timed out meanwhile
-                del self._deadlines[k]
-                out.append((k, outcome))
+            limit, current, ended_with_eos = self._calls_out.get(k, (0.0, -1, False))
+            if current == call:  # not timed out meanwhile
+                del self._calls_out[k]
+                out.append((k, self._outcome(answer, ended_with_eos)))
             if self._done.empty():
                 break
         now = time.monotonic()
-        hung = False
-        for k, (limit, _) in list(self._deadlines.items()):
-            if now >= limit:
-                del self._deadlines[k]
-                who = self._hung(k)
-                out.append((k, Outcome(None, end=f"{who}:timeout")))
-                hung = True
-        restart = getattr(self.environment, "restart", None)
-        if hung and restart is not None:  # in its own process: the hung call is killed
-            restart()
+        hung = [k for k, (limit, _, _) in self._calls_out.items() if now >= limit]
+        for k, who in zip(hung, self._blame(hung), strict=True):
+            del self._calls_out[k]
+            out.append((k, Outcome(None, tool=who, end=f"{who or ENVIRONMENT}:timeout")))
+        if hung and isinstance(self.environment, HostedEnvironment):
+            self.environment.restart()  # kills the hung calls with the process
         return out
 
-    def _hung(self, k: int) -> str:
-        """Who to blame for episode ``k``'s call: the tool it is calling, or the environment."""
-        episode = self.episodes.get(k)
-        return getattr(episode, "tool_in_call", None) or ENVIRONMENT
+    def _blame(self, ks: Sequence[int]) -> list[str | None]:
+        """The tool each episode is calling (None: the environment itself)."""
+        episodes = [self.episodes.get(k) for k in ks]
+        if isinstance(self.environment, HostedEnvironment):
+            return self.environment.blame(episodes) if ks else []
+        return [getattr(e, "tool_in_call", None) for e in episodes]
 
     def next_wait(self) -> float:
         """Seconds until the first pending call's limit."""
-        if not self._deadlines:
+        if not self._calls_out:
             return 0.0
-        return max(0.0, min(d for d, _ in self._deadlines.values()) - time.monotonic())
+        return max(0.0, min(d for d, _, _ in self._calls_out.values()) - time.monotonic())
 
 
 def resolve_object(reference: str, builtins: Mapping[str, Callable], params: Mapping[str, Any]):

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from actors.environments import make_environment
-from actors.episodes import EpisodeRunner, ObservationFormat
+from actors.episodes import EpisodeRunner, HostedEnvironment, ObservationFormat
 from actors.vllm_engine import EngineSpec, Sampling, VLLMEngine
 from learner import weight_sync
 from rollout import schema as S
@@ -208,9 +208,8 @@ class PolicyGenerator:
                 samples = self.engine.generate(ids, range(len(ids)), sampling, seeds)
         if episodes is not None:
             self._report_faults(samples)
-            forget = getattr(episodes.environment, "forget", None)
-            if forget is not None:  # an environment in its own actor keeps no finished episode
-                forget()
+            if isinstance(episodes.environment, HostedEnvironment):
+                episodes.environment.forget()  # its actor keeps no finished episode
         return self._rollout_table(prompts, samples, first)
 
     def _episodes(self, prompts: pa.Table, sampling: Sampling) -> EpisodeRunner:

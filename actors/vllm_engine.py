@@ -213,11 +213,12 @@ class VLLMEngine:
             )
             sample.request = f"{k}.{sample.starts}"
             sample.starts += 1
+            sample.split_turn = in_turn > 0  # a weight update cut this turn in two
             engine.add_request(
                 sample.request, {"prompt_token_ids": sample.prompt + sample.tokens}, params
             )
 
-        def turn_ended(k: int, reason: str) -> None:
+        def turn_ended(k: int, reason: str, eos: bool) -> None:
             sample = samples[k]
             sample.request = ""
             if episodes is None or reason == "abort":
@@ -225,10 +226,9 @@ class VLLMEngine:
                 return
             sample.turns += 1
             sample.turn_reason = reason  # "length": the turn ran out of tokens
-            if len(sample.tokens) >= total:
-                sample.end("length", "max_tokens")
-                return
-            episodes.submit(k, sample.tokens[sample.turn_start :])
+            # The environment sees every turn, the last one the budget allows included; an
+            # observation that no longer fits ends the episode (``observed``).
+            episodes.submit(k, sample.tokens[sample.turn_start :], eos)
 
         def observed(k: int, outcome: Outcome) -> None:
             sample = samples[k]
@@ -267,7 +267,15 @@ class VLLMEngine:
                         sample.versions += [version] * len(tokens)
                         sample.mask += [1.0] * len(tokens)
                         if out.finished:
-                            turn_ended(k, _finish_reason(delta.finish_reason))
+                            reason = _finish_reason(delta.finish_reason)
+                            # EOS or a stop token id (None / int), not a stop string (str)
+                            eos = reason == "stop" and not isinstance(delta.stop_reason, str)
+                            turn_ended(k, reason, eos)
+                        elif sample.split_turn and episodes.stops_in(
+                            sample.tokens[sample.turn_start :]
+                        ):  # a stop string across the cut, which vLLM cannot see
+                            engine.abort_request([sample.request])
+                            turn_ended(k, "stop", eos=False)
                 if episodes is not None:
                     idle = not engine.has_unfinished_requests()
                     wait = min(episodes.next_wait(), 0.05) if idle else 0.0
@@ -429,6 +437,7 @@ class _Continuing:
     # turn starts, its turns and tool calls, the environment's reward, why it ended.
     mask: list[float] = field(default_factory=list)
     turn_start: int = 0
+    split_turn: bool = False  # its current turn was restarted mid-way by a weight update
     turn_reason: str = ""  # how the last model turn ended: "stop" or "length"
     turns: int = 0
     tool_calls: int = 0

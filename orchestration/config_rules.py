@@ -141,6 +141,25 @@ def episode_problems(cfg: RunConfig) -> list[str]:
             f"data.max_prompt_tokens + episodes.max_tokens = {longest} exceeds "
             f"generator.max_model_len = {cfg.generator.max_model_len}; raise it"
         )
+    if ep.tools and ep.environment != "tools":
+        problems.append(
+            f"episodes.tools: only episodes.environment=tools calls them, not {ep.environment!r}"
+        )
+    components = [f.key for f in cfg.reward.functions] + [m.name for m in cfg.reward.models]
+    components += [r.name for r in cfg.reward.remote] + [f.key for f in cfg.reward.monitors]
+    if "environment" in components:
+        problems.append(
+            "reward component 'environment' is the environment's own rewards with episodes on; "
+            "rename yours"
+        )
+    for tool in ep.tools:
+        own = tool.params.get("timeout_s")
+        if isinstance(own, int | float) and own + 1 >= ep.timeout_s:
+            problems.append(
+                f"episodes.tools[{tool.name}]: params.timeout_s={own:g} leaves under a second "
+                f"of episodes.timeout_s={ep.timeout_s:g} (its process has to start too); raise "
+                "episodes.timeout_s"
+            )
     if ep.environment == "tools" and not ep.tools:
         problems.append(
             "episodes.environment=tools needs episodes.tools (e.g. [{name: calculator}])"
@@ -244,10 +263,14 @@ def reward_problems(cfg: RunConfig) -> list[str]:
             "reward.dynamic_sampling drops groups with equal scores: it needs "
             "generator.samples_per_prompt >= 2"
         )
-    if rw.overlong is not None and rw.overlong.buffer_tokens >= cfg.generator.max_new_tokens:
+    # the response's bound: one turn's, or with episodes the whole episode's (observations in)
+    bound, key = cfg.generator.max_new_tokens, "generator.max_new_tokens"
+    if cfg.episodes.environment is not None:
+        bound, key = cfg.episodes.max_tokens, "episodes.max_tokens"
+    if rw.overlong is not None and rw.overlong.buffer_tokens >= bound:
         problems.append(
             f"reward.overlong.buffer_tokens={rw.overlong.buffer_tokens} must be less than "
-            f"generator.max_new_tokens={cfg.generator.max_new_tokens}"
+            f"{key}={bound}"
         )
     for f in [*rw.functions, *rw.monitors]:
         own = f.params.get("timeout_s")

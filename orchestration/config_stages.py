@@ -185,11 +185,14 @@ class EpisodesConfig(Section):
     """``environment: tools``: the tools, each a built-in (``calculator``, ``python``) or
     ``package.module:object`` with its ``params``."""
     max_turns: int = Field(4, ge=1)
-    """Model turns per episode; an episode still going after them ends (``max_turns``)."""
+    """Model turns per episode; an episode still going after them ends (``max_turns``), with
+    ``finish_reason`` ``length``, as one cut at ``max_tokens``: ``reward.no_eos_penalty`` and
+    ``reward.overlong`` treat an unfinished episode as an unfinished response. An episode a tool
+    or the environment broke (``<tool>:<fault>``) is unscorable: it trains nothing."""
     max_tokens: int = Field(64, ge=1)
     """Response tokens per episode, the model's and the observations' together (each model turn
     also stops at ``generator.max_new_tokens``); ``data.max_prompt_tokens + max_tokens`` must fit
-    ``generator.max_model_len``."""
+    ``generator.max_model_len``. ``reward.overlong`` counts against it."""
     timeout_s: float = Field(5.0, gt=0)
     """The longest one environment step (a tool call) may take; one that takes longer, raises or
     returns garbage ends its episode (``episode/end/<tool>:<reason>``), never the run."""

@@ -24,6 +24,7 @@ from rollout.ops import append_columns
 
 DATASET_ROW = S.DATASET_ROW  # which dataset prompt a sample answers
 ENVIRONMENT_COMPONENT = "environment"  # multi-turn episodes: the environment's own rewards
+FAULTED = "faulted"  # multi-turn episodes ended by a tool or environment fault
 
 
 @ray.remote(num_cpus=0)
@@ -33,6 +34,9 @@ def _reward_inputs(table: pa.Table) -> dict[str, np.ndarray]:
     extra = {}
     if S.EPISODE_REWARD in table.column_names:
         extra[ENVIRONMENT_COMPONENT] = S.column_array(table, S.EPISODE_REWARD)
+        # "<tool or environment>:<fault>": the episode ended by no doing of the model's
+        ends = S.column_array(table, S.EPISODE_END)
+        extra[FAULTED] = np.asarray(pc.match_substring(ends, ":").to_numpy(zero_copy_only=False))
     return extra | {
         "finish_reason": np.asarray(S.column_array(table, S.FINISH_REASON).to_pylist()),
         "response_length": pc.list_value_length(S.column_array(table, S.RESPONSE_TOKEN_IDS))
@@ -79,6 +83,7 @@ class RewardStage:
         self.shaper = RewardShaper(shaping)
         self.reported: set[str] = set()  # components whose first failure was printed
         self.last_metrics: dict[str, float] = {}
+        self.last_faulted = 0  # episodes of the last batch a tool or environment fault ended
 
     def _components(self, table: ray.ObjectRef) -> tuple[pa.Table, dict, dict[str, float]]:
         parts = [s.score.options(num_returns=2).remote(table) for s in self.scorers]
@@ -119,6 +124,11 @@ class RewardStage:
         """Why samples were unscorable, per component, for the run's stop message: each failing
         function's first error, and the components that judged every sample unscorable."""
         lines = [p.describe(name) for name, p in sorted(self.problems().items())]
+        if self.last_faulted:
+            lines.append(
+                f"{self.last_faulted} episodes ended by a tool or environment fault "
+                "(episode/end/<tool>:<reason>; the generator's log has the first of each)"
+            )
         for key, count in sorted(self.last_metrics.items()):
             name = key.removeprefix("reward/").removesuffix("/unscorable")
             failed = self.last_metrics.get(f"reward/errors/{name}", 0)
@@ -140,6 +150,10 @@ class RewardStage:
             response_lengths=inputs["response_length"],
             rows=inputs["row"],
         )
+        if FAULTED in inputs:  # a broken tool says nothing of the policy: unscorable, no update
+            score = np.where(inputs[FAULTED], np.float32("nan"), score).astype(np.float32)
+            shaping["episode/faulted_fraction"] = float(inputs[FAULTED].mean())
+            self.last_faulted = int(inputs[FAULTED].sum())
         return Scored(table, columns, score, inputs["prompt_id"], metrics | shaping)
 
     def set_baselines(self, table: ray.ObjectRef) -> dict[str, float]:

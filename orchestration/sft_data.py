@@ -21,8 +21,10 @@ and ``datasets`` directories. A row is read as the first of these that fits:
    context and every later token, and the EOS, is in the loss.
 5. an episode, ``{"prompt": str, "turns": [{"role": "model" | "observation", "content": str}]}``
    (multi-turn demonstrations: tool calls and their results): each turn tokenized on its own
-   and appended, as a multi-turn rollout builds the sequence (``actors.episodes``); the model's
-   turns are in the loss, the last one followed by EOS, and the observations are context.
+   and appended, as a multi-turn rollout builds the sequence (``actors.episodes``: with a chat
+   template an observation is its ``tool`` turn and the next assistant prompt, the model's turn
+   closed first); the model's turns are in the loss, the last one followed by EOS, and the
+   observations are context.
 
 ``builtin:addition`` gives ``"a+b="`` -> ``"c"`` with EOS; ``builtin:calculator`` gives the
 calculator task's demonstrations (:func:`calculator_demonstrations`). An example longer than
@@ -34,6 +36,7 @@ Malformed rows are skipped, counted and described with their file and line, as i
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -197,12 +200,26 @@ def _text(text, tokenizer) -> _Example:
     return _Example(ids[:1], ids[1:], [1.0] * (len(ids) - 1))
 
 
+@functools.lru_cache(maxsize=4)
+def _observation_format(tokenizer):
+    """How a rollout appends observations for this tokenizer (read off its chat template once)."""
+    from actors.episodes import ObservationFormat
+
+    return ObservationFormat(tokenizer, "tool")
+
+
 def _episode(prompt, turns, tokenizer) -> _Example:
     """A multi-turn demonstration: the model's turns in the loss, observations not."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise _BadRow("an episode's 'prompt' must be a non-empty string")
     if not isinstance(turns, list) or not turns:
         raise _BadRow("'turns' must be a non-empty list of {role, content}")
+    from actors.episodes import Fault
+
+    try:
+        observations = _observation_format(tokenizer)
+    except ValueError as e:
+        raise _BadRow(str(e)) from None
     response: list[int] = []
     mask: list[float] = []
     for i, turn in enumerate(turns):
@@ -212,7 +229,14 @@ def _episode(prompt, turns, tokenizer) -> _Example:
             raise _BadRow(f"turns[{i}] is not {{role: model | observation, content: str}}")
         if (role == "model") != (i % 2 == 0):
             raise _BadRow("turns alternate, starting and ending with the model's")
-        ids = _text_ids(content, tokenizer)
+        try:  # a model turn that calls a tool ends at its closing tag, not at end-of-turn
+            ids = (
+                _text_ids(content, tokenizer)
+                if role == "model"
+                else observations.ids(content, False)
+            )
+        except Fault as e:
+            raise _BadRow(str(e)) from None
         response += ids
         mask += [1.0 if role == "model" else 0.0] * len(ids)
     if len(turns) % 2 == 0:

@@ -81,7 +81,7 @@ def run_turns(tokenizer, tools, turns: dict[int, str], timeout_s: float = 1.0) -
     spec = EpisodeSpec(environment="tools", timeout_s=timeout_s)
     runner = EpisodeRunner(env, spec, ObservationFormat(tokenizer, "tool"), [{}] * len(turns))
     for k, text in turns.items():
-        runner.submit(k, tokenizer.encode(text, add_special_tokens=False))
+        runner.submit(k, tokenizer.encode(text, add_special_tokens=False), ended_with_eos=False)
     outcomes = {}
     deadline = time.monotonic() + 10
     while runner.pending and time.monotonic() < deadline:
@@ -101,6 +101,7 @@ def test_tools_that_raise_return_garbage_or_hang_end_their_episode_with_the_reas
     assert outcomes[0].end == "boom:raised" and "the tool broke" in outcomes[0].detail
     assert outcomes[1].end == "junk:garbage"
     assert outcomes[2].end == "slow:timeout"
+    assert [outcomes[k].tool for k in range(4)] == ["boom", "junk", "slow", None]  # counted
     assert outcomes[3].end == "done" and outcomes[3].observation is None
 
 
@@ -146,8 +147,83 @@ def test_plain_models_see_the_observation_text_as_it_is(tokenizer):
         (["episodes.environment=guess_number", "episodes.params={lo: 1}"], "unexpected keyword"),
         (["episodes.environment=guess_number", "episodes.max_tokens=100"], "max_model_len"),
         (["episodes.tools=[{name: calculator}]"], "set episodes.environment=tools"),
+        (
+            ["episodes.environment=guess_number", "episodes.tools=[{name: calculator}]"],
+            "only episodes.environment=tools calls them",
+        ),
+        (
+            [
+                "episodes.environment=guess_number",
+                "reward.functions=[{name: exact_integer, column: environment}]",
+            ],
+            "reward component 'environment'",
+        ),
+        (
+            [
+                "episodes.environment=tools",
+                "episodes.tools=[{name: python, params: {timeout_s: 5}}]",
+            ],
+            "leaves under a second",
+        ),
+        (
+            [
+                "episodes.environment=guess_number",
+                "generator.max_model_len=64",
+                "episodes.max_tokens=40",
+                "reward.overlong={buffer_tokens: 40}",
+            ],
+            "less than episodes.max_tokens=40",
+        ),
     ],
 )
 def test_bad_episode_configs_fail_before_any_actor(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo", overrides)
+
+
+class BadReward:
+    stop: tuple[str, ...] = ()
+
+    def reset(self, row):
+        return self
+
+    def step(self, turn: str) -> Step:
+        return Step(" ok", reward=float("nan"))
+
+
+class OutOfVocabulary(BadReward):
+    def step(self, turn: str) -> Step:
+        return Step([10**9])
+
+
+@pytest.mark.parametrize("environment", ["BadReward", "OutOfVocabulary"])
+def test_an_environment_that_answers_garbage_ends_its_episode(environment):
+    spec = EpisodeSpec(environment="x", timeout_s=2.0)
+    env = {"BadReward": BadReward, "OutOfVocabulary": OutOfVocabulary}[environment]()
+    observations = ObservationFormat(VocabularyOf(Characters(), 1000), "tool")
+    runner = EpisodeRunner(env, spec, observations, [{}])
+    runner.submit(0, [ord("1")], ended_with_eos=False)
+    outcomes = {}
+    while runner.pending:
+        outcomes |= dict(runner.ready(0.05))
+    assert outcomes[0].end == "environment:garbage" and outcomes[0].observation is None
+
+
+class VocabularyOf:
+    """:class:`Characters` with a vocabulary size."""
+
+    def __init__(self, base, size: int):
+        self.base, self.size, self.eos_token_id = base, size, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+def test_a_stop_string_split_by_a_weight_update_is_found_in_the_turn():
+    env = ToolEnvironment([{"name": "calculator"}])
+    runner = EpisodeRunner(env, EpisodeSpec("tools"), ObservationFormat(Characters(), "tool"), [{}])
+    assert runner.stops_in([ord(c) for c in "<calc>1+2</calc>"])
+    assert not runner.stops_in([ord(c) for c in "<calc>1+2</cal"])

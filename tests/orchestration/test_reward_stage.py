@@ -39,3 +39,48 @@ def test_min_std_sets_what_counts_as_flat():
     keep, metrics = select_groups([b], 1, min_std=0.1)
     assert keep[0].tolist() == [2, 3]
     assert metrics["rollout/groups_dropped_fraction"] == 0.5
+
+
+def test_episodes_a_tool_broke_are_unscorable_and_the_environment_reward_is_a_component():
+    from orchestration.reward_stage import (
+        ENVIRONMENT_COMPONENT,
+        FAULTED,
+        RewardStage,
+        _reward_inputs,
+    )
+    from reward_service.shaping import ShapingSpec
+    from rollout import GeneratedSample, build_rollout_table
+    from rollout.build import EpisodeRecord
+
+    ends = ["done", "calc:timeout", "max_turns", "environment:raised"]
+    samples = [
+        GeneratedSample(
+            i,
+            0,
+            [1],
+            [2, 3, 4],
+            [-1.0, 0.0, -1.0],
+            "stop",
+            episode=EpisodeRecord([1.0, 0.0, 1.0], 2, 1, end, reward=0.5 * i),
+        )
+        for i, end in enumerate(ends)
+    ]
+    table = build_rollout_table(samples, weight_version=0)
+    inputs = _reward_inputs._function(table)  # the remote function's body, here
+    assert inputs[FAULTED].tolist() == [False, True, False, True]
+    assert inputs[ENVIRONMENT_COMPONENT].to_pylist() == [0.0, 0.5, 1.0, 1.5]
+
+    stage = RewardStage(ShapingSpec(weights={"exact": 1.0, ENVIRONMENT_COMPONENT: 2.0}), [], 10)
+    columns = pa.table(
+        {
+            "reward/exact": pa.array([1.0, 1.0, 0.0, 0.0], pa.float32()),
+            "reward/" + ENVIRONMENT_COMPONENT: inputs.pop(ENVIRONMENT_COMPONENT),
+        }
+    )
+    stage._components = lambda _: (columns, inputs, {})
+    scored = stage.score(None)
+    assert scored.score[0] == 1.0 and scored.score[2] == 2.0  # 1 x exact + 2 x environment
+    assert np.isnan(scored.score[[1, 3]]).all()  # a broken tool trains nothing
+    assert scored.metrics["episode/faulted_fraction"] == 0.5
+    stage.problems = lambda: {}  # no reward actor here
+    assert "2 episodes ended by a tool or environment fault" in stage.describe_unscorable()
