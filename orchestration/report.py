@@ -62,6 +62,7 @@ SAMPLE_COLUMNS = (
     "finish_reason",
     "loss_mask",
     "episode_end",
+    "turns",
 )
 
 
@@ -367,11 +368,18 @@ def load_tokenizer(run_dir: Path, config: dict) -> tuple[Any | None, list[str]]:
 
 
 def read_samples(path: Path, iteration: int, n: int, tokenizer: Any | None) -> list[Sample]:
-    """The first ``n`` rows of a rollout file; token ids shown as a list without a tokenizer."""
+    """The first ``n`` rows of a rollout file, or with multi-turn episodes up to ``n // 2`` of
+    them with more than one turn first (among the first rows); token ids shown as a list
+    without a tokenizer."""
     names = pq.read_schema(path).names
     columns = [c for c in names if c in SAMPLE_COLUMNS or re.fullmatch(r"reward/[^/]+", c)]
-    batch = next(pq.ParquetFile(path).iter_batches(batch_size=max(n, 1), columns=columns), None)
-    rows = batch.to_pylist()[:n] if batch is not None else []
+    size = max(n, 1) * (64 if "turns" in names else 1)
+    batch = next(pq.ParquetFile(path).iter_batches(batch_size=size, columns=columns), None)
+    rows = batch.to_pylist() if batch is not None else []
+    if "turns" in names:  # show what the episodes look like: some with several turns
+        several = [r for r in rows if (r.get("turns") or 0) > 1][: n // 2]
+        rows = several + [r for r in rows if all(r is not s for s in several)]
+    rows = rows[:n]
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False) if tokenizer else str(ids)

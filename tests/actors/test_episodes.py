@@ -7,6 +7,7 @@ limit while the other episodes go on."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pyarrow as pa
@@ -111,9 +112,15 @@ def test_two_turn_episode_keeps_token_ids_and_masks_the_observation(family, fami
         assert (got[~model_tokens] == 0).all()
 
 
-def test_a_hung_environment_is_cut_at_its_limit_and_the_others_go_on(family_models):
+@pytest.fixture(scope="module")
+def untied(family_models) -> PolicyGenerator:
+    """One engine of the demo's shape for the tests below."""
     path = family_models["qwen2-untied"]
-    generator = PolicyGenerator(EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25))
+    return PolicyGenerator(EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25))
+
+
+def test_a_hung_environment_is_cut_at_its_limit_and_the_others_go_on(untied):
+    generator = untied
     spec = EpisodeSpec(
         environment="tests.actors.test_episodes:TwoTurns",
         params={"hang_on_label": "b"},
@@ -134,11 +141,10 @@ def test_a_hung_environment_is_cut_at_its_limit_and_the_others_go_on(family_mode
     assert all(r[S.TURNS] == 2 for r in fine)
 
 
-def test_episode_limits_end_episodes(family_models):
+def test_episode_limits_end_episodes(untied):
     """``max_turns`` ends an episode whose environment would go on; ``max_tokens`` one that
     has no room for the next observation."""
-    path = family_models["qwen2-untied"]
-    generator = PolicyGenerator(EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25))
+    generator = untied
     one_turn = EpisodeSpec(environment=TWO_TURNS.environment, max_turns=1, max_tokens=40)
     rows = generator.generate(PROMPTS, Sampling(n=1, max_new_tokens=6, episodes=one_turn))
     assert set(rows[S.EPISODE_END].to_pylist()) == {"max_turns"}
@@ -176,9 +182,7 @@ class _Misbehaving:
         return Step(done=True)
 
 
-def test_an_environment_in_its_own_actor_is_restarted_when_it_hangs_or_dies(
-    private_env, family_models
-):
+def test_an_environment_in_its_own_actor_is_restarted_when_it_hangs_or_dies(private_env, untied):
     """``isolation: actor``: a hung call gets the environment's actor killed and restarted, and
     an environment that ends its process loses its episodes, not the generator (this test's
     own process here: in a thread it would have ended pytest)."""
@@ -186,10 +190,7 @@ def test_an_environment_in_its_own_actor_is_restarted_when_it_hangs_or_dies(
 
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        path = family_models["qwen2-untied"]
-        generator = PolicyGenerator(
-            EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25)
-        )
+        generator = untied
 
         def run(mode: str) -> list[dict]:
             spec = EpisodeSpec(
@@ -216,3 +217,58 @@ def test_an_environment_in_its_own_actor_is_restarted_when_it_hangs_or_dies(
         )
     finally:
         ray.shutdown()
+
+
+def test_the_guessing_game_answers_each_guess_through_the_engine(tmp_path):
+    """The built-in game end to end on the generator: every observation is the game's answer to
+    the guess before it, and an episode ends when the guess is right (reward 1 less 0.1 per
+    earlier guess) or at a limit (reward 0)."""
+    from transformers import AutoTokenizer
+
+    from orchestration.data import builtin_corpus, guess_examples
+    from orchestration.tiny_model import build_tiny_model
+
+    path = build_tiny_model(str(tmp_path / "guess"), builtin_corpus("builtin:guess", 4))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    generator = PolicyGenerator(EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25))
+    (prompt, secret), (prompt2, secret2) = guess_examples()[2], guess_examples()[5]
+    prompts = pa.table(
+        {
+            "prompt_id": pa.array([0, 1], pa.int64()),
+            "prompt_token_ids": pa.array(
+                [tokenizer.encode(p) for p in (prompt, prompt2)], pa.list_(pa.int32())
+            ),
+            SAMPLE_SEED: pa.array([1, 2], pa.int64()),
+            "label": [secret, secret2],
+        }
+    )
+    spec = EpisodeSpec(environment="guess_number", max_turns=4, max_tokens=40)
+    rows = generator.generate(prompts, Sampling(n=8, max_new_tokens=3, episodes=spec)).to_pylist()
+    answers = {" higher\n", " lower\n", " say a number\n"}
+    for row in rows:
+        secret = int(row["label"])
+        ids, mask = row[S.RESPONSE_TOKEN_IDS], row[S.LOSS_MASK]
+        turns = []  # (model's, text) in order
+        for token, m in zip(ids, mask, strict=True):
+            if not turns or turns[-1][0] != (m > 0):
+                turns.append((m > 0, []))
+            turns[-1][1].append(token)
+        texts = [(model, tokenizer.decode(t, skip_special_tokens=True)) for model, t in turns]
+        assert row[S.TURNS] == sum(model for model, _ in texts)
+        for (_, guess), (model, answer) in zip(texts[::2], texts[1::2], strict=False):
+            assert not model and answer in answers
+            numbers = [int(n) for n in re.findall(r"-?\d+", guess)]
+            expected = (
+                " say a number\n"
+                if not numbers
+                else " higher\n"
+                if numbers[-1] < secret
+                else " lower\n"
+            )
+            assert answer == expected, (guess, secret)
+        if row[S.EPISODE_END] == "done":
+            assert row[S.EPISODE_REWARD] == pytest.approx(1.0 - 0.1 * (row[S.TURNS] - 1))
+        else:
+            assert row[S.EPISODE_END] in ("max_turns", "max_tokens")
+            assert row[S.EPISODE_REWARD] == 0.0
+    assert {r[S.TURNS] for r in rows} != {1}  # the game went on past the first guess
