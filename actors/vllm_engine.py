@@ -271,8 +271,10 @@ class VLLMEngine:
                             # EOS or a stop token id (None / int), not a stop string (str)
                             eos = reason == "stop" and not isinstance(delta.stop_reason, str)
                             turn_ended(k, reason, eos)
-                        elif sample.split_turn and episodes.stops_in(
-                            sample.tokens[sample.turn_start :]
+                        elif (
+                            episodes is not None
+                            and sample.split_turn
+                            and episodes.stops_in(sample.tokens[sample.turn_start :])
                         ):  # a stop string across the cut, which vLLM cannot see
                             engine.abort_request([sample.request])
                             turn_ended(k, "stop", eos=False)
