@@ -227,3 +227,20 @@ def test_a_stop_string_split_by_a_weight_update_is_found_in_the_turn():
     runner = EpisodeRunner(env, EpisodeSpec("tools"), ObservationFormat(Characters(), "tool"), [{}])
     assert runner.stops_in([ord(c) for c in "<calc>1+2</calc>"])
     assert not runner.stops_in([ord(c) for c in "<calc>1+2</cal"])
+
+
+def test_the_episode_presets_and_the_calculator_pipeline_load():
+    from pathlib import Path
+
+    import orchestration
+    from orchestration import pipeline_spec
+
+    guess = load_config("demo-guess").episodes.spec()
+    assert guess.environment == "guess_number" and guess.max_turns == 4
+    calc = load_config("demo-calculator").episodes.spec()
+    assert calc.params["tools"] == [{"name": "calculator", "params": {}}]
+    assert load_config("calculator-sft").stage == "sft"
+    path = Path(orchestration.__file__).parent / "pipelines" / "calculator.yaml"
+    pipeline = pipeline_spec.read_pipeline(str(path))
+    assert [s.name for s in pipeline.stages] == ["sft", "rl"]
+    assert pipeline.stages[1].overrides["model.path"] == "{sft.policy}"
