@@ -38,11 +38,16 @@ def rule_components(reward: RewardConfig) -> list[str]:
 # ------------------------------------------------------------------------------ reward section
 
 
+def component_names(rw: RewardConfig) -> list[str]:
+    """Every reward component's name: functions, models, remote services, monitors."""
+    names = [f.key for f in rw.functions] + [m.name for m in rw.models]
+    return names + [r.name for r in rw.remote] + [f.key for f in rw.monitors]
+
+
 def component_problems(rw: RewardConfig) -> list[str]:
     """The reward section alone: something scores, component names are distinct, and the
     safety gate names one of them."""
-    names = [f.key for f in rw.functions] + [m.name for m in rw.models]
-    names += [r.name for r in rw.remote] + [f.key for f in rw.monitors]
+    names = component_names(rw)
     problems = []
     if not (rw.functions or rw.models or rw.remote):
         problems.append("no reward: give reward.functions, reward.models or reward.remote")
@@ -145,9 +150,7 @@ def episode_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"episodes.tools: only episodes.environment=tools calls them, not {ep.environment!r}"
         )
-    components = [f.key for f in cfg.reward.functions] + [m.name for m in cfg.reward.models]
-    components += [r.name for r in cfg.reward.remote] + [f.key for f in cfg.reward.monitors]
-    if "environment" in components:
+    if "environment" in component_names(cfg.reward):
         problems.append(
             "reward component 'environment' is the environment's own rewards with episodes on; "
             "rename yours"
