@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny model, and a private environment for anything that starts Ray or
-vLLM (its own HOME for Ray's auth token, its own short TMPDIR for sockets)."""
+vLLM (its own HOME for Ray's auth token, its own short TMPDIR for sockets); the tiers
+(``tests/tiers.py``)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import pytest  # noqa: E402
 
 from orchestration.data import addition_corpus  # noqa: E402
 from orchestration.tiny_model import build_tiny_model  # noqa: E402
+
+pytest_plugins = ["tests.tiers"]  # the tier markers, their order and their times
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit  # pure code in this process
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("rollout", "learner", "actors", "reward_service", "orchestration")
 ROLES = ("learner", "actors", "reward_service", "orchestration")

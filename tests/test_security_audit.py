@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 REPO = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {"tests", "runs", "build", "dist", "node_modules", "__pycache__"}
 RULES = ("torch-load", "trust-remote-code", "ray-timeout", "http-timeout")

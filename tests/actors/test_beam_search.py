@@ -17,8 +17,6 @@ from rollout import schema as S
 from rollout.build import GeneratedSample
 from rollout.validate import validate
 
-pytestmark = pytest.mark.slow  # a vLLM engine; a local Ray
-
 WIDTH, NEW_TOKENS = 3, 8
 TOL = 1e-4  # vLLM's and transformers' float32 log-probabilities agree to ~1e-6 here
 
@@ -55,6 +53,7 @@ def token_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tenso
     return logprobs.gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
+@pytest.mark.component
 def test_beams_are_distinct_ranked_and_at_least_as_likely_as_greedy(
     generator, hf_model, tiny_model
 ):
@@ -97,6 +96,7 @@ def test_beams_are_distinct_ranked_and_at_least_as_likely_as_greedy(
         assert sums[0] >= greedy_sum.sum().item() - TOL, (sums[0], greedy_sum.sum().item())
 
 
+@pytest.mark.component
 def test_beam_search_refuses_a_stale_version_and_an_oversized_width(generator):
     with pytest.raises(StaleWeightsError, match="serves weight version 0"):
         generator.beam_search(prompt_table(), WIDTH, NEW_TOKENS, expected_version=1)
@@ -124,6 +124,7 @@ class _StubGenerator(PolicyGenerator):
         super().__init__(None, initial_version=version, engine=_StubEngine())
 
 
+@pytest.mark.slow  # Ray actors
 def test_the_pool_splits_prompts_over_replicas_and_keeps_their_order(private_env):
     import ray
 

@@ -20,8 +20,6 @@ from actors.vllm_engine import EngineSpec, Sampling
 from orchestration.tiny_model import FAMILY_MATRIX
 from rollout import schema as S
 
-pytestmark = pytest.mark.slow  # a vLLM engine per model family
-
 OBSERVATION = " 7+7=14\n"  # text that a re-encoding of the whole response would merge differently
 
 
@@ -73,6 +71,7 @@ def sequence_logprobs(model, ids: list[int], start: int) -> torch.Tensor:
     return logprobs.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0]
 
 
+@pytest.mark.component
 @pytest.mark.parametrize("family", list(FAMILY_MATRIX))
 def test_two_turn_episode_keeps_token_ids_and_masks_the_observation(family, family_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,6 +118,7 @@ def untied(family_models) -> PolicyGenerator:
     return PolicyGenerator(EngineSpec(model_path=path, max_model_len=64, kv_cache_bytes=2**25))
 
 
+@pytest.mark.component
 def test_a_hung_environment_is_cut_at_its_limit_and_the_others_go_on(untied):
     generator = untied
     spec = EpisodeSpec(
@@ -141,6 +141,7 @@ def test_a_hung_environment_is_cut_at_its_limit_and_the_others_go_on(untied):
     assert all(r[S.TURNS] == 2 for r in fine)
 
 
+@pytest.mark.component
 def test_episode_limits_end_episodes(untied):
     """``max_turns`` ends an episode whose environment would go on; ``max_tokens`` one that
     has no room for the next observation."""
@@ -182,6 +183,7 @@ class _Misbehaving:
         return Step(done=True)
 
 
+@pytest.mark.slow  # Ray actors
 def test_an_environment_in_its_own_actor_is_restarted_when_it_hangs_or_dies(private_env, untied):
     """``isolation: actor``: a hung call gets the environment's actor killed and restarted, and
     an environment that ends its process loses its episodes, not the generator (this test's
@@ -219,6 +221,7 @@ def test_an_environment_in_its_own_actor_is_restarted_when_it_hangs_or_dies(priv
         ray.shutdown()
 
 
+@pytest.mark.component
 def test_the_guessing_game_answers_each_guess_through_the_engine(tmp_path):
     """The built-in game end to end on the generator: every observation is the game's answer to
     the guess before it, and an episode ends when the guess is right (reward 1 less 0.1 per

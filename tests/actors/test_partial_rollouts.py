@@ -19,7 +19,7 @@ from actors.vllm_engine import EngineSpec, Sampling
 from orchestration.tiny_model import FAMILY_MATRIX
 from rollout import schema as S
 
-pytestmark = pytest.mark.slow  # a vLLM engine per model family
+pytestmark = pytest.mark.component  # an in-process vLLM engine per model family
 
 PROMPTS = pa.table(
     {

@@ -18,7 +18,7 @@ from actors.vllm_engine import EngineSpec, Sampling
 from learner import weight_sync as W
 from orchestration.tiny_model import FAMILY_MATRIX
 
-pytestmark = pytest.mark.slow  # a vLLM engine per model family
+pytestmark = pytest.mark.component  # an in-process vLLM engine per model family
 
 
 def free_port() -> int:

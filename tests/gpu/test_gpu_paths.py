@@ -11,7 +11,6 @@ import torch
 from tests.e2e.test_run import finished, train
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]

@@ -10,6 +10,8 @@ import torch
 
 from learner import algorithms as A
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 
 

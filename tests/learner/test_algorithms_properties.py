@@ -2,11 +2,14 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from learner import algorithms as A
+
+pytestmark = pytest.mark.unit  # pure code in this process
 
 
 def random_batch(seed: int, B: int = 6, T: int = 9):

@@ -8,6 +8,8 @@ import torch
 from learner import algorithms as A
 from learner.estimators import ESTIMATOR_SPECS
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 T = torch.tensor
 
 

@@ -19,6 +19,8 @@ from learner.models import VALUE_HEAD_FILE, CriticModel
 from reward_service import reward_model
 from reward_service.reward_model import RewardModel
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 HIDDEN = 128  # the tiny model's hidden size
 
 

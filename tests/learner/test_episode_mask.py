@@ -21,6 +21,8 @@ from rollout.build import EpisodeRecord
 from rollout.tensors import model_token_mask
 from rollout.validate import RolloutValidationError, validate
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 PROMPT = [5, 1, 6]
 # model turn [3, 2], observation [7, 8], model turn [4, 1]
 RESPONSE = [3, 2, 7, 8, 4, 1]

@@ -7,6 +7,8 @@ import torch
 
 from learner.engine import OptimizerSpec, _lr_lambda
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def factors(steps, **kwargs) -> list[float]:
     factor = _lr_lambda(OptimizerSpec(lr=1.0, **kwargs))
@@ -59,3 +61,11 @@ def test_the_optimizer_steps_with_the_factor_of_its_step_and_the_configured_eps(
         scheduler.step()
     assert seen == pytest.approx([0.1, 0.075, 0.05, 0.025])
     assert optimizer.param_groups[0]["eps"] == 1e-5
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    spec = OptimizerSpec(lr=1.0, warmup_steps=4, total_steps=14, schedule="cosine")
+    f = _lr_lambda(spec)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
+    assert _lr_lambda(OptimizerSpec(lr=1.0, schedule="constant"))(100) == 1.0

@@ -51,6 +51,8 @@ def nll(e: Engine, table: pa.Table) -> float:
     return float(-(out.logprobs * batch.response_mask).sum() / batch.response_mask.sum())
 
 
+@pytest.mark.component
+@pytest.mark.component
 def test_the_engine_trains_an_objective_it_was_not_written_for(tiny_model):
     e = engine(tiny_model)
     table = demonstrations()
@@ -71,6 +73,8 @@ def test_the_engine_trains_an_objective_it_was_not_written_for(tiny_model):
     assert e.critic is None and e.skipped_steps == {"actor": 0}
 
 
+@pytest.mark.component
+@pytest.mark.component
 def test_a_share_metric_is_the_mini_batchs_whole_loss(tiny_model):
     """Summed over the micro-batches (two per mini-batch here), not their mean: with a step too
     small to move the loss, the reported NLL is the NLL of the batch."""
@@ -79,6 +83,8 @@ def test_a_share_metric_is_the_mini_batchs_whole_loss(tiny_model):
     assert e.train(table)["sft/nll"] == pytest.approx(nll(e, table), rel=1e-3)
 
 
+@pytest.mark.component
+@pytest.mark.component
 def test_the_new_objective_checkpoints_and_resumes_exactly(tiny_model, tmp_path):
     a = engine(tiny_model)
     table = demonstrations()
@@ -93,12 +99,16 @@ def test_the_new_objective_checkpoints_and_resumes_exactly(tiny_model, tmp_path)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.component
+@pytest.mark.component
 def test_a_metric_without_a_declared_aggregation_is_refused(tiny_model):
     e = engine(tiny_model, Unlabelled())
     with pytest.raises(KeyError, match="'sft/nll' without declaring how it aggregates"):
         e.train(demonstrations())
 
 
+@pytest.mark.component
+@pytest.mark.component
 def test_an_objective_and_its_optimizers_must_agree_on_the_critic(tiny_model):
     spec = LearnerSpec(
         model_path=tiny_model,
@@ -109,6 +119,8 @@ def test_an_objective_and_its_optimizers_must_agree_on_the_critic(tiny_model):
         Engine(spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
 
 
+@pytest.mark.unit
+@pytest.mark.unit
 def test_the_kl_term_of_the_loss_weighs_by_the_coefficient_of_the_step(tiny_model):
     """``settings["kl_coef"]`` (the run's KL controller) replaces the starting coefficient."""
     goal = PolicyGradient(LossSpec(kl_loss_coef=0.01))

@@ -10,6 +10,8 @@ import torch
 
 from learner.algorithms import OffPolicySpec, behaviour_weights, policy_loss
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 # One sample of 3 tokens and one of 1 (then padding, whose values must not matter).
 # log r = old - mu per token: row 0: 0.5, -0.8, 0.1; row 1: 1.2
 OLD = torch.tensor([[0.0, -1.0, -0.4], [-0.3, -9.0, 5.0]])

@@ -14,6 +14,8 @@ from orchestration.tiny_model import FAMILY_MATRIX, build_tiny_model
 from rollout import schema as S
 from rollout.tensors import to_padded
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 TEMPERATURE = 0.7
 
 

@@ -34,6 +34,7 @@ def t(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+@pytest.mark.unit
 def test_dpo_loss_is_ln2_when_policy_and_reference_agree():
     logps = t(-3.0, -1.5)
     loss, stats = preference_loss(logps, t(-2.0, -4.0), logps, t(-2.0, -4.0), beta=0.1, num_pairs=2)
@@ -42,6 +43,7 @@ def test_dpo_loss_is_ln2_when_policy_and_reference_agree():
     assert stats["margin"].item() == 0.0
 
 
+@pytest.mark.unit
 def test_dpo_loss_and_implicit_rewards_on_a_pair_by_hand():
     # pc = -1, pr = -3, rc = rr = -2: chosen log-ratio 1, rejected -1, h = 2; beta h = 1
     args = (t(-1.0), t(-3.0), t(-2.0), t(-2.0))
@@ -53,6 +55,7 @@ def test_dpo_loss_and_implicit_rewards_on_a_pair_by_hand():
     assert stats["accuracy"].item() == 1.0
 
 
+@pytest.mark.unit
 def test_conservative_dpo_by_hand():
     # eps = 0.1: 0.9 (-log sigmoid 1) + 0.1 (-log sigmoid -1); -log sigmoid(-1) = 1 + nls(1)
     args = (t(-1.0), t(-3.0), t(-2.0), t(-2.0))
@@ -65,6 +68,7 @@ def test_conservative_dpo_by_hand():
     assert tie.item() == pytest.approx(LN2)
 
 
+@pytest.mark.unit
 def test_ipo_by_hand():
     # h = 2 on summed log-probs: beta 0.5 -> (2 - 1)^2 = 1; beta 0.25 -> (2 - 2)^2 = 0
     args = (t(-1.0), t(-3.0), t(-2.0), t(-2.0))
@@ -75,6 +79,7 @@ def test_ipo_by_hand():
     assert tie[0].item() == 1.0
 
 
+@pytest.mark.unit
 def test_dpo_shares_use_the_batchs_pairs_and_a_tie_counts_half():
     # h = 2, 0, -1 (refs 0), a micro-batch of 3 pairs of a batch of 4
     loss, stats = preference_loss(
@@ -87,6 +92,7 @@ def test_dpo_shares_use_the_batchs_pairs_and_a_tie_counts_half():
     assert stats["margin"].item() == pytest.approx((2 + 0 - 1) / 4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -122,6 +128,7 @@ def rrhf_example(lengths):
     )
 
 
+@pytest.mark.unit
 def test_rrhf_loss_by_hand_on_two_groups():
     args = rrhf_example([4, 1, 1, 2, 3])
     # p = -4/4, -3/1, -2/1, -1/2, -3/3 = -1, -3, -2, -0.5, -1
@@ -140,6 +147,7 @@ def test_rrhf_loss_by_hand_on_two_groups():
     )
 
 
+@pytest.mark.unit
 def test_rrhf_ranks_by_length_normalised_log_probability():
     # response 0 is longer with a lower sum (-4 < -3) but a higher mean (-1 > -3): it ranks
     # above response 1 as its reward says, so the pair 0 > 1 costs nothing.
@@ -150,6 +158,7 @@ def test_rrhf_ranks_by_length_normalised_log_probability():
     assert summed.item() == pytest.approx(6 / 2)
 
 
+@pytest.mark.unit
 def test_rrhf_rank_accuracy_is_nan_without_pairs():
     args = rrhf_example([1] * 5) | {
         "chosen": torch.tensor([], dtype=torch.long),
@@ -193,6 +202,7 @@ def micro_loss(objective, model, table):
     return objective.micro_loss("actor", {"actor": model}, micro.batch, None, counts, {})
 
 
+@pytest.mark.unit
 def test_sequence_logprobs_sum_each_responses_token_logprobs(model):
     flat = sequence_logprobs(model, group_table(GROUPS), pad_token_id=0)
     rows = [(p, r, [1.0] * len(r)) for p, rs, _ in GROUPS for r in rs]
@@ -202,6 +212,7 @@ def test_sequence_logprobs_sum_each_responses_token_logprobs(model):
         assert got == pytest.approx(-nll, rel=1e-5)
 
 
+@pytest.mark.unit
 def test_dpo_against_itself_is_ln2_and_one_step_moves_towards_chosen(tiny_model):
     policy = load_causal_lm(tiny_model).eval()
     table = with_columns(group_table(GROUPS), policy)  # the reference is the policy itself
@@ -225,6 +236,7 @@ def test_dpo_against_itself_is_ln2_and_one_step_moves_towards_chosen(tiny_model)
     assert metrics["dpo/reward_chosen"].item() > metrics["dpo/reward_rejected"].item()
 
 
+@pytest.mark.unit
 def test_dpo_parts_of_a_batch_add_up_to_its_loss(model):
     table = with_columns(group_table(GROUPS), model)
     objective = DirectPreference(beta=2.0, label_smoothing=0.1)
@@ -242,6 +254,7 @@ def test_dpo_parts_of_a_batch_add_up_to_its_loss(model):
     assert split.item() == pytest.approx(whole.item(), rel=1e-5)
 
 
+@pytest.mark.unit
 def test_dpo_names_a_group_whose_ref_logps_do_not_match_its_responses(model):
     table = group_table(GROUPS).append_column(
         S.REF_LOGPS, pa.array([[0.0, 0.0], [0.0, 0.0]], pa.list_(pa.float32()))
@@ -252,6 +265,7 @@ def test_dpo_names_a_group_whose_ref_logps_do_not_match_its_responses(model):
         DirectPreference().collate(group_table(GROUPS), 0)
 
 
+@pytest.mark.unit
 def test_rrhf_on_a_tiny_model_is_rrhf_loss_by_hand(model):
     table = with_columns(group_table(GROUPS), model, best=[0, 1])
     objective = RankResponses(ce_coef=0.7)
@@ -273,6 +287,7 @@ def test_rrhf_on_a_tiny_model_is_rrhf_loss_by_hand(model):
     assert set(metrics) == objective.shares | objective.rates
 
 
+@pytest.mark.unit
 def test_rrhf_refuses_a_best_response_outside_its_group(model):
     table = group_table(GROUPS).append_column(S.BEST_RESPONSE, pa.array([0, 2], pa.int32()))
     with pytest.raises(ValueError, match="prompt_id 1: best_response 2 is not one of its 2"):
@@ -282,6 +297,7 @@ def test_rrhf_refuses_a_best_response_outside_its_group(model):
 # ------------------------------------------------------------------------------ on the engine
 
 
+@pytest.mark.component  # DeepSpeed on one gloo rank
 def test_dpo_on_the_engine_starts_at_ln2_and_learns_the_preferences(tiny_model):
     learner = engine(tiny_model, DirectPreference(beta=0.5), lr=3e-3)
     assert set(learner.engines) == {"actor"}
@@ -296,6 +312,7 @@ def test_dpo_on_the_engine_starts_at_ln2_and_learns_the_preferences(tiny_model):
     assert after["dpo/margin"] > 0
 
 
+@pytest.mark.component  # DeepSpeed on one gloo rank
 def test_rrhf_on_the_engine_orders_the_responses_and_reports_its_rate(tiny_model):
     learner = engine(tiny_model, RankResponses(), lr=3e-3)
     table = with_columns(group_table(GROUPS), learner.modules["actor"], best=[0, 1])
@@ -308,6 +325,7 @@ def test_rrhf_on_the_engine_orders_the_responses_and_reports_its_rate(tiny_model
     assert after["rrhf/loss"] < before["rrhf/loss"] and after["rrhf/rank_loss"] == 0.0
 
 
+@pytest.mark.unit
 def test_rpo_adds_the_chosen_responses_token_mean_nll(model):
     """nll_coef > 0: each pair's loss gains the chosen response's token-mean NLL times it."""
     table = with_columns(group_table(GROUPS), model)

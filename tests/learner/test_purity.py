@@ -4,6 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.component  # fresh interpreters
+
 HEAVY = ["ray", "deepspeed", "vllm"]
 ROLES = ["actors", "orchestration", "reward_service", "learner"]
 

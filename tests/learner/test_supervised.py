@@ -73,6 +73,7 @@ ROWS = [  # (prompt, response, sft_mask): chat-like masks with context tokens in
 # ------------------------------------------------------------------------------ losses by hand
 
 
+@pytest.mark.unit
 def test_pairwise_loss_with_margin_and_l2_regulariser_by_hand():
     chosen, rejected = torch.tensor([2.0, 0.0, 0.5]), torch.tensor([1.0, 1.0, 0.5])
     margin = torch.tensor([0.5, 0.0, 1.0])
@@ -94,6 +95,7 @@ def test_pairwise_loss_with_margin_and_l2_regulariser_by_hand():
     assert stats["margin_mean"].item() == pytest.approx((1 - 1 + 0) / 4)
 
 
+@pytest.mark.unit
 def test_next_token_loss_is_the_masked_token_mean_nll():
     logprobs = torch.log(torch.tensor([[0.5, 0.25], [0.1, 0.9]]))
     mask = torch.tensor([[True, False], [True, True]])
@@ -121,6 +123,7 @@ def model(tiny_model):
     return load_causal_lm(tiny_model).eval()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("packing", ["never", "always"])
 def test_sft_loss_counts_only_masked_tokens_whether_padded_or_packed(model, packing):
     table = sft_table(ROWS)
@@ -137,6 +140,7 @@ def test_sft_loss_counts_only_masked_tokens_whether_padded_or_packed(model, pack
     assert metrics["sft/loss"].item() == pytest.approx(loss.item())
 
 
+@pytest.mark.unit
 def test_packing_puts_several_samples_in_a_row_without_attention_between_them(model):
     table = sft_table(ROWS)
     packed = pack(table, pad_token_id=0, capacity=12)
@@ -155,11 +159,13 @@ def test_packing_puts_several_samples_in_a_row_without_attention_between_them(mo
     assert -lp.item() == pytest.approx(total, rel=1e-5)  # each sample's loss as if alone
 
 
+@pytest.mark.unit
 def test_first_fit_decreasing_fills_the_first_bin_with_room():
     assert first_fit_decreasing(np.array([3, 5, 2, 4, 1]), 6) == [[1, 4], [3, 2], [0]]
     assert first_fit_decreasing(np.array([9, 1]), 4) == [[0], [1]]  # too long: a bin alone
 
 
+@pytest.mark.unit
 def test_auto_packing_pads_when_packing_saves_no_row():
     same = sft_table([([1, 2], [3], [1.0])] * 3)
     assert not isinstance(NextToken().collate(same, 0).batch, PackedBatch)
@@ -170,6 +176,7 @@ def test_auto_packing_pads_when_packing_saves_no_row():
 # ------------------------------------------------------------------------------ prompt groups
 
 
+@pytest.mark.unit
 def test_a_ranking_of_k_responses_trains_as_one_group_with_each_response_once():
     ranking = ([1, 2], [[3], [4, 5], [6, 7, 8]], [(0, 1, 0.0), (0, 2, 0.0), (1, 2, 0.0)])
     pair = ([9], [[3], [4]], [(1, 0, 1.0)])
@@ -201,6 +208,7 @@ def engine(tiny_model, objective, **kwargs) -> Engine:
     return Engine(spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
 
 
+@pytest.mark.component  # DeepSpeed on one gloo rank
 def test_sft_on_the_engine_lowers_the_loss_and_evaluates_without_a_step(tiny_model):
     learner = engine(tiny_model, NextToken(packing="auto"), micro_batch_tokens=12)
     table = sft_table(ROWS)
@@ -234,6 +242,7 @@ def rollout(n: int = 4) -> pa.Table:
     )
 
 
+@pytest.mark.component  # DeepSpeed on one gloo rank
 def test_the_ptx_term_adds_exactly_its_coefficient_times_the_cross_entropy(tiny_model, monkeypatch):
     coef = 0.7
     objective = PolicyGradient(LossSpec(), on_policy=True)
@@ -253,6 +262,7 @@ def test_the_ptx_term_adds_exactly_its_coefficient_times_the_cross_entropy(tiny_
     assert seen[0] - seen[1] == pytest.approx(coef * total / count, rel=1e-5)
 
 
+@pytest.mark.component  # DeepSpeed on one gloo rank
 def test_reward_model_training_shift_and_export(tiny_model, tmp_path):
     from reward_service.reward_model import RewardModel  # what an RL run's reward actor loads
 
@@ -287,6 +297,7 @@ def test_reward_model_training_shift_and_export(tiny_model, tmp_path):
     assert values[0, -1].item() == pytest.approx(shifted[0][0], abs=1e-4)
 
 
+@pytest.mark.unit
 def test_cross_entropy_reference_is_the_models_own(model):
     # the hand reference above uses the model's forward; check it against F.cross_entropy once
     prompt, response, _ = ROWS[0]
@@ -298,6 +309,7 @@ def test_cross_entropy_reference_is_the_models_own(model):
     assert ce.item() == pytest.approx(total, rel=1e-5)
 
 
+@pytest.mark.component  # DeepSpeed on one gloo rank
 @pytest.mark.parametrize("family", list(FAMILY_MATRIX))
 def test_every_model_family_packs_like_it_pads_and_its_reward_model_export_scores_the_same(
     tmp_path, family

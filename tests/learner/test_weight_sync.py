@@ -12,6 +12,8 @@ import torch
 
 from learner import weight_sync as W
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def free_port() -> int:
     with socket.socket() as s:

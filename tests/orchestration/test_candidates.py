@@ -14,6 +14,8 @@ from orchestration.advantages import advantages
 from rollout import schema as S
 from tests.orchestration.test_loop_stages import grpo_spec, scored_rollout
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def scored(groups: list[list[tuple[list[int], float | None]]]) -> pa.Table:
     """One row per sample: prompt g has prompt tokens [g + 1] and the given responses/scores."""

@@ -15,6 +15,8 @@ from orchestration import checkpoint
 from orchestration.config import load_config
 from orchestration.metrics import MetricsLog
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def fake_checkpoint(run_dir, k: int, commit: bool = True, cfg=None):
     path = checkpoint.directory(run_dir, k)

@@ -24,6 +24,8 @@ from orchestration.config import RunConfig
 from reward_service.reward_model import VALUE_HEAD_FILE, RewardModel, RewardModelScorer
 from rollout import GeneratedSample, build_rollout_table
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 

@@ -10,6 +10,7 @@ from orchestration.config import ConfigError, load_config, parse_overrides, pres
 from orchestration.specs import kl_kind, learner_spec, shaping_spec
 
 
+@pytest.mark.unit
 def test_presets_load_and_pick_their_algorithm():
     assert {"demo", "demo-ppo"} <= set(presets())
     grpo, ppo = load_config("demo"), load_config("demo-ppo")
@@ -23,12 +24,14 @@ def test_presets_load_and_pick_their_algorithm():
     assert p.objective.loss.agg == "token-mean" and kl_kind(ppo) == "k1"
 
 
+@pytest.mark.component  # a fresh interpreter
 def test_importing_the_config_imports_no_torch():
     code = "import sys, orchestration.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("estimator", list(AdvantageEstimator))
 def test_one_sample_per_prompt_is_refused_exactly_for_group_estimators(estimator):
     overrides = [f"algorithm.estimator={estimator.value}", "generator.samples_per_prompt=1"]
@@ -39,18 +42,21 @@ def test_one_sample_per_prompt_is_refused_exactly_for_group_estimators(estimator
         assert load_config("demo", overrides).generator.samples_per_prompt == 1
 
 
+@pytest.mark.unit
 def test_overrides_parse_as_yaml_and_win():
     cfg = load_config("demo", ["learner.lr=3e-4", "iterations=7", "algorithm.dual_clip=3"])
     assert cfg.learner.lr == 3e-4 and cfg.iterations == 7 and cfg.algorithm.dual_clip == 3.0
     assert parse_overrides(["a.b.c=[1, 2]", "x=null"]) == {"a": {"b": {"c": [1, 2]}}, "x": None}
 
 
+@pytest.mark.unit
 def test_config_is_frozen():
     cfg = load_config("demo")
     with pytest.raises(Exception, match="frozen"):
         cfg.learner.lr = 1.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -83,6 +89,7 @@ def test_bad_config_names_the_field_and_the_fix(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.unit
 def test_wandb_turned_on_without_wandb_installed_is_refused_at_load(monkeypatch):
     import importlib.util
 
@@ -94,6 +101,7 @@ def test_wandb_turned_on_without_wandb_installed_is_refused_at_load(monkeypatch)
         load_config("demo", ["logging.wandb.enabled=true"])
 
 
+@pytest.mark.unit
 def test_eval_needs_a_rule_function_to_score_with():
     with pytest.raises(ConfigError, match="eval scores samples with rule functions"):
         load_config("demo-rm", ["eval.source=builtin:addition", "reward.monitors=[]"])
@@ -101,12 +109,14 @@ def test_eval_needs_a_rule_function_to_score_with():
     assert cfg.eval_component == "exact_integer"  # the monitor
 
 
+@pytest.mark.unit
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
         load_config("demo", ["learner.lr=0", "generator.temperature=0"])
     assert "learner.lr" in str(err.value) and "generator.temperature" in str(err.value)
 
 
+@pytest.mark.unit
 def test_critic_init_needs_an_estimator_that_trains_a_critic():
     with pytest.raises(ConfigError) as err:
         load_config("demo", ["learner.critic_init=/rm/helpful"])
@@ -119,6 +129,7 @@ def test_critic_init_needs_an_estimator_that_trains_a_critic():
     assert learner_spec(load_config("demo-ppo"), "m", 0, 10).critic_path is None  # the policy's
 
 
+@pytest.mark.unit
 def test_n_plus_ppo_details_reach_the_learner_and_the_shaper():
     cfg = load_config(
         "demo-ppo", ["learner.adam_eps=1e-5", "learner.lr_schedule=linear", "reward.whiten=true"]
@@ -132,6 +143,7 @@ def test_n_plus_ppo_details_reach_the_learner_and_the_shaper():
         load_config("demo", ["learner.adam_eps=0"])
 
 
+@pytest.mark.unit
 def test_unknown_config_source(tmp_path):
     with pytest.raises(ConfigError, match="neither a preset"):
         load_config("no-such-preset")
@@ -141,6 +153,7 @@ def test_unknown_config_source(tmp_path):
         load_config(str(bad))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -197,6 +210,7 @@ def test_reward_config_errors_name_the_field_and_the_fix(overrides, message):
     assert message in str(e.value)
 
 
+@pytest.mark.unit
 def test_reward_weights_cover_every_scored_component_but_not_monitors():
     cfg = load_config(
         "demo",
@@ -210,6 +224,7 @@ def test_reward_weights_cover_every_scored_component_but_not_monitors():
     assert cfg.reward.weights == {"exact_integer": 0.5, "rm": 2.0, "judge": 1.0}
 
 
+@pytest.mark.unit
 def test_the_off_policy_correction_reaches_the_objective_and_is_checked():
     from learner.off_policy import OffPolicySpec
     from orchestration.specs import objective
@@ -226,6 +241,7 @@ def test_the_off_policy_correction_reaches_the_objective_and_is_checked():
         load_config("demo", ["algorithm.off_policy.band=1"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

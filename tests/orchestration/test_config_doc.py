@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
+import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestration.config import RunConfig
@@ -16,6 +17,8 @@ from orchestration.config_doc import (
     main,
     undocumented,
 )
+
+pytestmark = pytest.mark.unit  # pure code in this process
 
 
 def test_every_config_key_has_a_docstring():

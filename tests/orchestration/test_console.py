@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from orchestration.console import LOG_DIR_ENV, LOG_NAME_ENV, LineFilter, is_benign
 
 # Lines these libraries print at start-up and at every sync on CPU (seen in real runs).
@@ -32,11 +34,13 @@ REAL = [
 ]
 
 
+@pytest.mark.unit
 def test_known_benign_lines_are_recognised_and_others_are_not():
     assert all(is_benign(line) for line in BENIGN)
     assert not any(is_benign(line) for line in REAL)
 
 
+@pytest.mark.unit
 def test_a_dropped_python_warning_takes_its_source_line_with_it():
     f = LineFilter()
     header = (
@@ -50,6 +54,7 @@ def test_a_dropped_python_warning_takes_its_source_line_with_it():
     assert f.keep("  its source line")
 
 
+@pytest.mark.component  # a child process
 def test_a_worker_process_keeps_benign_output_in_its_log_and_shows_the_rest(tmp_path):
     """A process set up by the worker hook: Python prints, C-level writes to fd 2, a
     progress bar's carriage returns."""

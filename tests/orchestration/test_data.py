@@ -8,6 +8,8 @@ from transformers import AutoTokenizer
 from orchestration.data import DataError, PromptSet, addition_examples, load_prompts, read_rows
 from orchestration.sampler import PromptSampler
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):

@@ -11,6 +11,8 @@ from transformers import AutoTokenizer
 
 from orchestration.data import DataError, PromptSet, load_prompts
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 # The tiny tokenizer knows only digits, '+', '=' and its EOS, so the test template marks roles
 # with '+' (user) and '=' (others), and writes newlines as '=' so that a separator shows.
 CHAT_TEMPLATE = (

@@ -38,6 +38,7 @@ class Hangs:
         return "late"
 
 
+@pytest.mark.unit
 def test_the_calculator_evaluates_arithmetic_and_refuses_anything_else():
     calc = Calculator()
     assert calc("47+85") == "132"
@@ -50,6 +51,7 @@ def test_the_calculator_evaluates_arithmetic_and_refuses_anything_else():
             calc(bad)
 
 
+@pytest.mark.unit
 def test_a_turn_without_a_call_is_the_answer_and_a_call_gets_the_result():
     env = ToolEnvironment([{"name": "calculator"}])
     assert env.stop == ("</calc>",)
@@ -89,6 +91,7 @@ def run_turns(tokenizer, tools, turns: dict[int, str], timeout_s: float = 1.0) -
     return outcomes
 
 
+@pytest.mark.unit
 def test_tools_that_raise_return_garbage_or_hang_end_their_episode_with_the_reason():
     start = time.monotonic()
     outcomes = run_turns(
@@ -105,6 +108,7 @@ def test_tools_that_raise_return_garbage_or_hang_end_their_episode_with_the_reas
     assert outcomes[3].end == "done" and outcomes[3].observation is None
 
 
+@pytest.mark.component  # child processes
 def test_the_python_tool_runs_code_in_a_limited_process_and_cuts_a_hang():
     tool = PythonTool(timeout_s=1.0)
     assert tool("print(6 * 7)").strip() == "42"
@@ -114,6 +118,7 @@ def test_the_python_tool_runs_code_in_a_limited_process_and_cuts_a_hang():
     assert "Error" in tool("raise ValueError('no')")  # a failing program says so, no fault
 
 
+@pytest.mark.unit
 def test_the_guessing_game_answers_higher_or_lower_until_found():
     game = GuessNumber(low=1, high=8, turn_cost=0.1)
     episode = game.reset({"label": "5"})
@@ -125,6 +130,7 @@ def test_the_guessing_game_answers_higher_or_lower_until_found():
         game.reset({"label": "12"})
 
 
+@pytest.mark.unit
 def test_observations_follow_the_chat_template(chat_tokenizer):
     # template: <|role|>content<eos> per message, <|assistant|> as the generation prompt
     fmt = ObservationFormat(chat_tokenizer, "user")
@@ -135,10 +141,12 @@ def test_observations_follow_the_chat_template(chat_tokenizer):
     assert fmt.ids([7, 8], turn_ended_with_eos=True) == [7, 8]  # ids go in as they are
 
 
+@pytest.mark.unit
 def test_plain_models_see_the_observation_text_as_it_is(tokenizer):
     assert ObservationFormat(tokenizer, "tool").ids("1+2", True) == d("1+2")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -196,6 +204,7 @@ class OutOfVocabulary(BadReward):
         return Step([10**9])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("environment", ["BadReward", "OutOfVocabulary"])
 def test_an_environment_that_answers_garbage_ends_its_episode(environment):
     spec = EpisodeSpec(environment="x", timeout_s=2.0)
@@ -222,6 +231,7 @@ class VocabularyOf:
         return getattr(self.base, name)
 
 
+@pytest.mark.unit
 def test_a_stop_string_split_by_a_weight_update_is_found_in_the_turn():
     env = ToolEnvironment([{"name": "calculator"}])
     runner = EpisodeRunner(env, EpisodeSpec("tools"), ObservationFormat(Characters(), "tool"), [{}])
@@ -229,6 +239,7 @@ def test_a_stop_string_split_by_a_weight_update_is_found_in_the_turn():
     assert not runner.stops_in([ord(c) for c in "<calc>1+2</cal"])
 
 
+@pytest.mark.unit
 def test_the_episode_presets_and_the_calculator_pipeline_load():
     from pathlib import Path
 

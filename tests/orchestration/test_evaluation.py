@@ -11,6 +11,8 @@ from orchestration.evaluation import eval_metrics, ks_up_to, pass_at_k
 from rollout import schema as S
 from rollout.groups import zero_spread_fraction
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:
     """The fraction of k-subsets of n samples (c correct) that hold a correct one."""

@@ -8,6 +8,8 @@ import pytest
 from orchestration.config import load_config
 from orchestration.guards import Guards, NothingScorable, NumericalFault, OffPolicy, max_mismatch
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def guards(*overrides: str, describe=lambda: "") -> Guards:
     return Guards(load_config("demo", list(overrides)), describe)

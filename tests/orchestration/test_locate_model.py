@@ -14,6 +14,8 @@ from huggingface_hub import constants
 
 from orchestration.checks import InputError, locate_model
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 NAME = "someorg/some-model"
 
 

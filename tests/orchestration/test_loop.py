@@ -17,6 +17,8 @@ from orchestration.loop import Loop
 from orchestration.metrics import MetricsLog
 from orchestration.recovery import Recovery
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 class StandInStages:
     """What a rollback touches when no checkpoint exists yet: the generator pool (its version

@@ -18,6 +18,8 @@ from orchestration.stages import Trained
 from rollout import GeneratedSample, append_columns, build_rollout_table
 from rollout import schema as S
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 class StandInSampler:
     progress = 0.25

@@ -6,6 +6,8 @@ import pytest
 
 from orchestration.metrics import MetricsLog, TensorBoardSink, WandbSink, prometheus_name
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def test_prometheus_names_are_valid_and_distinct():
     assert prometheus_name("reward/exact_integer/mean") == "raylign_reward_exact_integer_mean"

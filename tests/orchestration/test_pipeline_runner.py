@@ -52,6 +52,7 @@ def error_of(tmp_path, tree, *overrides) -> str:
 # ------------------------------------------------------------------------------ the file
 
 
+@pytest.mark.unit
 def test_unknown_keys_are_named_with_a_suggestion(tmp_path):
     tree = two_stages()
     tree["nmae"] = tree.pop("name")
@@ -62,6 +63,7 @@ def test_unknown_keys_are_named_with_a_suggestion(tmp_path):
     assert "name: Field required" in msg
 
 
+@pytest.mark.unit
 def test_duplicate_and_malformed_stage_names(tmp_path):
     tree = two_stages()
     tree["stages"][1]["name"] = "sft"
@@ -70,6 +72,7 @@ def test_duplicate_and_malformed_stage_names(tmp_path):
     assert "stages.1.name: String should match pattern" in error_of(tmp_path, tree)
 
 
+@pytest.mark.unit
 def test_references_to_later_missing_or_unknown_outputs(tmp_path):
     tree = two_stages(**{"data.source": "{rm.dir}/x", "rm.normalize_source": "{sfft.policy}"})
     tree["stages"][0]["overrides"]["model.path"] = "{rm.policy}"
@@ -83,6 +86,7 @@ def test_references_to_later_missing_or_unknown_outputs(tmp_path):
     assert "stages.rm.overrides.seed: unknown substitution {nothing}" in msg
 
 
+@pytest.mark.unit
 def test_demo_data_unset_unquoted_placeholder_owned_keys_and_wrong_outputs(tmp_path):
     tree = two_stages(**{"data.source": "{demo_data}/preferences.jsonl"})
     del tree["demo_data"]
@@ -106,6 +110,7 @@ def test_demo_data_unset_unquoted_placeholder_owned_keys_and_wrong_outputs(tmp_p
     assert "stages.sft.config: 'no-such-preset' is neither a preset" in error_of(tmp_path, tree)
 
 
+@pytest.mark.unit
 def test_cli_overrides_of_the_pipeline_file(tmp_path):
     spec = ps.read_pipeline(
         write(tmp_path, two_stages()),
@@ -118,6 +123,7 @@ def test_cli_overrides_of_the_pipeline_file(tmp_path):
     assert "is not key=value" in error_of(tmp_path, two_stages(), "root")
 
 
+@pytest.mark.unit
 def test_main_exits_2_on_bad_input(tmp_path, capsys):
     tree = two_stages(**{"model.path": "{ppo.policy}"})
     assert pl.main(["--config", write(tmp_path, tree)]) == 2
@@ -131,6 +137,7 @@ def test_main_exits_2_on_bad_input(tmp_path, capsys):
 # ------------------------------------------------------------------------------ substitutions
 
 
+@pytest.mark.unit
 def test_stage_arguments_after_substitution(tmp_path):
     root = tmp_path / "runs"
     tree = two_stages(
@@ -157,6 +164,7 @@ def test_stage_arguments_after_substitution(tmp_path):
     assert ps.uses(spec.stages[1]) == ["sft"] and ps.uses(spec.stages[0]) == []
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "value",
     ["plain", "/a b/c", "yes", "1e-3", "a: b", "{x}", "{x} y", "[x", 3, 1e-3, None, True, [1, "x"]],
@@ -167,6 +175,7 @@ def test_values_reach_train_as_they_were(value):
     assert "\n" not in ps.yaml_value(value)
 
 
+@pytest.mark.unit
 def test_the_demo_pipeline_overrides_every_path_its_presets_hard_code():
     spec = ps.read_pipeline("demo")
     assert [(s.name, s.config) for s in spec.stages] == [
@@ -208,6 +217,7 @@ def rec(args=ARGS, status="done", finished="t1", inputs=None) -> dict:
     }
 
 
+@pytest.mark.unit
 def test_decide_each_case():
     assert pl.decide("a", ARGS, NEW, None).action is Action.RUN
     assert pl.decide("a", ARGS, DONE, rec()).action is Action.SKIP
@@ -242,6 +252,7 @@ def chain_done() -> dict:
     }
 
 
+@pytest.mark.unit
 def test_plan_skips_done_resumes_cut_runs_new():
     records = chain_done()
     disk = {"a": DONE, "b": DONE, "c": DONE}
@@ -253,6 +264,7 @@ def test_plan_skips_done_resumes_cut_runs_new():
     assert plan(disk, records)[1:] == [("b", Action.RESUME), ("c", Action.RUN)]
 
 
+@pytest.mark.unit
 def test_plan_from_redoes_the_rest_and_needs_the_stages_before_done():
     disk = {"a": DONE, "b": DONE, "c": NEW}
     records = chain_done()
@@ -265,12 +277,14 @@ def test_plan_from_redoes_the_rest_and_needs_the_stages_before_done():
         plan({"a": CUT, "b": DONE, "c": DONE}, records, start="b")
 
 
+@pytest.mark.unit
 def test_plan_only_runs_one_stage():
     disk = {"a": DONE, "b": NEW, "c": NEW}
     assert plan(disk, chain_done(), only="b") == [("b", Action.RUN)]
     assert plan({"a": DONE, "b": DONE, "c": DONE}, chain_done(), only="c") == [("c", Action.SKIP)]
 
 
+@pytest.mark.unit
 def test_plan_refuses_a_done_stage_whose_inputs_were_made_again():
     disk = {"a": CUT, "b": DONE, "c": DONE}
     with pytest.raises(PipelineError) as e:  # a will run again, b read the old a
@@ -282,6 +296,7 @@ def test_plan_refuses_a_done_stage_whose_inputs_were_made_again():
         plan({"a": DONE, "b": DONE, "c": DONE}, records)
 
 
+@pytest.mark.unit
 def test_plan_lists_every_problem():
     records = chain_done()
     records["a"] = rec(args=["--config", "x"])
@@ -294,6 +309,7 @@ def test_plan_lists_every_problem():
 # ------------------------------------------------------------------------------ the table
 
 
+@pytest.mark.unit
 def test_table_columns_align():
     rows = [
         Row("sft", "done", 12.34, "sft/loss", 2.5, 0.123456),
@@ -307,6 +323,7 @@ def test_table_columns_align():
     )
 
 
+@pytest.mark.unit
 def test_metric_before_and_after(tmp_path):
     records = [{"iteration": i, "m": float(i)} for i in range(12)] + [{"eval/x": 1.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -316,6 +333,7 @@ def test_metric_before_and_after(tmp_path):
     assert pl.metric_change(tmp_path, None) == (2.0, 0.5)
 
 
+@pytest.mark.unit
 def test_first_last_is_trains():
     from orchestration.train import FIRST_LAST
 
@@ -345,6 +363,7 @@ class FakeTrain:
         return 0
 
 
+@pytest.mark.unit
 def test_runner_records_skips_redoes_and_stops_on_failure(tmp_path, monkeypatch, capsys):
     fake = FakeTrain()
     monkeypatch.setattr(pl, "run_train", fake)
@@ -387,6 +406,7 @@ def test_runner_records_skips_redoes_and_stops_on_failure(tmp_path, monkeypatch,
     assert len(fake.calls) == 1 and "seed=3" in fake.calls[0]
 
 
+@pytest.mark.unit
 def test_only_needs_its_inputs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pl, "run_train", FakeTrain())
     root = tmp_path / "runs"
@@ -399,6 +419,7 @@ def test_only_needs_its_inputs(tmp_path, monkeypatch, capsys):
     assert "stage rm: done" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_demo_data_is_never_half_rewritten(tmp_path):
     (tmp_path / "sft.jsonl").write_text("mine\n")
     with pytest.raises(PipelineError, match="lacks preferences.jsonl, equal_quality.jsonl"):
@@ -406,6 +427,7 @@ def test_demo_data_is_never_half_rewritten(tmp_path):
     assert (tmp_path / "sft.jsonl").read_text() == "mine\n"
 
 
+@pytest.mark.unit
 def test_rename_away_keeps_both(tmp_path):
     (tmp_path / "a").mkdir()
     first = pl.rename_away(tmp_path / "a")
@@ -424,7 +446,7 @@ def policy_hash(policy: Path) -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # pipelines of entry-point runs on Ray
 def test_two_supervised_stages_end_to_end(private_env, tmp_path):
     root, data = tmp_path / "runs", tmp_path / "data"
     quick = {

@@ -38,6 +38,8 @@ from tests.orchestration.chat_tokens import (
     write_jsonl,
 )
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def t(text: str) -> tuple[int, ...]:
     """A text response's tokens: its characters, then EOS."""

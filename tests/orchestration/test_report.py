@@ -156,6 +156,7 @@ def run_dir(tmp_path, tiny_model) -> Path:
     return run
 
 
+@pytest.mark.unit
 def test_every_plot_is_an_embedded_png_with_caption_and_alt(run_dir):
     path = write_report(run_dir)
     assert path == run_dir / "report.html"
@@ -169,6 +170,7 @@ def test_every_plot_is_an_embedded_png_with_caption_and_alt(run_dir):
     assert "skipped" not in "".join(page.text)
 
 
+@pytest.mark.unit
 def test_figures_plot_the_metrics_they_name(run_dir):
     figures, skipped = make_figures(load_metrics(run_dir))
     assert skipped == []
@@ -192,6 +194,7 @@ def test_figures_plot_the_metrics_they_name(run_dir):
         assert line.get_marker() == "o"
 
 
+@pytest.mark.unit
 def test_samples_are_the_first_rows_of_the_earliest_and_latest_files(run_dir):
     page = read_page(write_report(run_dir, samples=2))
     rollouts, evaluation = page.table("samples")
@@ -210,6 +213,7 @@ def test_samples_are_the_first_rows_of_the_earliest_and_latest_files(run_dir):
     ]
 
 
+@pytest.mark.unit
 def test_samples_table_escapes_text():
     sample = Sample(3, "a<b & c", "<script>alert(1)</script>", None, {"x": 0.5}, "stop")
     out = samples_table([sample])
@@ -218,6 +222,7 @@ def test_samples_table_escapes_text():
     assert Page(out).tables[0][1][1] == ["3", "a<b & c", sample.response, "–", "0.5", "stop"]
 
 
+@pytest.mark.unit
 def test_header_and_last_iteration(run_dir, tiny_model):
     page = read_page(write_report(run_dir))
     assert page.headings[0] == "demo-run"
@@ -235,6 +240,7 @@ def test_header_and_last_iteration(run_dir, tiny_model):
     assert last["eval/score_mean (iteration 12)"] == "0.32"
 
 
+@pytest.mark.unit
 def test_metrics_only_run_dir_renders_and_says_no_rollouts(tmp_path):
     lines = [json.dumps({"iteration": i, "reward/score_mean": 0.1 * i}) for i in range(3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
@@ -248,11 +254,13 @@ def test_metrics_only_run_dir_renders_and_says_no_rollouts(tmp_path):
     assert "no summary.json" in meta["summary"]
 
 
+@pytest.mark.unit
 def test_missing_metrics_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "metrics.jsonl"))):
         write_report(tmp_path)
 
 
+@pytest.mark.unit
 def test_without_a_tokenizer_token_ids_are_shown(run_dir):
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"path": "builtin:tiny"}}))
     page = read_page(write_report(run_dir, samples=1))
@@ -261,6 +269,7 @@ def test_without_a_tokenizer_token_ids_are_shown(run_dir):
     assert re.fullmatch(r"\[\d+(, \d+)*\]", prompt)
 
 
+@pytest.mark.unit
 def test_tokenizer_skips_a_model_dir_without_tokenizer_files(tmp_path, tiny_model):
     # A saved policy holds weights and config.json only; AutoTokenizer would "load" it with an
     # empty vocabulary, so the base model's tokenizer must win.
@@ -272,6 +281,7 @@ def test_tokenizer_skips_a_model_dir_without_tokenizer_files(tmp_path, tiny_mode
     assert tried[:2] == [str(tmp_path / "policy"), str(tmp_path / "base_model")]
 
 
+@pytest.mark.unit
 def test_cli_writes_the_report(run_dir, tmp_path, capsys):
     out = tmp_path / "elsewhere.html"
     assert main([str(run_dir), "--out", str(out), "--samples", "1"]) == 0
@@ -280,6 +290,7 @@ def test_cli_writes_the_report(run_dir, tmp_path, capsys):
     assert not (run_dir / "report.html").exists()
 
 
+@pytest.mark.component  # the command in a child process
 def test_cli_missing_run_dir_exits_2(tmp_path):
     missing = tmp_path / "no-such-run"
     result = subprocess.run(
@@ -293,11 +304,13 @@ def test_cli_missing_run_dir_exits_2(tmp_path):
     assert not missing.exists()
 
 
+@pytest.mark.unit
 def test_cli_run_dir_without_metrics_exits_2(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: no metrics file at {tmp_path}")
 
 
+@pytest.mark.unit
 def test_a_slow_first_iteration_does_not_flatten_the_stage_plot(run_dir):
     """Iteration 0 takes 20x the others (engine warm-up): the scale follows the others, and
     the warm-up is labelled with its time."""
@@ -350,12 +363,14 @@ def sft_run(tmp_path) -> Path:
     return run
 
 
+@pytest.mark.unit
 def test_training_records_include_supervised_ones(sft_run):
     m = load_metrics(sft_run)
     assert m.trained == 10 and m.last["iteration"] == 9 and m.supervised.startswith("SFT")
     assert m.training.sum() == 10 and len(m.training) == 13  # and 3 evaluation records
 
 
+@pytest.mark.unit
 def test_supervised_run_has_its_loss_figure_and_no_rl_ones(sft_run):
     figures, skipped = make_figures(load_metrics(sft_run))
     assert skipped == []  # an RL figure's absence is no news in a supervised run
@@ -376,6 +391,7 @@ def test_supervised_run_has_its_loss_figure_and_no_rl_ones(sft_run):
     assert [line.get_linestyle() for line in accuracies.get_lines()] == ["--", "--"]
 
 
+@pytest.mark.unit
 def test_supervised_report_page(sft_run):
     page = read_page(write_report(sft_run))
     text = "".join(page.text)
@@ -418,6 +434,7 @@ def test_supervised_report_page(sft_run):
     assert page.table("samples") == []
 
 
+@pytest.mark.unit
 def test_reward_model_run_plots_its_margin(tmp_path):
     records = [
         {"iteration": i, "rm/loss": 0.7 - 0.05 * i, "rm/accuracy": 0.5 + 0.04 * i}
@@ -437,6 +454,7 @@ def test_reward_model_run_plots_its_margin(tmp_path):
     assert meta["algorithm"] == "reward model"
 
 
+@pytest.mark.unit
 def test_rl_run_with_a_pretraining_loss_adds_the_figure_after_the_rl_ones(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for r in records[:-1]:
@@ -448,6 +466,7 @@ def test_rl_run_with_a_pretraining_loss_adds_the_figure_after_the_rl_ones(run_di
     assert load_metrics(run_dir).supervised is None
 
 
+@pytest.mark.unit
 def test_an_episode_shows_its_turns_apart():
     from orchestration.report import Sample, episode_turns, samples_table
 

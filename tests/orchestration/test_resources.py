@@ -7,6 +7,8 @@ import pytest
 from orchestration.config import ConfigError, load_config
 from orchestration.resources import check_fit, plan_placement
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 GPU = [
     "cluster.generator.num_gpus=1",
     "cluster.learner.num_gpus=1",

@@ -1,7 +1,10 @@
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from orchestration.reward_stage import Scored, enough_groups, select_groups
+
+pytestmark = pytest.mark.unit  # pure code in this process
 
 
 def batch(scores: list[float], group_size: int, first_id: int) -> Scored:

@@ -25,11 +25,13 @@ def metrics(**kwargs) -> dict:
     return rm_metrics(CHOSEN, REJECTED, CHOSEN_LEN, REJECTED_LEN, EDGES, **kwargs)
 
 
+@pytest.mark.unit
 def test_accuracy_counts_a_tie_half():
     m = metrics()
     assert m["accuracy"] == 0.625 and m["pairs"] == 4
 
 
+@pytest.mark.unit
 def test_buckets_by_length_difference():
     # [0, 3): pairs 1 (gap 0, a tie: 0.5) and 3 (gap 2, right: 1) -> 0.75; only pair 3's lengths
     #   differ, and its longer response (the rejected, 18 tokens) scores lower -> 0.
@@ -44,6 +46,7 @@ def test_buckets_by_length_difference():
     ]
 
 
+@pytest.mark.unit
 def test_longer_preferred_over_pairs_whose_lengths_differ():
     # Pairs 0, 2, 3 differ in length; the longer scores higher in 0 and 2, not in 3 -> 2/3.
     assert metrics()["longer_preferred"] == pytest.approx(2 / 3)
@@ -54,6 +57,7 @@ def test_longer_preferred_over_pairs_whose_lengths_differ():
     assert same["longer_preferred"] is None and same["buckets"][0]["longer_preferred"] is None
 
 
+@pytest.mark.unit
 def test_length_correlation_by_hand():
     # Three points: x = (1, 2, 3), y = (1, 3, 2). Deviations (-1, 0, 1), (-1, 1, 0):
     # r = 1 / sqrt(2 * 2) = 0.5.
@@ -67,6 +71,7 @@ def test_length_correlation_by_hand():
     assert rm_metrics(np.ones(2), np.ones(2), [1, 2], [3, 4], [0])["length_correlation"] is None
 
 
+@pytest.mark.unit
 def test_perfectly_separated_scores():
     rng = np.random.default_rng(0)
     rejected = rng.normal(size=50)
@@ -76,6 +81,7 @@ def test_perfectly_separated_scores():
     assert all(b["accuracy"] == 1.0 for b in m["buckets"] if b["pairs"])
 
 
+@pytest.mark.unit
 def test_calibration_bins_mirror_about_one_half():
     rng = np.random.default_rng(1)
     chosen, rejected = rng.normal(0.5, 1.5, size=(2, 200))
@@ -91,6 +97,7 @@ def test_calibration_bins_mirror_about_one_half():
         assert lo <= b["predicted"] <= hi
 
 
+@pytest.mark.unit
 def test_ece_by_hand():
     # One pair, r_w - r_l = ln 3: p = 3 / (1 + 3) = 0.75 with outcome 1 in [0.7, 0.8), and
     # 0.25 with outcome 0 in [0.2, 0.3). ECE = (1 * 0.25 + 1 * 0.25) / 2 = 0.25.
@@ -111,6 +118,7 @@ def test_ece_by_hand():
     assert m["ece"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.unit
 def test_a_tie_is_calibrated_at_one_half():
     # p = 0.5 with outcome 1/2 in both orientations: [0.4, 0.5) and [0.5, 0.6), each observed
     # 0.5, ECE 0 (outcomes 1 and 0 in the two bins would read as ECE 0.5).
@@ -123,6 +131,7 @@ def test_a_tie_is_calibrated_at_one_half():
     assert m["ece"] == 0.0
 
 
+@pytest.mark.unit
 def test_result_is_json_and_an_empty_set_has_no_rates():
     json.dumps(metrics(), allow_nan=False)
     empty = rm_metrics(np.zeros(0), np.zeros(0), [], [], [0, 5])
@@ -130,6 +139,7 @@ def test_result_is_json_and_an_empty_set_has_no_rates():
     assert empty["calibration"] == [] and empty["buckets"][1]["accuracy"] is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -144,6 +154,7 @@ def test_bad_input_is_an_error_that_says_what(args, message):
         rm_metrics(*args)
 
 
+@pytest.mark.unit
 def test_write_and_read_back(tmp_path):
     m = metrics()
     path = write_rm_eval(tmp_path, "held_out", m)
@@ -156,6 +167,7 @@ def test_write_and_read_back(tmp_path):
     assert read_rm_eval(tmp_path)["held_out"] == {"accuracy": 1.0}
 
 
+@pytest.mark.unit
 def test_read_without_evals_and_bad_files(tmp_path):
     assert read_rm_eval(tmp_path) == {}
     with pytest.raises(ValueError, match="rm eval name '../x'"):
@@ -166,6 +178,7 @@ def test_read_without_evals_and_bad_files(tmp_path):
         read_rm_eval(tmp_path)
 
 
+@pytest.mark.component  # a fresh interpreter
 def test_importing_it_imports_no_torch():
     code = "import sys, orchestration.rm_eval; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -28,6 +28,8 @@ from tests.orchestration.chat_tokens import (
     write_jsonl,
 )
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 CONVERSATION = [
     {"role": "system", "content": "8"},
     user("1+2="),

@@ -46,12 +46,14 @@ def token_file(tmp_path) -> Path:
 # ------------------------------------------------------------------------------ before a request
 
 
+@pytest.mark.unit
 def test_a_bad_config_exits_2_before_contacting_the_cluster(no_cluster, capsys):
     assert main(["--working-dir", str(REPO), "learner.lrr=1e-3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: invalid config:") and "did you mean 'lr'?" in err
 
 
+@pytest.mark.unit
 def test_a_config_outside_the_working_dir_is_refused(no_cluster, tmp_path, capsys):
     (tmp_path / "code").mkdir()
     (tmp_path / "run.yaml").write_text("iterations: 2\n")
@@ -61,6 +63,7 @@ def test_a_config_outside_the_working_dir_is_refused(no_cluster, tmp_path, capsy
     assert "outside the working directory" in err and "--working-dir" in err
 
 
+@pytest.mark.unit
 def test_the_job_runs_train_on_the_config_as_the_uploaded_copy_names_it(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "run.yaml").write_text("iterations: 2\n")
@@ -86,6 +89,7 @@ def test_the_job_runs_train_on_the_config_as_the_uploaded_copy_names_it(tmp_path
     assert named.submission_id == "my-run" and "--config demo " in named.entrypoint
 
 
+@pytest.mark.unit
 def test_relative_paths_are_checked_from_the_working_dir(tmp_path, monkeypatch, no_cluster, capsys):
     monkeypatch.chdir(tmp_path)
     Path("prompts.jsonl").write_text('{"prompt": "1+1=", "label": "2"}\n')
@@ -95,6 +99,7 @@ def test_relative_paths_are_checked_from_the_working_dir(tmp_path, monkeypatch, 
     assert "relative to --working-dir" in err
 
 
+@pytest.mark.unit
 def test_with_no_command_run_is_meant():
     assert parse_args([]).command == "run"
     args = parse_args(["--config", "demo", "--no-follow", "iterations=3"])
@@ -108,6 +113,7 @@ def test_with_no_command_run_is_meant():
     assert parse_args(["stop", "job-1", "--address", "http://h:1"]).job_id == "job-1"
 
 
+@pytest.mark.unit
 def test_the_address_comes_from_the_flag_then_the_environment(monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -117,6 +123,7 @@ def test_the_address_comes_from_the_flag_then_the_environment(monkeypatch):
     assert submit.resolve_address("http://other:1") == "http://other:1"
 
 
+@pytest.mark.unit
 def test_the_token_is_read_in_rays_order_and_never_shown(tmp_path, monkeypatch, token_file):
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
@@ -174,6 +181,7 @@ def dashboard(request):
     server.server_close()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "dashboard", [(403, "Forbidden: Invalid authentication token")], indirect=True
 )
@@ -191,6 +199,7 @@ def test_a_wrong_token_exits_2_saying_how_to_get_the_right_one(
     assert dashboard.authorization == [f"Bearer {TOKEN}"]
 
 
+@pytest.mark.component  # the command in a child process
 @pytest.mark.parametrize(
     "dashboard", [(401, "Unauthorized: Missing authentication token")], indirect=True
 )
@@ -219,6 +228,7 @@ def test_no_token_exits_2_saying_how_to_get_one(dashboard, tmp_path):
     assert dashboard.authorization == [None]
 
 
+@pytest.mark.unit
 def test_a_dashboard_that_does_not_answer_times_out(monkeypatch, token_file, capsys):
     monkeypatch.setattr(submit, "HTTP_TIMEOUT_S", (1.0, 0.5))
     with socket.socket() as listener:  # accepts connections (the backlog) and never replies
@@ -256,6 +266,7 @@ class FakeClient:
         return self.address
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("detach", [False, True])
 def test_ctrl_c_stops_the_job_unless_told_to_detach(detach, monkeypatch, capsys):
     def interrupted(client, job_id):
@@ -273,6 +284,7 @@ def test_ctrl_c_stops_the_job_unless_told_to_detach(detach, monkeypatch, capsys)
         assert FakeClient.last.stopped == ["job-1"] and "job job-1: STOPPED" in out
 
 
+@pytest.mark.unit
 def test_the_final_line_names_the_status_and_the_first_line_of_the_message(capsys):
     failed = SimpleNamespace(
         submission_id="job-1",

@@ -11,6 +11,8 @@ from orchestration.resources import plan_placement
 from orchestration.sampler import PromptSampler
 from orchestration.specs import learner_spec
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 @pytest.mark.parametrize(
     ("overrides", "message"),

@@ -3,7 +3,11 @@ clear refusal of a path that is not one."""
 
 import json
 
+import pytest
+
 from orchestration.task_eval import main
+
+pytestmark = pytest.mark.unit  # pure code in this process
 
 
 def test_a_policy_directory_is_scored_and_printed_as_a_json_line(tiny_model, capsys):

@@ -23,6 +23,8 @@ from reward_service.code_verifier import (
     run_untrusted,
 )
 
+pytestmark = pytest.mark.component  # child processes (the contained functions)
+
 ISOLATIONS = [
     "prelude",
     pytest.param(

@@ -9,6 +9,8 @@ import pytest
 
 from reward_service.contained import ContainedFunction, Outcome, judge
 
+pytestmark = pytest.mark.component  # child processes (the contained functions)
+
 M = "tests.reward_service.misbehaving:"
 
 

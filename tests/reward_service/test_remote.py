@@ -16,6 +16,8 @@ import pytest
 
 from reward_service.remote import RemoteRewardClient, RemoteSpec
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 TOKEN_ENV = "RAYLIGN_TEST_REWARD_TOKEN"
 TOKEN = "s3cret-token-for-tests"
 

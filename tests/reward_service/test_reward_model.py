@@ -14,6 +14,8 @@ from reward_service.reward_model import (
 )
 from rollout import GeneratedSample, build_rollout_table
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 @pytest.fixture(scope="module")
 def seq_cls_rm(tiny_model, tmp_path_factory) -> str:

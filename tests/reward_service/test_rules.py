@@ -2,6 +2,8 @@ import pytest
 
 from reward_service.rules import REWARD_FUNCTIONS, exact_integer, resolve
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 @pytest.mark.parametrize(
     ("response", "label", "expected"),

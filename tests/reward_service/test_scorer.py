@@ -7,6 +7,8 @@ from transformers import AutoTokenizer
 from reward_service.scorer import RuleScorer, RuleSpec
 from rollout import GeneratedSample, build_rollout_table
 
+pytestmark = pytest.mark.component  # child processes (the contained functions)
+
 
 def boom(prompt, response, label):
     if response == "1":

@@ -13,6 +13,8 @@ from reward_service import server
 from reward_service.protocol import Sample
 from reward_service.server import FunctionSpec, SampleScorer, ServerArgs
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def const(value: float | None):
     def fn(prompt: str, response: str, label: str | None) -> float | None:
@@ -65,9 +67,11 @@ def test_failures_are_counted_over_calls_and_logged_with_the_first_error(registr
     # sample 2 has no label, so "label" makes it unscorable and "boom" is not asked about it
     assert (s.problems[0].errors, s.problems[0].samples) == (0, 4)
     assert (s.problems[1].errors, s.problems[1].samples) == (2, 2)
+    line = boom.__code__.co_firstlineno + 1  # the raise
     assert [r.getMessage() for r in caplog.records][-1] == (
         "reward function 'boom' failed on 2 of 2 samples so far; first error: ZeroDivisionError: "
-        "user code failed (test_server_scoring.py:25 in boom); its failed samples are unscorable"
+        f"user code failed (test_server_scoring.py:{line} in boom); its failed samples are "
+        "unscorable"
     )
 
 

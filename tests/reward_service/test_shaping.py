@@ -13,6 +13,8 @@ from reward_service.shaping import (
     whiten,
 )
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 NAN = float("nan")
 
 

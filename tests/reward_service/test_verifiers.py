@@ -18,6 +18,8 @@ from reward_service.verifiers import (
     regex_match,
 )
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 HUGE = "9" * 5000
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from rollout.groups import group_spread, zero_spread_fraction
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 NAN = float("nan")
 
 

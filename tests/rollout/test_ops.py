@@ -24,6 +24,8 @@ from rollout import (
 )
 from tests.strategies import rollout_tables
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def rows(prompt_ids, lengths=None):
     lengths = lengths or [1] * len(prompt_ids)

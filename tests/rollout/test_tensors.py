@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from rollout import GeneratedSample, append_columns, build_rollout_table, to_list_column, to_padded
 from tests.strategies import rollout_tables
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 PAD = 99
 
 

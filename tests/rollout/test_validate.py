@@ -12,6 +12,8 @@ from rollout import (
 )
 from rollout import schema as S
 
+pytestmark = pytest.mark.unit  # pure code in this process
+
 
 def table():
     return build_rollout_table(
