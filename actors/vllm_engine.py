@@ -75,6 +75,13 @@ class VLLMEngine:
 
         kwargs = {}
         if on_cpu():
+            # vLLM wraps a sampler helper (the token ranks behind log-probabilities) in
+            # torch.compile, enforce_eager or not: its first request traced and compiled it,
+            # 2 s with a warm inductor cache and 8-16 s with a cold one (each new TMPDIR). On CPU
+            # the eager op costs nothing, and nothing else in this process compiles.
+            import torch._dynamo
+
+            torch._dynamo.config.disable = True
             kwargs |= {
                 "distributed_executor_backend": "uni",
                 "kv_cache_memory_bytes": spec.kv_cache_bytes,
