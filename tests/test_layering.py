@@ -72,3 +72,21 @@ def test_module_level_imports_have_no_cycle():
         if name not in state:
             visit(name, [name])
     assert not cycles, cycles
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in ``conftest.py`` and ``helpers.py`` modules (and other helper
+    modules not named ``test_*``); a test module imported by another would run its tests'
+    collection twice and tie the two together."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            for name in names:
+                if name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_"):
+                    offenders.append(f"{path.relative_to(REPO)} imports {name}")
+    assert not offenders, offenders

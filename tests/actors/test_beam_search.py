@@ -1,7 +1,7 @@
 """Beam search in the generator (RRHF candidates, not RL samples): on the tiny model, each prompt
 gets ``width`` distinct beams ranked by cumulative log-probability, as a transformers forward of
 the same weights scores them, and the best beam is at least as likely as the greedy response.
-The pool splits prompts over replicas and keeps prompt order (stub engines on a local Ray)."""
+The pool splits prompts over replicas and keeps prompt order (stub engines as Ray actors)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from actors.vllm_engine import EngineSpec, Sampling
 from rollout import schema as S
 from rollout.build import GeneratedSample
 from rollout.validate import validate
+from tests.actors.helpers import token_logprobs
 
 WIDTH, NEW_TOKENS = 3, 8
 TOL = 1e-4  # vLLM's and transformers' float32 log-probabilities agree to ~1e-6 here
@@ -43,14 +44,6 @@ def hf_model(tiny_model):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model).float().eval()
-
-
-def token_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
-    """(R,) the model's log-probability of each response token after prompt + its prefix."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + response])).logits[0]  # (P+R, V)
-    logprobs = logits[len(prompt) - 1 : -1].log_softmax(-1)  # (R, V)
-    return logprobs.gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
 @pytest.mark.component
@@ -125,25 +118,20 @@ class _StubGenerator(PolicyGenerator):
 
 
 @pytest.mark.slow  # Ray actors
-def test_the_pool_splits_prompts_over_replicas_and_keeps_their_order(private_env):
-    import ray
-
+def test_the_pool_splits_prompts_over_replicas_and_keeps_their_order(ray_driver):
     from orchestration.generators import Faults, GeneratorPool
 
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        actor = ray.remote(num_cpus=0, concurrency_groups=LANES)(_StubGenerator)
-        gens = [actor.remote(0), actor.remote(0)]
-        pool = GeneratorPool(types.SimpleNamespace(generators=gens), None, Faults(), timeout=60)
-        prompts = prompt_table()
-        table = ray.get(pool.beam_search(prompts, 2, NEW_TOKENS))
-        assert table.column(S.PROMPT_ID).to_pylist() == [10, 10, 11, 11, 12, 12]
-        assert table.column(S.SAMPLE_INDEX).to_pylist() == [0, 1] * 3
-        assert table.column("label").to_pylist() == ["a", "a", "b", "b", "c", "c"]
-        assert [r[0] for r in table.column(S.RESPONSE_TOKEN_IDS).to_pylist()] == [3, 3, 4, 4, 6, 6]
+    ray = ray_driver
+    actor = ray.remote(num_cpus=0, concurrency_groups=LANES)(_StubGenerator)
+    gens = [actor.remote(0), actor.remote(0)]
+    pool = GeneratorPool(types.SimpleNamespace(generators=gens), None, Faults(), timeout=60)
+    prompts = prompt_table()
+    table = ray.get(pool.beam_search(prompts, 2, NEW_TOKENS), timeout=60)
+    assert table.column(S.PROMPT_ID).to_pylist() == [10, 10, 11, 11, 12, 12]
+    assert table.column(S.SAMPLE_INDEX).to_pylist() == [0, 1] * 3
+    assert table.column("label").to_pylist() == ["a", "a", "b", "b", "c", "c"]
+    assert [r[0] for r in table.column(S.RESPONSE_TOKEN_IDS).to_pylist()] == [3, 3, 4, 4, 6, 6]
 
-        pool.version = 1  # the replicas serve 0: the version check refuses
-        with pytest.raises(StaleWeightsError):
-            pool.beam_search(prompts, 2, NEW_TOKENS)
-    finally:
-        ray.shutdown()
+    pool.version = 1  # the replicas serve 0: the version check refuses
+    with pytest.raises(StaleWeightsError):
+        pool.beam_search(prompts, 2, NEW_TOKENS)

@@ -14,40 +14,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actors.episodes import EpisodeSpec, Step
+from actors.episodes import EpisodeSpec
 from actors.generator import SAMPLE_SEED, PolicyGenerator
 from actors.vllm_engine import EngineSpec, Sampling
 from orchestration.tiny_model import FAMILY_MATRIX
 from rollout import schema as S
-
-OBSERVATION = " 7+7=14\n"  # text that a re-encoding of the whole response would merge differently
-
-
-class TwoTurns:
-    """Answers the model's first turn with :data:`OBSERVATION`; the second turn ends the
-    episode with a reward of the turn's length."""
-
-    stop: tuple[str, ...] = ()
-
-    def __init__(self, hang_on_label: str | None = None):
-        self.hang_on_label = hang_on_label
-
-    def reset(self, row):
-        return _TwoTurnEpisode(row["label"] == self.hang_on_label)
-
-
-class _TwoTurnEpisode:
-    def __init__(self, hang: bool):
-        self.turns, self.hang = 0, hang
-
-    def step(self, turn: str) -> Step:
-        self.turns += 1
-        if self.hang:
-            time.sleep(60)
-        if self.turns == 1:
-            return Step(OBSERVATION, reward=0.25)
-        return Step(done=True, reward=1.0)
-
+from tests.actors.helpers import OBSERVATION, TWO_TURNS, token_logprobs
 
 PROMPTS = pa.table(
     {
@@ -57,18 +29,6 @@ PROMPTS = pa.table(
         "label": ["a", "b"],
     }
 )
-TWO_TURNS = EpisodeSpec(
-    environment="tests.actors.test_episodes:TwoTurns", max_turns=4, max_tokens=40, timeout_s=2.0
-)
-
-
-def sequence_logprobs(model, ids: list[int], start: int) -> torch.Tensor:
-    """(len(ids) - start,) the model's log-probability of each token from ``start`` on, given
-    all before it."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    logprobs = logits.log_softmax(-1)[start - 1 : -1]
-    return logprobs.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0]
 
 
 @pytest.mark.component
@@ -103,8 +63,7 @@ def test_two_turn_episode_keeps_token_ids_and_masks_the_observation(family, fami
         assert row[S.FINISH_REASON] == ("stop" if ended_with_eos else "length")
         # each model token's log-probability is the policy's given everything before it,
         # observation included: vLLM conditioned on these very ids
-        ids = row[S.PROMPT_TOKEN_IDS] + response
-        expected = sequence_logprobs(model, ids, len(row[S.PROMPT_TOKEN_IDS]))
+        expected = token_logprobs(model, row[S.PROMPT_TOKEN_IDS], response)
         got = torch.tensor(row[S.ROLLOUT_LOGPROBS])
         model_tokens = torch.tensor(mask) > 0
         assert torch.allclose(got[model_tokens], expected[model_tokens], atol=1e-4)
@@ -122,7 +81,7 @@ def untied(family_models) -> PolicyGenerator:
 def test_a_hung_environment_is_cut_at_its_limit_and_the_others_go_on(untied):
     generator = untied
     spec = EpisodeSpec(
-        environment="tests.actors.test_episodes:TwoTurns",
+        environment="tests.actors.helpers:TwoTurns",
         params={"hang_on_label": "b"},
         max_turns=4,
         max_tokens=40,
@@ -157,68 +116,34 @@ def test_episode_limits_end_episodes(untied):
     assert all(len(r) <= 7 for r in rows[S.RESPONSE_TOKEN_IDS].to_pylist())
 
 
-class Misbehaves:
-    """Episodes of label "b" hang (``mode="hang"``) or end their process (``mode="exit"``) on
-    their first step; the others are :class:`TwoTurns` episodes."""
-
-    stop: tuple[str, ...] = ()
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def reset(self, row):
-        return _Misbehaving(self.mode) if row["label"] == "b" else _TwoTurnEpisode(False)
-
-
-class _Misbehaving:
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def step(self, turn: str) -> Step:
-        if self.mode == "exit":
-            import os
-
-            os._exit(3)  # the whole process: the generator's, were the environment in it
-        time.sleep(60)
-        return Step(done=True)
-
-
 @pytest.mark.slow  # Ray actors
-def test_an_environment_in_its_own_actor_is_restarted_when_it_hangs_or_dies(private_env, untied):
+def test_an_environment_in_its_own_actor_is_restarted_when_it_hangs_or_dies(ray_driver, untied):
     """``isolation: actor``: a hung call gets the environment's actor killed and restarted, and
     an environment that ends its process loses its episodes, not the generator (this test's
     own process here: in a thread it would have ended pytest)."""
-    import ray
+    generator = untied
 
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        generator = untied
-
-        def run(mode: str) -> list[dict]:
-            spec = EpisodeSpec(
-                environment="tests.actors.test_episodes:Misbehaves",
-                params={"mode": mode},
-                max_tokens=40,
-                timeout_s=2.0,
-                isolation="actor",
-            )
-            table = generator.generate(PROMPTS, Sampling(n=2, max_new_tokens=6, episodes=spec))
-            return table.to_pylist()
-
-        start = time.perf_counter()
-        rows = run("hang")
-        assert time.perf_counter() - start < 30  # not the 60 s the environment sleeps
-        assert [r[S.EPISODE_END] for r in rows if r["label"] == "b"] == ["environment:timeout"] * 2
-        assert [r[S.EPISODE_END] for r in rows if r["label"] == "a"] == ["done"] * 2
-        rows = run("exit")
-        assert [r[S.EPISODE_END] for r in rows if r["label"] == "b"] == ["environment:lost"] * 2
-        # the actor came back: the next batch's good episodes run to their end
-        rows = run("exit")
-        assert all(
-            r[S.EPISODE_END] in ("done", "environment:lost") for r in rows if r["label"] == "a"
+    def run(mode: str) -> list[dict]:
+        spec = EpisodeSpec(
+            environment="tests.actors.helpers:Misbehaves",
+            params={"mode": mode},
+            max_tokens=40,
+            timeout_s=2.0,
+            isolation="actor",
         )
-    finally:
-        ray.shutdown()
+        table = generator.generate(PROMPTS, Sampling(n=2, max_new_tokens=6, episodes=spec))
+        return table.to_pylist()
+
+    start = time.perf_counter()
+    rows = run("hang")
+    assert time.perf_counter() - start < 30  # not the 60 s the environment sleeps
+    assert [r[S.EPISODE_END] for r in rows if r["label"] == "b"] == ["environment:timeout"] * 2
+    assert [r[S.EPISODE_END] for r in rows if r["label"] == "a"] == ["done"] * 2
+    rows = run("exit")
+    assert [r[S.EPISODE_END] for r in rows if r["label"] == "b"] == ["environment:lost"] * 2
+    # the actor came back: the next batch's good episodes run to their end
+    rows = run("exit")
+    assert all(r[S.EPISODE_END] in ("done", "environment:lost") for r in rows if r["label"] == "a")
 
 
 @pytest.mark.component

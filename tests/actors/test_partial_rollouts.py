@@ -18,6 +18,7 @@ from actors.generator import SAMPLE_SEED, PolicyGenerator, StaleWeightsError
 from actors.vllm_engine import EngineSpec, Sampling
 from orchestration.tiny_model import FAMILY_MATRIX
 from rollout import schema as S
+from tests.actors.helpers import assert_switched, update_mid_generation
 
 pytestmark = pytest.mark.component  # an in-process vLLM engine per model family
 
@@ -29,58 +30,6 @@ PROMPTS = pa.table(
     }
 )
 CONTINUING = Sampling(n=3, max_new_tokens=96, ignore_eos=True, continue_across_updates=True)
-
-
-def token_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
-    """(R,) the model's log-probability of each response token given all before it."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + response])).logits[0].float()
-    logprobs = logits.log_softmax(-1)[len(prompt) - 1 : -1]
-    return logprobs.gather(-1, torch.tensor(response)[:, None])[:, 0]
-
-
-def update_mid_generation(
-    generator: PolicyGenerator,
-    version: int,
-    weights: dict,
-    prompts: pa.Table = PROMPTS,
-    sampling: Sampling = CONTINUING,
-) -> dict:
-    """Start a continuing generation in a thread, hand it ``weights`` as ``version`` once it
-    runs, and return its table and how long the update took."""
-    out: dict = {}
-
-    def generate() -> None:
-        out["table"] = generator.generate(prompts, sampling, expected_version=version - 1)
-
-    thread = threading.Thread(target=generate)
-    thread.start()
-    while not generator._takes_updates and thread.is_alive():
-        time.sleep(0.001)
-    start = time.perf_counter()
-    assert generator.update_weights(version, weights) == version
-    out["update_seconds"] = time.perf_counter() - start
-    out["generation_running_after_update"] = thread.is_alive()
-    thread.join(timeout=120)
-    return out
-
-
-def assert_switched(table: pa.Table, old, new, tokens: int, tolerance: float) -> None:
-    """Every row of ``table`` ran ``tokens`` tokens, the first ones sampled by version 0 with
-    ``old``'s log-probabilities, the rest by version 1 with ``new``'s."""
-    for row in table.to_pylist():
-        prompt, response = row["prompt_token_ids"], row["response_token_ids"]
-        versions = row[S.TOKEN_VERSIONS]
-        assert len(response) == tokens and row["finish_reason"] == "length"
-        switch = versions.index(1)  # the first token sampled by version 1
-        assert 0 < switch < len(response)
-        assert versions == [0] * switch + [1] * (len(response) - switch)
-        rollout = torch.tensor(row["rollout_logprobs"])
-        by_old = token_logprobs(old, prompt, response)
-        by_new = token_logprobs(new, prompt, response)
-        assert (rollout[:switch] - by_old[:switch]).abs().max() < tolerance
-        assert (rollout[switch:] - by_new[switch:]).abs().max() < tolerance
-        assert (by_old[switch:] - by_new[switch:]).abs().max() > 1e-2  # the versions differ
 
 
 @pytest.mark.parametrize("family", list(FAMILY_MATRIX))
@@ -97,7 +46,7 @@ def test_an_update_mid_generation_applies_from_the_next_token(family_models, fam
     generator = PolicyGenerator(
         EngineSpec(model_path=path, max_model_len=128, kv_cache_bytes=32 << 20)
     )
-    out = update_mid_generation(generator, 1, new.state_dict())
+    out = update_mid_generation(generator, 1, new.state_dict(), PROMPTS, CONTINUING)
     table = out["table"]
     # The update did not wait for the generation to end.
     assert out["generation_running_after_update"]

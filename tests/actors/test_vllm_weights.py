@@ -6,7 +6,6 @@ weights (``actors.vllm_worker``)."""
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
@@ -17,14 +16,9 @@ from actors.generator import PolicyGenerator, StaleKernelError
 from actors.vllm_engine import EngineSpec, Sampling
 from learner import weight_sync as W
 from orchestration.tiny_model import FAMILY_MATRIX
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.component  # an in-process vLLM engine per model family
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.e2e.test_run import finished, train
+from tests.e2e.helpers import finished, train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -2,7 +2,6 @@
 (component tier)."""
 
 import math
-import socket
 
 import pyarrow as pa
 import pytest
@@ -12,14 +11,9 @@ from learner.engine import Engine as Learner
 from learner.engine import LearnerSpec, OptimizerSpec
 from learner.objectives import LossSpec, PolicyGradient
 from rollout import GeneratedSample, append_columns, build_rollout_table
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.component  # DeepSpeed on one gloo rank
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ same objective is in ``tests/e2e/test_data_parallel.py``."""
 
 from __future__ import annotations
 
-import socket
-
 import pyarrow as pa
 import pytest
 import torch
@@ -16,24 +14,15 @@ from learner.models import load_causal_lm, policy_forward
 from learner.objectives import Counts, LossSpec, PolicyGradient
 from rollout import GeneratedSample, build_rollout_table
 from rollout.tensors import to_padded
+from tests.helpers import free_port
 from tests.learner.cross_entropy import NextTokenCE, Unlabelled
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from tests.learner.helpers import engine as one_rank
 
 
 def engine(tiny_model, objective=None, lr: float = 1e-2) -> Engine:
-    spec = LearnerSpec(
-        model_path=tiny_model,
-        policy_optim=OptimizerSpec(lr=lr),
-        objective=objective or NextTokenCE(),
-        micro_batch_tokens=12,  # several micro-batches per mini-batch
-        num_mini_batches=2,
-    )
-    return Engine(spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
+    """Several micro-batches per mini-batch, two mini-batches."""
+    objective = objective or NextTokenCE()
+    return one_rank(tiny_model, objective, lr=lr, micro_batch_tokens=12, num_mini_batches=2)
 
 
 def demonstrations(n: int = 8) -> pa.Table:

@@ -17,7 +17,7 @@ from learner.models import load_causal_lm
 from learner.objectives import Counts
 from learner.preference import DirectPreference, RankResponses, sequence_logprobs
 from rollout import schema as S
-from tests.learner.test_supervised import engine, full_forward_nll, group_table
+from tests.learner.helpers import engine, full_forward_nll, group_table
 
 LN2 = math.log(2.0)
 

@@ -5,7 +5,6 @@ its bias shift and its export."""
 from __future__ import annotations
 
 import math
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from learner.engine import Engine, LearnerSpec, OptimizerSpec
+from learner.engine import Engine
 from learner.losses import next_token_loss, pairwise_loss
 from learner.models import CriticModel, load_causal_lm
 from learner.objectives import Counts, LossSpec, PolicyGradient
@@ -27,39 +26,7 @@ from learner.supervised import (
 )
 from orchestration.tiny_model import FAMILY_MATRIX
 from rollout import schema as S
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def sft_table(rows: list[tuple[list[int], list[int], list[float]]], first_id: int = 0) -> pa.Table:
-    fields = [S.KNOWN_FIELDS[k] for k in (S.PROMPT_ID, S.PROMPT_TOKEN_IDS, S.RESPONSE_TOKEN_IDS)]
-    fields.append(S.KNOWN_FIELDS[S.SFT_MASK])
-    columns = [
-        list(range(first_id, first_id + len(rows))),
-        [r[0] for r in rows],
-        [r[1] for r in rows],
-        [r[2] for r in rows],
-    ]
-    arrays = [pa.array(c, f.type) for c, f in zip(columns, fields, strict=True)]
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-
-
-def group_table(groups: list[tuple[list[int], list[list[int]], list[tuple[int, int, float]]]]):
-    return pa.table(
-        {
-            S.PROMPT_ID: pa.array(range(len(groups)), pa.int64()),
-            S.PROMPT_TOKEN_IDS: pa.array([g[0] for g in groups], S.TOKEN_IDS_TYPE),
-            S.RESPONSES: pa.array([g[1] for g in groups], pa.list_(S.TOKEN_IDS_TYPE)),
-            S.PAIR_CHOSEN: pa.array([[p[0] for p in g[2]] for g in groups], pa.list_(pa.int32())),
-            S.PAIR_REJECTED: pa.array([[p[1] for p in g[2]] for g in groups], pa.list_(pa.int32())),
-            S.PAIR_MARGIN: pa.array([[p[2] for p in g[2]] for g in groups], pa.list_(pa.float32())),
-        }
-    )
-
+from tests.learner.helpers import engine, full_forward_nll, group_table, sft_table
 
 ROWS = [  # (prompt, response, sft_mask): chat-like masks with context tokens inside the response
     ([5, 6, 7], [1, 2], [1.0, 1.0]),
@@ -101,21 +68,6 @@ def test_next_token_loss_is_the_masked_token_mean_nll():
     mask = torch.tensor([[True, False], [True, True]])
     loss, _ = next_token_loss(logprobs, mask, num_tokens=6)
     assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.1) + math.log(0.9)) / 6)
-
-
-def full_forward_nll(model, rows) -> tuple[float, int]:
-    """The masked next-token NLL summed over ``rows``, each alone through the model's own
-    forward (no padding, no packing): the reference the objective must match."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for prompt, response, mask in rows:
-            ids = torch.tensor([prompt + response])
-            logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
-            for t, (token, keep) in enumerate(zip(response, mask, strict=True)):
-                if keep > 0.5:
-                    total -= logp[len(prompt) - 1 + t, token].item()
-                    count += 1
-    return total, count
 
 
 @pytest.fixture(scope="module")
@@ -195,17 +147,6 @@ def test_a_ranking_of_k_responses_trains_as_one_group_with_each_response_once():
 
 
 # ------------------------------------------------------------------------------ on the engine
-
-
-def engine(tiny_model, objective, **kwargs) -> Engine:
-    spec = LearnerSpec(
-        model_path=tiny_model,
-        policy_optim=OptimizerSpec(lr=kwargs.pop("lr", 1e-2)),
-        objective=objective,
-        micro_batch_tokens=kwargs.pop("micro_batch_tokens", 4096),
-        **kwargs,
-    )
-    return Engine(spec, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
 
 
 @pytest.mark.component  # DeepSpeed on one gloo rank

@@ -3,7 +3,6 @@ one sender to two receivers (three ranks in threads of this process)."""
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import numpy as np
@@ -11,14 +10,9 @@ import pytest
 import torch
 
 from learner import weight_sync as W
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.unit  # pure code in this process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def weights() -> dict[str, torch.Tensor]:

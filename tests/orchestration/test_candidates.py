@@ -12,7 +12,7 @@ import torch
 from orchestration import candidates
 from orchestration.advantages import advantages
 from rollout import schema as S
-from tests.orchestration.test_loop_stages import grpo_spec, scored_rollout
+from tests.orchestration.helpers import grpo_spec, scored_rollout
 
 pytestmark = pytest.mark.unit  # pure code in this process
 

@@ -15,8 +15,8 @@ from orchestration.advantages import Advantages, AdvantageSpec, advantages
 from orchestration.config import load_config
 from orchestration.loop import Loop
 from orchestration.stages import Trained
-from rollout import GeneratedSample, append_columns, build_rollout_table
 from rollout import schema as S
+from tests.orchestration.helpers import grpo_spec, scored_rollout
 
 pytestmark = pytest.mark.unit  # pure code in this process
 
@@ -178,33 +178,6 @@ def test_a_numerical_fault_comes_from_the_train_stage_not_a_metric(tmp_path):
 
 
 # ------------------------------------------------------------------------------ advantages
-
-
-def scored_rollout(scores, version: int = 3) -> pa.Table:
-    samples = [
-        GeneratedSample(
-            i // 2, i % 2, [5, 1, 6], [3, 4, 2][: 1 + i % 3], [-1.0] * (1 + i % 3), "stop"
-        )
-        for i in range(len(scores))
-    ]
-    table = build_rollout_table(samples, weight_version=version)
-    lengths = [1 + i % 3 for i in range(len(scores))]
-    old = pa.array([[-1.0 - 0.1 * t for t in range(n)] for n in lengths], pa.list_(pa.float32()))
-    ref = pa.array([[-1.5] * n for n in lengths], pa.list_(pa.float32()))
-    return append_columns(
-        table,
-        {
-            "old_logprobs": old,
-            "ref_logprobs": ref,
-            "score": pa.array(scores, pa.float32()),
-        },
-    )
-
-
-def grpo_spec(**kw) -> AdvantageSpec:
-    return AdvantageSpec(
-        estimator="grpo", kl_in_reward=False, needs_critic=False, kl_kind="k3", **kw
-    )
 
 
 def test_grpo_advantages_are_each_groups_normalised_scores_on_every_token():

@@ -1,14 +1,10 @@
 """The pipeline runner (``orchestration.pipeline``): the file's validation, substitutions, the
 skip / changed / --from / --only decisions (pure), the table, and the runner's bookkeeping with
-train replaced by a fake; then one real two-stage pipeline end to end (slow tier)."""
+train replaced by a fake. Real pipelines end to end: ``tests/e2e/test_pipeline.py``."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -173,6 +169,17 @@ def test_values_reach_train_as_they_were(value):
     # train reads each key=value's value as YAML: the dump must load back to the same value
     assert yaml.safe_load(ps.yaml_value(value)) == value
     assert "\n" not in ps.yaml_value(value)
+
+
+@pytest.mark.unit
+def test_every_shipped_pipeline_reads_and_runs_presets_that_exist():
+    from orchestration.config import presets
+
+    assert ps.pipelines() == ["calculator", "demo", "methods"]
+    for name in ps.pipelines():
+        spec = ps.read_pipeline(name)
+        assert spec.stages, name
+        assert all(stage.config in presets() for stage in spec.stages), name
 
 
 @pytest.mark.unit
@@ -438,82 +445,3 @@ def test_rename_away_keeps_both(tmp_path):
 
 
 # ------------------------------------------------------------------------------ end to end
-
-
-def policy_hash(policy: Path) -> str:
-    files = sorted(policy.glob("*.safetensors"))
-    assert files, f"no safetensors in {policy}"
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
-
-
-@pytest.mark.slow  # pipelines of entry-point runs on Ray
-def test_two_supervised_stages_end_to_end(private_env, tmp_path):
-    root, data = tmp_path / "runs", tmp_path / "data"
-    quick = {
-        "eval.every": 3,
-        "cluster.torch_threads": 1,
-        "logging.report": False,
-        "logging.tensorboard": False,
-        "logging.progress_bar": False,
-    }
-    tree = {
-        "name": "e2e",
-        "root": str(root),
-        "demo_data": str(data),
-        "stages": [
-            {
-                "name": "sft",
-                "config": "pipeline-sft",
-                "overrides": {"iterations": 6, "data.source": "{demo_data}/sft.jsonl", **quick},
-            },
-            {
-                "name": "sft2",
-                "config": "pipeline-sft",
-                "overrides": {
-                    "iterations": 4,
-                    "model.path": "{sft.policy}",
-                    "data.source": "{demo_data}/sft.jsonl",
-                    **quick,
-                },
-            },
-        ],
-    }
-    config, names = write(tmp_path, tree), ("sft", "sft2")
-
-    def pipeline(*args: str) -> str:
-        start = time.perf_counter()
-        out = subprocess.run(
-            [sys.executable, "-m", "orchestration.pipeline", "--config", config, *args],
-            cwd=REPO,
-            env=private_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        print(f"pipeline {' '.join(args) or '(plain)'}: {time.perf_counter() - start:.1f} s")
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-        return out.stdout
-
-    out = pipeline()
-    assert "stage sft (1/2)" in out and "stage sft2 (2/2)" in out
-    first = policy_hash(root / "sft2" / "policy")
-    summary = root / "sft" / "summary.json"
-    made = summary.stat().st_mtime_ns
-    state = json.loads((root / "pipeline.json").read_text())
-    assert [r["status"] for r in state["table"]] == ["done", "done"]
-    sft, sft2 = state["table"]
-    assert sft["before"] > sft["after"]  # the loss fell
-    # sft2 started from sft's policy ({sft.policy}), not from a fresh tiny model
-    curves = [json.loads((root / s / "summary.json").read_text())["loss_curve"] for s in names]
-    assert curves[1][0] < curves[0][0] and sft2["before"] == pytest.approx(sum(curves[1]) / 4)
-
-    out = pipeline("--from", "sft2")
-    assert "stage sft: done (" in out and "skipped" in out
-    assert summary.stat().st_mtime_ns == made
-    assert len(list(root.glob("sft2.replaced-*"))) == 1
-    # one rank on CPU, the same seed and input: the redone stage writes the same bytes
-    assert policy_hash(root / "sft2" / "policy") == first
-
-    out = pipeline()
-    assert "stage sft: done (" in out and "stage sft2: done (" in out
-    assert "python -m orchestration.train" not in out
