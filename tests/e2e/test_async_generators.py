@@ -59,74 +59,69 @@ def prompts(rows: int) -> pa.Table:
     )
 
 
-def test_a_weight_update_reaches_generations_under_way_on_every_replica(private_env, tiny_model):
-    import ray
-
+def test_a_weight_update_reaches_generations_under_way_on_every_replica(ray_driver, tiny_model):
     from orchestration.generators import Faults, GeneratorPool
     from orchestration.sync import WeightSync
 
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        spec = EngineSpec(model_path=tiny_model, max_model_len=128, kv_cache_bytes=64 << 20)
-        gens = [actor_class().options(num_cpus=0).remote(spec) for _ in range(2)]
-        holder = ray.remote(num_cpus=0)(WeightsHolder).remote(tiny_model)
-        plan = ray.get(holder.sync_plan.remote(), timeout=300)
-        actors = SimpleNamespace(generators=gens, learners=[holder], sync_plan=plan)
-        sync = WeightSync(actors, 300, colocated=False, tp=1)
-        pool = GeneratorPool(actors, sync, Faults(), timeout=300)
-        assert ray.get([g.weight_version.remote() for g in gens], timeout=300) == [0, 0]
-        warm = Sampling(n=1, max_new_tokens=4)  # an engine's first steps are slow (warm-up)
-        ray.get(pool.generate(prompts(4), warm), timeout=300)
+    ray = ray_driver
+    spec = EngineSpec(model_path=tiny_model, max_model_len=128, kv_cache_bytes=64 << 20)
+    gens = [actor_class().options(num_cpus=0).remote(spec) for _ in range(2)]
+    holder = ray.remote(num_cpus=0)(WeightsHolder).remote(tiny_model)
+    plan = ray.get(holder.sync_plan.remote(), timeout=300)
+    actors = SimpleNamespace(generators=gens, learners=[holder], sync_plan=plan)
+    sync = WeightSync(actors, 300, colocated=False, tp=1)
+    pool = GeneratorPool(actors, sync, Faults(), timeout=300)
+    assert ray.get([g.weight_version.remote() for g in gens], timeout=300) == [0, 0]
+    warm = Sampling(n=1, max_new_tokens=4)  # an engine's first steps are slow (warm-up)
+    ray.get(pool.generate(prompts(4), warm), timeout=300)
 
-        # Partial rollouts: the update does not wait for the generations.
-        continuing = Sampling(
-            n=2, max_new_tokens=NEW_TOKENS, ignore_eos=True, continue_across_updates=True
-        )
-        submitted = pool.submit(prompts(6), continuing)
-        time.sleep(0.3)  # both replicas are generating (120 tokens take about a second here)
-        start = time.perf_counter()
-        pool.update()
-        update_s = time.perf_counter() - start
-        ready, _ = ray.wait(submitted.versions, num_returns=2, timeout=0)
-        assert len(ready) < 2, "the update waited for the generations"
-        table = ray.get(pool.collect(submitted, continuing), timeout=300)
-        assert table.num_rows == 12 and table.column(S.PROMPT_ID).to_pylist() == [
-            i for i in range(6) for _ in range(2)
-        ]
-        assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {0}
-        versions = table.column(S.TOKEN_VERSIONS).to_pylist()
-        assert all(len(v) == NEW_TOKENS and v[0] == 0 and v[-1] == 1 for v in versions)
-        assert ray.get([g.weight_version.remote() for g in gens], timeout=60) == [1, 1]
+    # Partial rollouts: the update does not wait for the generations.
+    continuing = Sampling(
+        n=2, max_new_tokens=NEW_TOKENS, ignore_eos=True, continue_across_updates=True
+    )
+    submitted = pool.submit(prompts(6), continuing)
+    time.sleep(0.3)  # both replicas are generating (120 tokens take about a second here)
+    start = time.perf_counter()
+    pool.update()
+    update_s = time.perf_counter() - start
+    ready, _ = ray.wait(submitted.versions, num_returns=2, timeout=0)
+    assert len(ready) < 2, "the update waited for the generations"
+    table = ray.get(pool.collect(submitted, continuing), timeout=300)
+    assert table.num_rows == 12 and table.column(S.PROMPT_ID).to_pylist() == [
+        i for i in range(6) for _ in range(2)
+    ]
+    assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {0}
+    versions = table.column(S.TOKEN_VERSIONS).to_pylist()
+    assert all(len(v) == NEW_TOKENS and v[0] == 0 and v[-1] == 1 for v in versions)
+    assert ray.get([g.weight_version.remote() for g in gens], timeout=60) == [1, 1]
 
-        # The loop's sync behind the rollout: the update runs in the driver's background, and
-        # a generation submitted meanwhile starts once its replica serves the new version.
-        assert pool.update(wait=False) == {}
-        again = pool.submit(prompts(2), continuing)
-        assert again.version == 2
-        table = ray.get(pool.collect(again, continuing), timeout=300)
-        assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {2}
-        assert {t for v in table.column(S.TOKEN_VERSIONS).to_pylist() for t in v} == {2}
-        assert pool.version == 2 and pool.take_sync_metrics()["sync/bytes"] > 0
-        assert pool.take_sync_metrics() == {}  # reported once
+    # The loop's sync behind the rollout: the update runs in the driver's background, and
+    # a generation submitted meanwhile starts once its replica serves the new version.
+    assert pool.update(wait=False) == {}
+    again = pool.submit(prompts(2), continuing)
+    assert again.version == 2
+    table = ray.get(pool.collect(again, continuing), timeout=300)
+    assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {2}
+    assert {t for v in table.column(S.TOKEN_VERSIONS).to_pylist() for t in v} == {2}
+    assert pool.version == 2 and pool.take_sync_metrics()["sync/bytes"] > 0
+    assert pool.take_sync_metrics() == {}  # reported once
 
-        # partial_rollouts: finish: the update waits until the generations submitted before it
-        # have finished, with the weights they started with.
-        finishing = Sampling(n=2, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-        submitted = pool.submit(prompts(6), finishing)
-        time.sleep(0.3)
-        pool.update()
-        ready, _ = ray.wait(submitted.versions, num_returns=2, timeout=0)
-        assert len(ready) == 2
-        table = ray.get(pool.collect(submitted, finishing), timeout=300)
-        assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {2}
-        assert S.TOKEN_VERSIONS not in table.column_names
-        assert ray.get([g.weight_version.remote() for g in gens], timeout=60) == [3, 3]
-        print(f"\npartial rollouts: the update took {update_s:.3f} s during the generations")
-    finally:
-        ray.shutdown()
+    # partial_rollouts: finish: the update waits until the generations submitted before it
+    # have finished, with the weights they started with.
+    finishing = Sampling(n=2, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    submitted = pool.submit(prompts(6), finishing)
+    time.sleep(0.3)
+    pool.update()
+    ready, _ = ray.wait(submitted.versions, num_returns=2, timeout=0)
+    assert len(ready) == 2
+    table = ray.get(pool.collect(submitted, finishing), timeout=300)
+    assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {2}
+    assert S.TOKEN_VERSIONS not in table.column_names
+    assert ray.get([g.weight_version.remote() for g in gens], timeout=60) == [3, 3]
+    print(f"\npartial rollouts: the update took {update_s:.3f} s during the generations")
 
 
-def test_two_replicas_dynamic_sampling_and_evaluation_run_k_ahead(private_env, tmp_path):
+def test_two_replicas_dynamic_sampling_and_evaluation_run_k_ahead(head_env, tmp_path):
     """The loop with max_staleness=2 and partial rollouts on two generator replicas, with
     dynamic sampling (extra rounds come from the generations running ahead) and evaluation
     (sampled by the current weights between them): every row within the bound, each token's
@@ -135,7 +130,7 @@ def test_two_replicas_dynamic_sampling_and_evaluation_run_k_ahead(private_env, t
 
     import pyarrow.parquet as pq
 
-    from tests.e2e.test_run import finished, train
+    from tests.e2e.helpers import finished, train
 
     root = tmp_path / "runs"
     args = ["--config", "demo-async", f"logging.root={root}", "iterations=6"]
@@ -143,7 +138,7 @@ def test_two_replicas_dynamic_sampling_and_evaluation_run_k_ahead(private_env, t
     args += ["eval.every=3", "eval.max_prompts=4", "data.prompts_per_iteration=8"]
     args += ["reward.dynamic_sampling.enabled=true", "reward.dynamic_sampling.max_rounds=2"]
     args += ["logging.rollouts_every=1", "logging.report=false", "logging.tensorboard=false"]
-    summary, history = finished(train(args, private_env), root)
+    summary, history = finished(train(args, head_env), root)
     steps = [h for h in history if "rollout/staleness_max" in h]
     assert [h["iteration"] for h in steps] == list(range(6))
     assert all(h["rollout/staleness_max"] <= 2 for h in steps)

@@ -7,20 +7,20 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bench_shapes_tiny(private_env):
-    # An embedded Ray of its own: private_env drops RAY_ADDRESS and gives it its own HOME/TMPDIR.
+def test_bench_shapes_tiny(head_env):
+    # On the session's Ray head (RAY_ADDRESS): the benchmark joins a cluster as a run does.
     out = subprocess.run(
         [sys.executable, "benchmarks/bench_shapes.py", "--tiny"],
         cwd=REPO,
-        env=private_env,
+        env=head_env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -28,7 +28,7 @@ from orchestration.metrics import MetricsLog
 from orchestration.placement import start_actors
 from orchestration.prepare import prepare
 from orchestration.sampler import PromptSampler
-from tests.e2e.test_cluster import node_of, nodes_with
+from tests.e2e.helpers import node_of, nodes_with
 
 pytestmark = pytest.mark.slow
 
@@ -232,7 +232,7 @@ def test_a_run_survives_killed_actors_and_a_lost_node(cluster, tmp_path, capsys,
 
 
 def test_updates_dropped_in_a_row_stop_the_run_with_a_checkpoint_of_the_last_good_state(
-    private_env, tmp_path
+    ray_driver, tmp_path
 ):
     """From iteration 2 on, every loss on the (real) learner comes out non-finite (injected
     into the running actor): each update is dropped and counted, and at
@@ -241,39 +241,35 @@ def test_updates_dropped_in_a_row_stop_the_run_with_a_checkpoint_of_the_last_goo
 
     from orchestration.guards import NumericalFault
 
-    ray.init(address="local", include_dashboard=False)
-    try:
-        cfg = load_config(
-            "demo",
-            [
-                "iterations=6",
-                "checkpoint.every=2",
-                "learner.max_skipped_in_a_row=3",  # 2 mini-batches an iteration: stops in the 2nd
-                "data.prompts_per_iteration=4",
-                "generator.samples_per_prompt=4",
-                f"logging.root={tmp_path}",
-                "logging.name=nan",
-            ],
-        )
-        prep, actors, _, _, loop = build_loop(cfg)
+    cfg = load_config(
+        "demo",
+        [
+            "iterations=6",
+            "checkpoint.every=2",
+            "learner.max_skipped_in_a_row=3",  # 2 mini-batches an iteration: stops in the 2nd
+            "data.prompts_per_iteration=4",
+            "generator.samples_per_prompt=4",
+            f"logging.root={tmp_path}",
+            "logging.name=nan",
+        ],
+    )
+    prep, actors, _, _, loop = build_loop(cfg)
 
-        def poison(self):  # every backward from now on sees a non-finite loss
-            self.learner._backward = lambda engine, loss: True
+    def poison(self):  # every backward from now on sees a non-finite loss
+        self.learner._backward = lambda engine, loss: True
 
-        class Fault:
-            def write(self, iteration, metrics):
-                if iteration == 1:
-                    ray.get(actors.learners[0].__ray_call__.remote(poison), timeout=60)
+    class Fault:
+        def write(self, iteration, metrics):
+            if iteration == 1:
+                ray.get(actors.learners[0].__ray_call__.remote(poison), timeout=60)
 
-            def close(self):
-                pass
+        def close(self):
+            pass
 
-        log = MetricsLog(prep.run_dir, cfg.iterations, progress_bar=False, sinks=[Fault()])
-        with pytest.raises(NumericalFault) as stop:
-            loop.run(log)
-        log.close()
-    finally:
-        ray.shutdown()
+    log = MetricsLog(prep.run_dir, cfg.iterations, progress_bar=False, sinks=[Fault()])
+    with pytest.raises(NumericalFault) as stop:
+        loop.run(log)
+    log.close()
     message = str(stop.value)
     assert message.startswith("iteration 3: 4 updates in a row were dropped")
     assert "learner.max_skipped_in_a_row=3" in message and "resume=auto" in message

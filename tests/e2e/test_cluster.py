@@ -39,17 +39,6 @@ def cluster(private_env):
     c.shutdown()
 
 
-def node_of(actor) -> str:
-    return ray.get(
-        actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()),
-        timeout=60,
-    )
-
-
-def nodes_with(resource: str) -> set[str]:
-    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]}
-
-
 def test_a_run_the_cluster_cannot_hold_fails_fast_and_one_it_cannot_get_times_out(
     cluster, tmp_path
 ):

@@ -64,27 +64,25 @@ def with_advantages(table: pa.Table) -> pa.Table:
 
 
 def one_step_on_one_and_on_two_ranks(spec: LearnerSpec, prepare):
-    """One training step of ``spec`` on one rank (the whole batch) and on two (a half each):
-    the metrics of each rank and the weights after it. ``prepare(rank_0, table)`` makes the
-    batch from the rollout."""
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        one = learners(spec, 1)
-        two = learners(spec, 2)
-        batch = prepare(one[0], rollout())
-        halves = split_rows(batch, batch.num_rows // 2)
-        m1 = ray.get(one[0].train.remote(batch), timeout=300)
-        m2 = ray.get([r.train.remote(h) for r, h in zip(two, halves, strict=True)], timeout=300)
-        w1 = ray.get(one[0].policy_weights.remote(), timeout=120)
-        w2 = ray.get([r.policy_weights.remote() for r in two], timeout=120)[0]
-    finally:
-        ray.shutdown()
+    """One training step of ``spec`` on one rank (the whole batch) and on two (a half each), on
+    the session's Ray head: the metrics of each rank and the weights after it.
+    ``prepare(rank_0, table)`` makes the batch from the rollout."""
+    one = learners(spec, 1)
+    two = learners(spec, 2)
+    batch = prepare(one[0], rollout())
+    halves = split_rows(batch, batch.num_rows // 2)
+    m1 = ray.get(one[0].train.remote(batch), timeout=300)
+    m2 = ray.get([r.train.remote(h) for r, h in zip(two, halves, strict=True)], timeout=300)
+    w1 = ray.get(one[0].policy_weights.remote(), timeout=120)
+    w2 = ray.get([r.policy_weights.remote() for r in two], timeout=120)[0]
+    for actor in [*one, *two]:
+        ray.kill(actor)
     return m1, m2, w1, w2
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_two_ranks_on_halves_end_the_step_where_one_rank_on_the_whole_batch_does(
-    private_env, tiny_model, zero_stage
+    ray_driver, tiny_model, zero_stage
 ):
     spec = LearnerSpec(
         model_path=tiny_model,
@@ -118,7 +116,7 @@ def initial(model_path: str) -> dict[str, torch.Tensor]:
     return load_causal_lm(model_path).state_dict()
 
 
-def test_a_second_objective_trains_on_two_ranks_as_on_one(private_env, tiny_model):
+def test_a_second_objective_trains_on_two_ranks_as_on_one(ray_driver, tiny_model):
     """The objective seam holds across ranks: next-token cross-entropy (written in the tests,
     shipped to the actors by value) ends one step on two ranks where one rank ends it."""
     import cloudpickle

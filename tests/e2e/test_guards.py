@@ -1,5 +1,5 @@
-"""Runs that go wrong, through the real entry point on one local Ray head: each gets one clear
-message, its own exit code and a checkpoint, and the console stays readable.
+"""Runs that go wrong, through the real entry point on the session's shared Ray head: each gets
+one clear message, its own exit code and a checkpoint, and the console stays readable.
 
 1. Reward functions that misbehave (a string return, an exception on every sample, a hang):
    every sample is unscorable and counted per function, each function is reported once with
@@ -12,14 +12,13 @@ message, its own exit code and a checkpoint, and the console stays readable.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import ray_head
-from tests.e2e.test_run import train as run_train
+from tests.e2e.helpers import train as run_train
+from tests.helpers import history
 
 pytestmark = pytest.mark.slow
 M = "tests.reward_service.misbehaving:"
@@ -32,22 +31,16 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """One Ray head the runs join: (their environment, a directory for their runs)."""
-    root = tmp_path_factory.mktemp("guards")
-    with ray_head(root) as env:
-        yield env, root
+@pytest.fixture
+def head(head_env, tmp_path):
+    """The session's Ray head for the runs to join: (their environment, a directory for them)."""
+    return head_env, tmp_path
 
 
 def train(head, name: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     env, root = head
     where = [f"logging.root={root / 'runs'}", f"logging.name={name}"]
     return run_train([*SMALL, *where, *args], env), root / "runs" / name
-
-
-def history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_misbehaving_reward_functions_are_counted_reported_once_and_stop_the_run(head):

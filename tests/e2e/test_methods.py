@@ -1,7 +1,7 @@
-"""The sampling methods beside PPO and GRPO end to end through the entry point on a local Ray,
-short: rejection-sampling fine-tuning, online DPO, RRHF with beam-search and dataset candidates, and
-on-policy distillation from a teacher equal to the policy (no signal). The demos' measured
-numbers are in the README."""
+"""The sampling methods beside PPO and GRPO end to end through the entry point on the session's
+Ray head, short: rejection-sampling fine-tuning, online DPO, RRHF with beam-search and dataset
+candidates, and on-policy distillation from a teacher equal to the policy (no signal). The
+demos' measured numbers are in the README."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from orchestration.data import addition_corpus
 from orchestration.pipeline_data import main as write_pipeline_data
 from orchestration.tiny_model import build_tiny_model
-from tests.e2e.test_run import train
+from tests.e2e.helpers import train
+from tests.helpers import history
 
 pytestmark = pytest.mark.slow
 
@@ -28,28 +29,28 @@ def run(config: str, root: Path, env, *extra: str) -> list[dict]:
     names = [x.split("=", 1)[1] for x in extra if x.startswith("logging.name=")]
     run_dir = root / (names[-1] if names else config)
     assert (run_dir / "policy" / "model.safetensors").is_file()
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return history(run_dir)
 
 
-def test_rejection_sampling_online_dpo_and_rrhf(private_env, tmp_path):
+def test_rejection_sampling_online_dpo_and_rrhf(head_env, tmp_path):
     root = tmp_path / "runs"
     # rejection sampling: every prompt's best kept (no threshold), two SFT steps per round
     rs = ["iterations=3", "rs.threshold=null", "checkpoint.every=2"]
-    runs = run("demo-rs", root, private_env, *rs)
+    runs = run("demo-rs", root, head_env, *rs)
     assert [h["rs/kept_fraction"] for h in runs] == [1.0, 1.0, 1.0]
     assert all(h["rs/best_of_n"] >= h["rs/mean_score"] for h in runs)
     assert all("rs/sft_loss" in h and h["learner/empty_batch"] == 0.0 for h in runs)
     assert runs[-1]["sync/bytes"] > 0
     # resumed inside the stage from its checkpoint after iteration 1: round 2 again, the same
     checkpoint = root / "demo-rs" / "checkpoints" / "iter_000001"
-    again = run("demo-rs", root, private_env, *rs, f"resume={checkpoint}", "logging.name=rs-b")
+    again = run("demo-rs", root, head_env, *rs, f"resume={checkpoint}", "logging.name=rs-b")
     assert [h["iteration"] for h in again] == [2]
     for key in ("rs/best_of_n", "rs/mean_score", "rs/sft_loss", "reward/score_mean"):
         assert again[0][key] == runs[2][key], key
 
     # online DPO on two learner ranks (the pairs split between them): best and worst of each
     # prompt's samples; the first step is at the reference
-    runs = run("demo-dpo", root, private_env, "iterations=3", "learner.num_ranks=2")
+    runs = run("demo-dpo", root, head_env, "iterations=3", "learner.num_ranks=2")
     first = runs[0]
     assert 0 < first["pairs/kept_fraction"] <= 1.0
     assert first["dpo/loss"] == pytest.approx(np.log(2), abs=1e-3)
@@ -62,7 +63,7 @@ def test_rejection_sampling_online_dpo_and_rrhf(private_env, tmp_path):
     runs = run(
         "demo-rrhf",
         root,
-        private_env,
+        head_env,
         "iterations=3",
         "generator.samples_per_prompt=4",
         f"data.source={data}/candidates.jsonl",
@@ -92,12 +93,12 @@ def test_rejection_sampling_online_dpo_and_rrhf(private_env, tmp_path):
         assert (r["score"] == 1.0) == (want == r["label"])  # a wrong integer earns format credit
 
 
-def test_distillation_from_a_teacher_equal_to_the_policy_gives_no_signal(private_env, tmp_path):
+def test_distillation_from_a_teacher_equal_to_the_policy_gives_no_signal(head_env, tmp_path):
     model = build_tiny_model(str(tmp_path / "model"), addition_corpus(4))
     runs = run(
         "demo-distill",
         tmp_path / "runs",
-        private_env,
+        head_env,
         "iterations=2",
         f"model.path={model}",
         f"distill.teacher={model}",

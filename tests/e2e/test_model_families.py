@@ -2,8 +2,8 @@
 without tied embeddings, Llama tied, with and without grouped-query attention) keeps vLLM on the
 learner's policy through high-learning-rate updates on both sync paths, its exported policy
 reloads in transformers and vLLM with the same greedy tokens, and beam search on the synced
-weights scores its beams as transformers scores them under the export. One Ray session for the
-matrix.
+weights scores its beams as transformers scores them under the export. One driver on the
+session's Ray head for the matrix.
 
 A tied output head is the case that broke: vLLM's reload left it computing with the weights it
 started with, and the mismatch grew by one update's worth every iteration (0.025 after the first
@@ -33,15 +33,16 @@ ITERATIONS = 3  # per sync path
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    ray.init(address="local", include_dashboard=False)
+def ray_session(shared_head):
+    """The matrix as one driver on the session's Ray head."""
+    ray.init(address=shared_head["RAY_ADDRESS"], logging_level="WARNING")
     yield
     ray.shutdown()
 
 
 @pytest.mark.parametrize("family", list(FAMILY_MATRIX))
 def test_the_generators_stay_on_the_learners_policy_and_the_export_reloads(
-    ray_session, private_env, tmp_path, family
+    ray_session, tmp_path, family
 ):
     from transformers import AutoModelForCausalLM
 

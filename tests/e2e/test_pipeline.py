@@ -1,53 +1,119 @@
-"""The supervised stages end to end on a local Ray through the real entry point: SFT on two
-learner ranks (and resumed), a reward model from the SFT policy (balanced, bias-normalised,
-evaluated), then PPO on two ranks from the SFT policy with that reward model, the critic started
-from it and the PTX term: each stage's output the next one's input, as the pipeline presets
-chain them. Short runs: the demo's measured numbers are in the README."""
+"""Pipelines of stages end to end (``orchestration.pipeline``). A chain on the session's Ray
+head: SFT on two learner ranks (interrupted after its checkpoint at iteration 9, then resumed by
+the pipeline), offline DPO from the SFT policy on two ranks, a reward model from the SFT policy
+(balanced, bias-normalised, evaluated), then PPO on two ranks from the SFT policy with that
+reward model, the critic started from it and the PTX term, each stage's output the next one's
+input. And two SFT stages submitted as one Ray job, then skipped and redone. Short runs: the
+demo's measured numbers are in the README; the runner's decisions, pure, are in
+``tests/orchestration/test_pipeline_runner.py``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from orchestration.pipeline_data import main as write_pipeline_data
-from tests.e2e.test_run import train
+from tests.e2e.helpers import train
+from tests.helpers import REPO, VENV, history
 
 pytestmark = pytest.mark.slow
 
+QUIET = {"cluster.torch_threads": 1, "logging.report": False}
+SFT = {
+    "data.source": "{demo_data}/sft.jsonl",
+    "data.addition_max_operand": 4,
+    "learner.num_ranks": 2,  # rows split between the ranks, the loss over both
+    "sft.held_out": 0.2,
+    "eval.every": 5,
+    "checkpoint.every": 5,
+    "iterations": 16,
+    **QUIET,
+}
+STAGES = [
+    {"name": "sft", "config": "pipeline-sft", "overrides": SFT},
+    {
+        "name": "dpo",
+        "config": "pipeline-dpo",
+        "overrides": {
+            "iterations": 8,
+            "model.path": "{sft.policy}",
+            "data.source": "{demo_data}/preferences.jsonl",
+            "learner.num_ranks": 2,
+            "eval.every": 4,
+            **QUIET,
+        },
+    },
+    {
+        "name": "rm",
+        "config": "pipeline-rm",
+        "overrides": {
+            "iterations": 12,
+            "model.path": "{sft.policy}",
+            "data.source": "{demo_data}/preferences.jsonl",
+            "rm.normalize_source": "{demo_data}/sft.jsonl",
+            "rm.equal_quality_source": "{demo_data}/equal_quality.jsonl",
+            "eval.every": 6,
+            **QUIET,
+        },
+    },
+    {
+        "name": "ppo",
+        "config": "pipeline-ppo",
+        "overrides": {
+            "iterations": 3,
+            "model.path": "{sft.policy}",
+            "reward.models": [{"name": "rm", "path": "{rm.reward_model}"}],
+            "learner.critic_init": "{rm.reward_model}",
+            "ptx.source": "{demo_data}/sft.jsonl",
+            "learner.num_ranks": 2,  # the PTX rows split between them, its token count over both
+            **QUIET,
+        },
+    },
+]
 
-def history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-
-def ok(out) -> None:
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-
-
-def test_sft_then_reward_model_then_ppo_with_ptx(private_env, tmp_path):
+def test_sft_then_dpo_reward_model_and_ppo_with_ptx_as_one_pipeline(head_env, tmp_path):
     data, root = tmp_path / "data", tmp_path / "runs"
     write_pipeline_data(["--out", str(data), "--max-operand", "4"])
-    common = [f"logging.root={root}", "cluster.torch_threads=1", "logging.report=false"]
+    config = tmp_path / "chain.yaml"
+    tree = {"name": "chain", "root": str(root), "demo_data": str(data), "stages": STAGES}
+    config.write_text(yaml.safe_dump(tree))
 
-    # 1. SFT on two ranks (rows split between them, loss over both), resumed once
-    sft = [
-        "--config",
-        "pipeline-sft",
-        f"data.source={data}/sft.jsonl",
-        "data.addition_max_operand=4",
-        "learner.num_ranks=2",
-        "sft.held_out=0.2",
-        "eval.every=5",
-        "checkpoint.every=5",
-        "logging.name=sft",
-        *common,
-    ]
-    ok(train([*sft, "iterations=10"], private_env))
-    out = train([*sft, "iterations=16", "resume=auto"], private_env)
-    ok(out)
-    assert "resume: continuing after iteration 9" in out.stdout
+    # The SFT stage cut short: the run the pipeline would start, stopped after iteration 9
+    # (its checkpoint committed, no summary written), as a killed job leaves it.
+    sft = ["--config", "pipeline-sft", f"logging.root={root}", "logging.name=sft", "resume=auto"]
+    sft += [f"{k}={v}".replace("{demo_data}", str(data)) for k, v in SFT.items()]
+    out = train([*sft, "iterations=10"], head_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    (root / "sft" / "summary.json").unlink()
+
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestration.pipeline", f"--config={config}"],
+        cwd=REPO,
+        env=head_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-6000:]
+    record = json.loads((root / "pipeline.json").read_text())
+    assert {name: s["status"] for name, s in record["stages"].items()} == dict.fromkeys(
+        ("sft", "dpo", "rm", "ppo"), "done"
+    )
+    assert console.count("ray: joined ") == 4  # each stage on the cluster, none its own
+    assert "pipeline chain: done" in console
+
+    # 1. SFT: the interrupted stage resumed from its checkpoint, every step once
+    assert "resume: continuing after iteration 9" in console
     runs = history(root / "sft")
     trained = [h for h in runs if "sft/loss" in h]
     assert [h["iteration"] for h in trained] == list(range(16))
@@ -56,23 +122,8 @@ def test_sft_then_reward_model_then_ppo_with_ptx(private_env, tmp_path):
     policy = root / "sft" / "policy"
     assert (policy / "model.safetensors").is_file()
 
-    # 1b. offline DPO from the SFT policy on two ranks, the reference the SFT policy itself: the
-    # first step's DPO term is ln 2 (policy = reference), and the held-out pairs' accuracy rises
-    out = train(
-        [
-            "--config",
-            "pipeline-dpo",
-            "iterations=8",
-            f"model.path={policy}",
-            f"data.source={data}/preferences.jsonl",
-            "learner.num_ranks=2",
-            "eval.every=4",
-            "logging.name=dpo",
-            *common,
-        ],
-        private_env,
-    )
-    ok(out)
+    # 1b. offline DPO, the reference the SFT policy itself: the first step's DPO term is ln 2
+    # (policy = reference), and the held-out pairs' accuracy rises
     runs = history(root / "dpo")
     steps = [h for h in runs if "dpo/loss" in h]
     assert [h["iteration"] for h in steps] == list(range(8))
@@ -85,23 +136,7 @@ def test_sft_then_reward_model_then_ppo_with_ptx(private_env, tmp_path):
     assert (root / "dpo" / "policy" / "model.safetensors").is_file()
 
     # 2. the reward model, from the SFT policy
-    out = train(
-        [
-            "--config",
-            "pipeline-rm",
-            "iterations=12",
-            f"model.path={policy}",
-            f"data.source={data}/preferences.jsonl",
-            f"rm.normalize_source={data}/sft.jsonl",
-            f"rm.equal_quality_source={data}/equal_quality.jsonl",
-            "eval.every=6",
-            "logging.name=rm",
-            *common,
-        ],
-        private_env,
-    )
-    ok(out)
-    assert "length balancing dropped" in out.stdout and "longer response chosen in" in out.stdout
+    assert "length balancing dropped" in console and "longer response chosen in" in console
     rm_dir = root / "rm"
     model = rm_dir / "reward_model"
     assert (model / "value_head.safetensors").is_file()
@@ -121,24 +156,106 @@ def test_sft_then_reward_model_then_ppo_with_ptx(private_env, tmp_path):
     sequences = [p + r for p, r in zip(ref.prompt_ids, ref.response_ids, strict=True)]
     assert abs(float(np.mean(RewardModel(str(model)).score_ids(sequences)))) < 1e-3
 
-    # 3. PPO from the SFT policy against that reward model, the critic from it, with PTX, on
-    # two ranks (the PTX rows split between them, its token count over both)
-    out = train(
-        [
-            "--config",
-            "pipeline-ppo",
-            "iterations=3",
-            f"model.path={policy}",
-            f"reward.models=[{{name: rm, path: {model}}}]",
-            f"learner.critic_init={model}",
-            f"ptx.source={data}/sft.jsonl",
-            "learner.num_ranks=2",
-            "logging.name=ppo",
-            *common,
-        ],
-        private_env,
-    )
-    ok(out)
+    # 3. PPO from the SFT policy against that reward model, the critic from it, with PTX
     runs = history(root / "ppo")
     assert all(h["actor/ptx_loss"] > 0 for h in runs if "reward/score_mean" in h)
     assert all("reward/rm/mean" in h and "critic/value_loss" in h for h in runs[:3])
+
+
+def policy_hash(policy: Path) -> str:
+    files = sorted(policy.glob("*.safetensors"))
+    assert files, f"no safetensors in {policy}"
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
+def test_a_pipeline_runs_as_one_ray_job_then_skips_and_redoes_its_stages(
+    jobs_head, head_env, private_env, tmp_path
+):
+    """Two SFT stages, the second from the first's policy: submitted as one Ray job, each stage
+    joins the job's cluster; run again with ``--from sft2`` the first is skipped and the second
+    redone (its directory renamed away) with the same bytes; run again plainly, nothing runs."""
+    root, data = tmp_path / "runs", tmp_path / "data"
+    quick = {
+        "eval.every": 3,
+        "cluster.torch_threads": 1,
+        "logging.report": False,
+        "logging.tensorboard": False,
+        "logging.progress_bar": False,
+    }
+    tree = {
+        "name": "e2e",
+        "root": str(root),
+        "demo_data": str(data),
+        "stages": [
+            {
+                "name": "sft",
+                "config": "pipeline-sft",
+                "overrides": {"iterations": 6, "data.source": "{demo_data}/sft.jsonl", **quick},
+            },
+            {
+                "name": "sft2",
+                "config": "pipeline-sft",
+                "overrides": {
+                    "iterations": 4,
+                    "model.path": "{sft.policy}",
+                    "data.source": "{demo_data}/sft.jsonl",
+                    **quick,
+                },
+            },
+        ],
+    }
+    config, names = tmp_path / "p.yaml", ("sft", "sft2")
+    config.write_text(yaml.safe_dump(tree))
+
+    def pipeline(*args: str) -> str:
+        start = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, "-m", "orchestration.pipeline", "--config", str(config), *args],
+            cwd=REPO,
+            env=head_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        print(f"pipeline {' '.join(args) or '(plain)'}: {time.perf_counter() - start:.1f} s")
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+        return out.stdout
+
+    excludes = [".venv", "runs", ".git", "*.egg-info", "__pycache__", ".pytest_cache", "data"]
+    submit = [str(VENV / "bin" / "ray"), "job", "submit", f"--address={jobs_head}"]
+    submit += ["--working-dir=.", "--runtime-env-json", json.dumps({"excludes": excludes})]
+    job = ["python", "-m", "orchestration.pipeline", f"--config={config}"]
+    out = subprocess.run(
+        [*submit, "--", *job],
+        cwd=REPO,
+        env=private_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    console = out.stdout + out.stderr
+    assert out.returncode == 0 and "succeeded" in console, console[-6000:]
+    assert "stage sft (1/2)" in console and "stage sft2 (2/2)" in console
+    assert console.count("ray: joined ") == 2  # each stage on the job's cluster, none its own
+    assert "pipeline e2e: done" in console
+    first = policy_hash(root / "sft2" / "policy")
+    summary = root / "sft" / "summary.json"
+    made = summary.stat().st_mtime_ns
+    state = json.loads((root / "pipeline.json").read_text())
+    assert [r["status"] for r in state["table"]] == ["done", "done"]
+    sft, sft2 = state["table"]
+    assert sft["before"] > sft["after"]  # the loss fell
+    # sft2 started from sft's policy ({sft.policy}), not from a fresh tiny model
+    curves = [json.loads((root / s / "summary.json").read_text())["loss_curve"] for s in names]
+    assert curves[1][0] < curves[0][0] and sft2["before"] == pytest.approx(sum(curves[1]) / 4)
+
+    out = pipeline("--from", "sft2")
+    assert "stage sft: done (" in out and "skipped" in out
+    assert summary.stat().st_mtime_ns == made
+    assert len(list(root.glob("sft2.replaced-*"))) == 1
+    # one rank on CPU, the same seed and input: the redone stage writes the same bytes
+    assert policy_hash(root / "sft2" / "policy") == first
+
+    out = pipeline()
+    assert "stage sft: done (" in out and "stage sft2: done (" in out
+    assert "python -m orchestration.train" not in out

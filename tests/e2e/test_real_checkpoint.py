@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.helpers import greedy_in_fresh_vllm
-from tests.e2e.test_run import train as run_train
+from tests.e2e.helpers import train as run_train
+from tests.helpers import TEST_CACHE
 
 pytestmark = pytest.mark.slow
 QUESTIONS = [("What is 3+4?", "7"), ("What is 2*5?", "10"), ("What is 9-6?", "3")]
@@ -35,8 +35,7 @@ def smollm2() -> str:
         if os.environ.get("RAYLIGN_REQUIRE_REAL_CHECKPOINT") == "1":  # CI: never skip this
             pytest.fail(reason)
         pytest.skip(reason)
-    cache = os.environ.get("RAYLIGN_TEST_CACHE") or os.path.expanduser("~/.cache/raylign-test")
-    return str(convert(gguf, Path(cache) / "smollm2-135m-instruct"))
+    return str(convert(gguf, TEST_CACHE / "smollm2-135m-instruct"))
 
 
 def chat_prompt_ids(tokenizer, question: str) -> list[int]:
@@ -59,9 +58,7 @@ def test_the_converted_checkpoint_is_the_real_model(smollm2):
     assert tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).startswith("3 + 4 = 7")
 
 
-def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(
-    smollm2, private_env, tmp_path
-):
+def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(smollm2, head_env, tmp_path):
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoModelForCausalLM
@@ -77,25 +74,28 @@ def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(
         f"model.path={smollm2}",
         f"data.source={data}",
         "data.max_prompt_tokens=64",
-        "data.prompts_per_iteration=4",
+        "data.prompts_per_iteration=2",
         "generator.samples_per_prompt=4",
-        "generator.max_new_tokens=24",
+        "generator.max_new_tokens=16",
         "generator.max_model_len=128",
         "iterations=2",  # iteration 1 samples the weights the first update synced
         "learner.lr=1e-4",  # a stale output head would be far off after one such step
         "learner.num_mini_batches=1",
+        # a gradient at iteration 0 whatever the rewards (two groups may all score alike)
+        "algorithm.entropy_coef=0.01",
         "reward.functions=[{name: math_answer, params: {style: last_number}}]",
         "reward.no_eos_penalty=null",
         "weight_sync.verify_checksum=true",
         "eval.source=" + str(data),  # greedy answers of the final weights, for the export check
         "eval.temperature=0",
         "eval.every=100",
+        "eval.max_prompts=3",
         "eval.max_new_tokens=12",
         f"logging.root={tmp_path}/runs",
         "logging.name=smollm2",
         "checkpoint.every=0",
     ]
-    out = run_train(args, private_env, timeout=1500)
+    out = run_train(args, head_env, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     run_dir = tmp_path / "runs" / "smollm2"
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +113,8 @@ def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(
     # The export reloads in transformers (tied) and in a fresh vLLM, and both answer as the
     # synced generators did in the final greedy evaluation.
     policy = run_dir / "policy"
-    final = pq.read_table(run_dir / "eval" / "iter_000002.parquet").to_pylist()[:3]
+    final = pq.read_table(run_dir / "eval" / "iter_000002.parquet").to_pylist()
+    assert len(final) == 3
     prompts = [r["prompt_token_ids"] for r in final]
     synced = [r["response_token_ids"] for r in final]
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
@@ -138,43 +139,19 @@ def test_grpo_on_the_real_checkpoint_keeps_vllm_on_the_learners_policy(
             assert response != beams[k - 1][1] and sum(logprobs) <= sum(beams[k - 1][2]) + 1e-4
 
 
-def test_partial_rollouts_on_the_real_checkpoint(smollm2):
-    """A weight update in the middle of a generation on SmolLM2 (tied head): the tokens before
-    it carry the old weights' log-probabilities, those after it the new weights' (transformers
-    on each), as on the tiny model matrix (``tests/actors/test_partial_rollouts.py``)."""
-    import pyarrow as pa
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.fixture(scope="module")
+def generator(smollm2):
+    """One vLLM engine on SmolLM2 for the generator tests below (each leaves it on the
+    checkpoint's own weights)."""
+    from actors.generator import PolicyGenerator
+    from actors.vllm_engine import EngineSpec
 
-    from actors.generator import SAMPLE_SEED, PolicyGenerator
-    from actors.vllm_engine import EngineSpec, Sampling
-    from tests.actors.test_partial_rollouts import assert_switched, update_mid_generation
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    ids = [chat_prompt_ids(tokenizer, q) for q, _ in QUESTIONS[:2]]
-    prompts = pa.table(
-        {
-            "prompt_id": pa.array([0, 1], pa.int64()),
-            "prompt_token_ids": pa.array(ids, pa.list_(pa.int32())),
-            SAMPLE_SEED: pa.array([5, 6], pa.int64()),
-        }
-    )
-    old = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    new = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in new.parameters():  # the tied embedding once
-            p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    generator = PolicyGenerator(
+    return PolicyGenerator(
         EngineSpec(model_path=smollm2, max_model_len=256, kv_cache_bytes=128 << 20)
     )
-    sampling = Sampling(n=2, max_new_tokens=32, ignore_eos=True, continue_across_updates=True)
-    out = update_mid_generation(generator, 1, new.state_dict(), prompts, sampling)
-    assert out["generation_running_after_update"]
-    assert_switched(out["table"], old, new, 32, 1e-3)
 
 
-def test_episodes_on_the_real_checkpoint_follow_its_chat_template(smollm2):
+def test_episodes_on_the_real_checkpoint_follow_its_chat_template(smollm2, generator):
     """A two-turn episode on SmolLM2: the observation goes in as the chat template's tool turn
     and the next assistant prompt (closing the model's turn first if it did not stop by itself),
     so the episode's text is the template's rendering of the conversation; every model token
@@ -185,10 +162,10 @@ def test_episodes_on_the_real_checkpoint_follow_its_chat_template(smollm2):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.generator import SAMPLE_SEED, PolicyGenerator
-    from actors.vllm_engine import EngineSpec, Sampling
+    from actors.generator import SAMPLE_SEED
+    from actors.vllm_engine import Sampling
     from rollout import schema as S
-    from tests.actors.test_episodes import OBSERVATION, TWO_TURNS, sequence_logprobs
+    from tests.actors.helpers import OBSERVATION, TWO_TURNS, token_logprobs
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     questions = [q for q, _ in QUESTIONS[:2]]
@@ -201,9 +178,6 @@ def test_episodes_on_the_real_checkpoint_follow_its_chat_template(smollm2):
             SAMPLE_SEED: pa.array([5, 6], pa.int64()),
             "label": ["a", "b"],
         }
-    )
-    generator = PolicyGenerator(
-        EngineSpec(model_path=smollm2, max_model_len=256, kv_cache_bytes=128 << 20)
     )
     spec = dataclasses.replace(TWO_TURNS, max_tokens=128)
     table = generator.generate(prompts, Sampling(n=2, max_new_tokens=16, episodes=spec))
@@ -223,9 +197,42 @@ def test_episodes_on_the_real_checkpoint_follow_its_chat_template(smollm2):
             conversation, tokenize=False, add_generation_prompt=True
         )
         assert tokenizer.decode(row[S.PROMPT_TOKEN_IDS] + response[:end]) == rendered
-        ids = row[S.PROMPT_TOKEN_IDS] + response
-        with torch.no_grad():
-            expected = sequence_logprobs(model, ids, len(row[S.PROMPT_TOKEN_IDS]))
+        expected = token_logprobs(model, row[S.PROMPT_TOKEN_IDS], response)
         got = torch.tensor(row[S.ROLLOUT_LOGPROBS])
         model_tokens = torch.tensor(mask) > 0
         assert torch.allclose(got[model_tokens], expected[model_tokens], atol=1e-3)
+
+
+def test_partial_rollouts_on_the_real_checkpoint(smollm2, generator):
+    """A weight update in the middle of a generation on SmolLM2 (tied head): the tokens before
+    it carry the old weights' log-probabilities, those after it the new weights' (transformers
+    on each), as on the tiny model matrix (``tests/actors/test_partial_rollouts.py``)."""
+    import pyarrow as pa
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.generator import SAMPLE_SEED
+    from actors.vllm_engine import Sampling
+    from tests.actors.helpers import assert_switched, update_mid_generation
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    ids = [chat_prompt_ids(tokenizer, q) for q, _ in QUESTIONS[:2]]
+    prompts = pa.table(
+        {
+            "prompt_id": pa.array([0, 1], pa.int64()),
+            "prompt_token_ids": pa.array(ids, pa.list_(pa.int32())),
+            SAMPLE_SEED: pa.array([5, 6], pa.int64()),
+        }
+    )
+    old = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    new = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in new.parameters():  # the tied embedding once
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    sampling = Sampling(n=2, max_new_tokens=32, ignore_eos=True, continue_across_updates=True)
+    assert generator.weight_version() == 0  # (the episodes test leaves the weights as they are)
+    out = update_mid_generation(generator, 1, new.state_dict(), prompts, sampling)
+    generator.update_weights(2, old.state_dict())  # the checkpoint's own weights again
+    assert out["generation_running_after_update"]
+    assert_switched(out["table"], old, new, 32, 1e-3)

@@ -17,10 +17,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from tests.e2e.test_run import train
+from tests.e2e.helpers import assert_same_iteration, by_iteration, train
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +36,6 @@ ARGS = [
     "logging.ray_metrics=false",
     "logging.report=false",
 ]
-SAME = ["rollout/weight_version", "data/epoch", "reward/score_mean", "rollout/samples"]
-CLOSE = ["actor/pg_loss", "actor/kl_ref", "actor/entropy", "actor/grad_norm", "actor/clipfrac"]
 
 
 def run(env, root: Path, name: str, iterations: int, *extra: str) -> str:
@@ -50,33 +47,12 @@ def run(env, root: Path, name: str, iterations: int, *extra: str) -> str:
     return out.stdout
 
 
-def history(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["iteration"]: r for r in map(json.loads, lines)}
-
-
-def assert_same_iteration(a: Path, b: Path, k: int) -> None:
-    ha, hb = history(a)[k], history(b)[k]
-    for key in SAME:
-        assert ha[key] == hb[key], (k, key)
-    for key in CLOSE:
-        assert hb[key] == pytest.approx(ha[key], rel=1e-5, abs=1e-8), (k, key)
-    ra = pq.read_table(a / "rollouts" / f"iter_{k:06d}.parquet").to_pydict()
-    rb = pq.read_table(b / "rollouts" / f"iter_{k:06d}.parquet").to_pydict()
-    for column in ("prompt_id", "dataset_row", "sample_seed", "response_token_ids", "score"):
-        assert ra[column] == rb[column], (k, column)
-    for column in ("rollout_logprobs", "old_logprobs", "advantages"):
-        x = np.concatenate([np.asarray(v, np.float64) for v in ra[column]])
-        y = np.concatenate([np.asarray(v, np.float64) for v in rb[column]])
-        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7, err_msg=f"{k} {column}")
-
-
-def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(private_env, tmp_path):
+def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(head_env, tmp_path):
     root = tmp_path / "runs"
-    run(private_env, root, "whole", 4)
+    run(head_env, root, "whole", 4)
     whole, parts = root / "whole", root / "parts"
 
-    run(private_env, root, "parts", 2)  # stops after iteration 1, at the end of epoch 0
+    run(head_env, root, "parts", 2)  # stops after iteration 1, at the end of epoch 0
     assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == [
         "iter_000000",
         "iter_000001",
@@ -88,13 +64,13 @@ def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(private_env, 
     (torn / "COMMITTED").unlink()
     (torn / "driver.json").write_text("{torn")
 
-    out = run(private_env, root, "parts", 3, "resume=auto")
+    out = run(head_env, root, "parts", 3, "resume=auto")
     assert f"resume: ignoring {torn}: not committed" in out
     assert "resume: continuing after iteration 1 from" in out and "iter_000001" in out
-    assert history(parts)[2]["data/epoch"] == 1.5  # iteration 2 drew epoch 1's first half
+    assert by_iteration(parts)[2]["data/epoch"] == 1.5  # iteration 2 drew epoch 1's first half
     assert_same_iteration(whole, parts, 2)  # resumed at the epoch boundary
 
-    out = run(private_env, root, "parts", 4, "resume=auto")
+    out = run(head_env, root, "parts", 4, "resume=auto")
     assert "resume: continuing after iteration 2" in out
     assert_same_iteration(whole, parts, 3)  # resumed mid-epoch
 
@@ -102,7 +78,7 @@ def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(private_env, 
     # position of the uninterrupted run, and its final weights.
     lines = (parts / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3]
-    assert history(parts)[3]["data/epoch"] == history(whole)[3]["data/epoch"] == 2.0
+    assert by_iteration(parts)[3]["data/epoch"] == by_iteration(whole)[3]["data/epoch"] == 2.0
     assert (
         json.loads((parts / "checkpoints" / "iter_000003" / "driver.json").read_text())[
             "weight_version"
@@ -124,14 +100,14 @@ def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(private_env, 
     before = (parts / "metrics.jsonl").read_text()
     args = [*ARGS, "iterations=5", f"logging.root={root}", "logging.name=parts"]
     out = train(
-        [*args, "resume=auto", "learner.lr=1e-3", "generator.samples_per_prompt=2"], private_env
+        [*args, "resume=auto", "learner.lr=1e-3", "generator.samples_per_prompt=2"], head_env
     )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "iter_000003 was written with a different config:" in out.stderr
     assert "learner.lr: 0.0005 -> 0.001" in out.stderr
     assert "generator.samples_per_prompt: 4 -> 2" in out.stderr
     assert "start a new run (another logging.name)" in out.stderr
-    out = train(args, private_env)
+    out = train(args, head_env)
     assert out.returncode == 2
     assert "exists: continue that run with resume=auto" in out.stderr
     assert (parts / "metrics.jsonl").read_text() == before

@@ -1,91 +1,25 @@
-"""The reward service in real runs on a local Ray: a remote reward served by Ray Serve (and its
-outage), reference baselines, dynamic sampling, offline prompt filtering, and a learned reward
-model driving PPO."""
+"""The reward service in real runs, on the session's Ray head: reference baselines, dynamic
+sampling and a learned reward model driving PPO (its one full learning proof); offline prompt
+filtering on an embedded Ray. (A run scored by the Ray Serve reward service, and its outage:
+``tests/reward_service/test_server.py``, on that module's Serve.)"""
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
-from ray import serve
 
-from orchestration.config import load_config
-from orchestration.loop import start_loop
-from orchestration.placement import start_actors
-from orchestration.prepare import prepare
-from orchestration.sampler import PromptSampler
-from reward_service.server import build_app
-from tests.e2e.test_run import check_run_health, finished, train
+from tests.e2e.helpers import check_run_health, finished, train
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-TOKEN_ENV = "RAYLIGN_E2E_REWARD_TOKEN"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_run_scored_by_the_serve_reward_service_survives_its_outage(
-    private_env, monkeypatch, tmp_path
-):
-    monkeypatch.setenv(TOKEN_ENV, "e2e-token")  # before ray.init: Serve's replicas inherit it
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/score"
-    cfg = load_config(
-        "demo",
-        [
-            "reward.functions=[]",
-            f"reward.remote=[{{name: remote, url: '{url}', token_env: {TOKEN_ENV}, "
-            "read_timeout_s: 5, max_retries: 1, backoff_s: 0.1}]",
-            "reward.monitors=[{name: exact_integer}]",  # the same function, computed locally
-            "reward.no_eos_penalty=null",
-            "iterations=3",
-            f"logging.root={tmp_path}",
-        ],
-    )
-    ray.init(num_cpus=4, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({"functions": "exact_integer", "token_env": TOKEN_ENV})
-        serve.run(app, name="reward", route_prefix="/score")
-        prep = prepare(cfg, "demo")
-        actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
-        trainer = start_loop(cfg, actors, PromptSampler(prep.prompts, 0), prep)
-        samples = cfg.data.prompts_per_iteration * cfg.generator.samples_per_prompt
-
-        served = trainer.iteration()
-        assert served["reward/remote/unscorable"] == 0
-        # The service scored the very responses the local monitor scored, with the same function.
-        assert served["reward/remote/mean"] == pytest.approx(served["reward/exact_integer/mean"])
-        assert served["reward/score_mean"] == pytest.approx(served["reward/exact_integer/mean"])
-
-        serve.delete("reward")  # the reward service goes away mid-run
-        outage = trainer.iteration()
-        assert outage["reward/remote/unscorable"] == samples
-        assert outage["reward/unscorable"] == samples
-        assert outage["reward/remote/failed_batches"] >= 1
-        assert outage["rollout/weight_version"] == 1  # ... and the run went on
-
-        serve.run(app, name="reward", route_prefix="/score")
-        back = trainer.iteration()
-        assert back["reward/remote/unscorable"] == 0
-        assert back["reward/remote/mean"] == pytest.approx(back["reward/exact_integer/mean"])
-        assert trainer.version == 3
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-def test_reference_baseline_centres_the_reference_policys_own_scores(private_env, tmp_path):
+def test_reference_baseline_centres_the_reference_policys_own_scores(head_env, tmp_path):
     # The learned reward model scores the untrained policy far below zero; at iteration 0 the
     # policy *is* the reference, so after subtracting the baseline its scores average ~0.
     out = train(
@@ -97,7 +31,7 @@ def test_reference_baseline_centres_the_reference_policys_own_scores(private_env
             "reward.reference_baseline_samples=16",
             f"logging.root={tmp_path / 'runs'}",
         ],
-        private_env,
+        head_env,
     )
     summary, (first,) = finished(out, tmp_path / "runs")
     assert "reference baseline: 25 prompts" in out.stdout
@@ -108,7 +42,7 @@ def test_reference_baseline_centres_the_reference_policys_own_scores(private_env
     assert abs(first["reward/score_mean"]) < abs(first["reward/raw_mean"]) / 4
 
 
-def test_dynamic_sampling_refills_every_batch_to_full_size(private_env, tmp_path):
+def test_dynamic_sampling_refills_every_batch_to_full_size(head_env, tmp_path):
     # 4 samples per prompt: an untrained policy gives many groups with equal scores.
     out = train(
         [
@@ -119,7 +53,7 @@ def test_dynamic_sampling_refills_every_batch_to_full_size(private_env, tmp_path
             "reward.dynamic_sampling.enabled=true",
             f"logging.root={tmp_path / 'runs'}",
         ],
-        private_env,
+        head_env,
     )
     _, history = finished(out, tmp_path / "runs")
     check_run_health(history)
@@ -131,6 +65,8 @@ def test_dynamic_sampling_refills_every_batch_to_full_size(private_env, tmp_path
 
 
 def test_offline_filter_keeps_only_prompts_whose_rewards_vary(private_env, tmp_path):
+    """With no cluster address the command starts a Ray of its own, dashboard included (the
+    embedded Ray every entry point falls back to: this is the test of that path)."""
     kept = tmp_path / "kept.jsonl"
     out = subprocess.run(
         [
@@ -160,15 +96,16 @@ def test_offline_filter_keeps_only_prompts_whose_rewards_vary(private_env, tmp_p
     assert len(rows) == sum(s["kept"] for s in stats)
     assert {"prompt", "label"} <= set(rows[0])
     assert f"kept {len(rows)} of 25 prompts" in out.stdout
+    assert "ray: embedded; dashboard: http://127.0.0.1:" in out.stdout
     # The kept file is a dataset a run can use as it is.
     assert not np.isnan([s["reward_mean"] for s in stats]).any()
 
 
 def test_a_learned_reward_model_drives_ppo_and_the_rule_metric_it_never_saw_improves(
-    private_env, tmp_path
+    head_env, tmp_path
 ):
     root = tmp_path / "runs"
-    out = train(["--config", "demo-rm", "iterations=150", f"logging.root={root}"], private_env)
+    out = train(["--config", "demo-rm", "iterations=150", f"logging.root={root}"], head_env)
     summary, history = finished(out, root)
     check_run_health(history)
     (run_dir,) = [p for p in root.iterdir() if p.is_dir()]

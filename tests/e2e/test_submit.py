@@ -4,77 +4,30 @@ the Jobs API itself: a job posted without the token is refused (401), the same j
 
 No run trains here: the failing job stops at its dataset check, the demo runs are stopped during
 their setup, and the token check's job only prints, so the module stays about a minute on two
-cores. The head is stopped by killing its own processes, never with `ray stop` (which kills every
-Ray process on the machine, other sessions' too).
+cores. The head is the session's jobs head (``tests/e2e/conftest.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent  # the environment running the tests
 SUBMIT = [sys.executable, "-m", "orchestration.submit"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def address(tmp_path_factory) -> str:
-    """One Ray head for the module, with token auth (conftest's RAY_AUTH_MODE and token file),
-    its own HOME and short TMPDIR, and this environment's python on PATH for the jobs."""
-    tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # Ray's socket paths must fit in 107 bytes
-    env = dict(os.environ) | {
-        "HOME": str(tmp_path_factory.mktemp("head-home")),
-        "TMPDIR": tmp,
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    env.pop("RAY_ADDRESS", None)
-    port = free_port()
-    ray = [str(VENV_BIN / "ray")]
-    start = ray + ["start", "--head", "--port", "0", "--dashboard-host", "127.0.0.1"]
-    start += ["--dashboard-port", str(port), "--num-cpus", "2", "--disable-usage-stats"]
-    try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        kill_head(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def kill_head(tmp: str) -> None:
-    """Kill the head started with TMPDIR=``tmp`` and everything it started, nothing else. Ray's
-    daemons carry ``tmp`` on their command lines; workers and job drivers descend from them."""
-    import psutil
-
-    own = {}
-    for p in psutil.process_iter(["cmdline"]):
-        if p.pid != os.getpid() and any(tmp in arg for arg in p.info["cmdline"] or ()):
-            own[p.pid] = p
-    for p in list(own.values()):
-        with contextlib.suppress(psutil.Error):
-            own |= {c.pid: c for c in p.children(recursive=True)}
-    for p in own.values():
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(list(own.values()), timeout=30)
+@pytest.fixture
+def address(jobs_head) -> str:
+    """The session's Ray head with the Jobs API (``tests/e2e/conftest.py``)."""
+    return jobs_head
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The reward service as a real Ray Serve application on a local Ray, called over HTTP by the real
-client: scores, auth, bad requests, and a replica that refuses to start without its token.
+client: scores, auth, bad requests, a replica that refuses to start without its token, and a
+real run it scores, through an outage.
 
 One Ray and one Serve for the module (starting them is most of the time). ``private_env`` is
 function-scoped, so the module fixture gives itself the same private HOME and short TMPDIR.
@@ -20,17 +21,12 @@ from ray import serve
 
 from reward_service.remote import RemoteRewardClient, RemoteSpec
 from reward_service.server import MAX_BODY_BYTES, build_app, deploy_failure
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 
 TOKEN_ENV = "RAYLIGN_TEST_SERVER_TOKEN"
 TOKEN = "server-test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,8 @@ def server(tmp_path_factory) -> Iterator[str]:
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.setenv(TOKEN_ENV, TOKEN)  # before ray.init: the replicas inherit this environment
         port = free_port()
-        ray.init(num_cpus=2, include_dashboard=False)
+        # (4 logical CPUs: the run at the end of the module places its actors beside Serve's)
+        ray.init(num_cpus=4, include_dashboard=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             app = build_app({"functions": "exact_integer", "token_env": TOKEN_ENV})
@@ -216,3 +213,55 @@ def test_a_malformed_serve_answer_gives_unscorable_samples(server, monkeypatch):
     assert metrics["reward/odd/failed_batches"] == 1
     assert metrics["reward/odd/retries"] == 0  # a malformed body is not retried
     serve.delete("malformed")
+
+
+def test_a_run_scored_by_the_serve_reward_service_survives_its_outage(server, tmp_path):
+    """A real run (the demo's actors on this module's Ray) scored by the service: the served
+    scores equal the same function's computed locally; with the service gone mid-run every
+    sample is unscorable and the run goes on; back, it scores again. (Last in the module: it
+    takes the app down and puts it back.)"""
+    from orchestration.config import load_config
+    from orchestration.loop import start_loop
+    from orchestration.placement import start_actors
+    from orchestration.prepare import prepare
+    from orchestration.sampler import PromptSampler
+
+    cfg = load_config(
+        "demo",
+        [
+            "reward.functions=[]",
+            f"reward.remote=[{{name: remote, url: '{server}/score', token_env: {TOKEN_ENV}, "
+            "read_timeout_s: 5, max_retries: 1, backoff_s: 0.1}]",
+            "reward.monitors=[{name: exact_integer}]",  # the same function, computed locally
+            "reward.no_eos_penalty=null",
+            "iterations=3",
+            f"logging.root={tmp_path}",
+        ],
+    )
+    prep = prepare(cfg, "demo")
+    actors = start_actors(cfg, prep.model_path, prep.pad_token_id)
+    try:
+        trainer = start_loop(cfg, actors, PromptSampler(prep.prompts, 0), prep)
+        samples = cfg.data.prompts_per_iteration * cfg.generator.samples_per_prompt
+
+        served = trainer.iteration()
+        assert served["reward/remote/unscorable"] == 0
+        # The service scored the very responses the local monitor scored, with the same function.
+        assert served["reward/remote/mean"] == pytest.approx(served["reward/exact_integer/mean"])
+        assert served["reward/score_mean"] == pytest.approx(served["reward/exact_integer/mean"])
+
+        serve.delete("reward")  # the reward service goes away mid-run
+        outage = trainer.iteration()
+        assert outage["reward/remote/unscorable"] == samples
+        assert outage["reward/unscorable"] == samples
+        assert outage["reward/remote/failed_batches"] >= 1
+        assert outage["rollout/weight_version"] == 1  # ... and the run went on
+
+        app = build_app({"functions": "exact_integer", "token_env": TOKEN_ENV})
+        serve.run(app, name="reward", route_prefix="/score")
+        back = trainer.iteration()
+        assert back["reward/remote/unscorable"] == 0
+        assert back["reward/remote/mean"] == pytest.approx(back["reward/exact_integer/mean"])
+        assert trainer.version == 3
+    finally:
+        actors.release()
