@@ -63,6 +63,18 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def eager_sampler_here() -> None:
+    """On CPU, vLLM's torch.compile'd sampler helper (the token ranks behind log-probabilities)
+    runs eagerly in the calling thread. vLLM compiles it enforce_eager or not: the first request
+    traced and compiled it, 2-3 s with a warm inductor cache and 8-16 s with a cold one (each
+    new TMPDIR); the eager op costs nothing. Torch keeps this setting per thread, and Ray runs
+    an actor's methods on threads of its own, so every call into vLLM sets it first."""
+    if on_cpu():
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True
+
+
 class VLLMEngine:
     """A vLLM ``LLM`` that generates from token ids and takes new weights in place."""
 
@@ -74,14 +86,8 @@ class VLLMEngine:
         from vllm import LLM
 
         kwargs = {}
+        eager_sampler_here()
         if on_cpu():
-            # vLLM wraps a sampler helper (the token ranks behind log-probabilities) in
-            # torch.compile, enforce_eager or not: its first request traced and compiled it,
-            # 2 s with a warm inductor cache and 8-16 s with a cold one (each new TMPDIR). On CPU
-            # the eager op costs nothing, and nothing else in this process compiles.
-            import torch._dynamo
-
-            torch._dynamo.config.disable = True
             kwargs |= {
                 "distributed_executor_backend": "uni",
                 "kv_cache_memory_bytes": spec.kv_cache_bytes,
@@ -122,6 +128,7 @@ class VLLMEngine:
         for the samples of prompt ``i`` (the caller maps them back to its ids). With ``seeds``,
         prompt ``i`` samples from its own generator seeded ``seeds[i]`` (vLLM gives its j-th
         sample ``seeds[i] + j``): the same tokens whichever replica, batch or restart serves it."""
+        eager_sampler_here()
         from vllm import SamplingParams
 
         def params(seed: int | None) -> SamplingParams:
@@ -187,6 +194,7 @@ class VLLMEngine:
         Sample ``j`` of prompt ``i`` is its own request seeded ``seeds[i] + j`` (as vLLM seeds
         the samples of :meth:`generate`); a continuation draws from a new seed derived from
         that one and the tokens it already has, so no random draw is reused."""
+        eager_sampler_here()
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -336,6 +344,7 @@ class VLLMEngine:
         ``"abort"``. Every prompt gets ``width`` distinct beams (fewer only when vLLM aborted
         its request).
         """
+        eager_sampler_here()
         from vllm.sampling_params import BeamSearchParams
 
         # vLLM scores 2 * width candidates per step (HF's choice), as log-probabilities: the

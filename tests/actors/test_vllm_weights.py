@@ -113,3 +113,29 @@ def test_a_stale_output_head_is_detected_and_refused(family_models, monkeypatch)
     monkeypatch.undo()
     generator.update_weights(1, params)
     assert mismatch(generator, hf) < 1e-4
+
+
+def test_generation_on_any_thread_runs_the_sampler_eagerly(family_models):
+    # Ray runs an actor's methods on threads of its own, and torch keeps the "no compile"
+    # setting per thread: generating there traced and compiled vLLM's sampler helper (2-3 s of
+    # every run's first iteration).
+    import pyarrow as pa
+    from torch._dynamo.utils import counters
+
+    generator = start(next(iter(family_models.values())))
+    torch._dynamo.reset()  # nothing compiled before, by any thread
+    before = sum(counters["frames"].values())
+    prompts = pa.table(
+        {
+            "prompt_id": pa.array([0], pa.int64()),
+            "prompt_token_ids": pa.array([[3, 5, 7]], pa.list_(pa.int32())),
+        }
+    )
+    tables = []
+    thread = threading.Thread(
+        target=lambda: tables.append(generator.generate(prompts, Sampling(n=2, max_new_tokens=4)))
+    )
+    thread.start()
+    thread.join()
+    assert tables and tables[0].num_rows == 2
+    assert sum(counters["frames"].values()) == before  # dynamo saw no frame
