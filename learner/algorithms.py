@@ -3,7 +3,7 @@
 Imports torch only (a test checks that ray, deepspeed and vllm stay unimported), so every formula
 here runs and is tested on CPU without the distributed stack.
 
-Conventions (``shared/TECHNIQUES.md``):
+Conventions:
 
 1. Per-token tensors are ``(B, T)`` over response tokens with a right-padded ``response_mask``
    (1/True on real tokens). Per-sequence tensors are ``(B,)``.

@@ -1,7 +1,7 @@
 """Off-policy correction: importance weights between the policy that sampled and the one the
 update starts from (pure torch; re-exported by ``learner.algorithms``).
 
-Three policies meet in an update (``shared/TECHNIQUES.md``): the behaviour policy ``mu`` that
+Three policies meet in an update: the behaviour policy ``mu`` that
 sampled the tokens (vLLM's ``rollout_logprobs``), the proximal policy ``pi_old`` (the learner's
 own recomputation at the start of the update, ``old_logprobs``) and the current ``pi``. The PPO
 ratio and its clip are always taken around ``pi_old`` (``learner.losses.policy_loss``); this

@@ -1,7 +1,7 @@
 """The rollout table's columns and their Arrow types, in one place.
 
 One ``pyarrow.Table`` per batch, one row per sample, variable-length lists instead of padding
-(see ``shared/DESIGN.md``, "The rollout contract"). Each stage appends columns; none rewrites one.
+(the README's "The rollout contract"). Each stage appends columns; none rewrites one.
 
 Who writes what:
 
