@@ -80,6 +80,24 @@ STAGES = [
 ]
 
 
+def pipeline(config: Path, env: dict[str, str], *args: str) -> str:
+    """``python -m orchestration.pipeline --config <config> *args``, which must succeed: its
+    console (stdout and stderr)."""
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestration.pipeline", f"--config={config}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    print(f"pipeline {' '.join(args) or '(plain)'}: {time.perf_counter() - start:.1f} s")
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-6000:]
+    return console
+
+
 def test_sft_then_dpo_reward_model_and_ppo_with_ptx_as_one_pipeline(head_env, tmp_path):
     data, root = tmp_path / "data", tmp_path / "runs"
     write_pipeline_data(["--out", str(data), "--max-operand", "4"])
@@ -95,16 +113,7 @@ def test_sft_then_dpo_reward_model_and_ppo_with_ptx_as_one_pipeline(head_env, tm
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     (root / "sft" / "summary.json").unlink()
 
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestration.pipeline", f"--config={config}"],
-        cwd=REPO,
-        env=head_env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    console = out.stdout + out.stderr
-    assert out.returncode == 0, console[-6000:]
+    console = pipeline(config, head_env)
     record = json.loads((root / "pipeline.json").read_text())
     assert {name: s["status"] for name, s in record["stages"].items()} == dict.fromkeys(
         ("sft", "dpo", "rm", "ppo"), "done"
@@ -207,20 +216,6 @@ def test_a_pipeline_runs_as_one_ray_job_then_skips_and_redoes_its_stages(
     config, names = tmp_path / "p.yaml", ("sft", "sft2")
     config.write_text(yaml.safe_dump(tree))
 
-    def pipeline(*args: str) -> str:
-        start = time.perf_counter()
-        out = subprocess.run(
-            [sys.executable, "-m", "orchestration.pipeline", "--config", str(config), *args],
-            cwd=REPO,
-            env=head_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        print(f"pipeline {' '.join(args) or '(plain)'}: {time.perf_counter() - start:.1f} s")
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-        return out.stdout
-
     excludes = [".venv", "runs", ".git", "*.egg-info", "__pycache__", ".pytest_cache", "data"]
     submit = [str(VENV / "bin" / "ray"), "job", "submit", f"--address={jobs_head}"]
     submit += ["--working-dir=.", "--runtime-env-json", json.dumps({"excludes": excludes})]
@@ -249,13 +244,13 @@ def test_a_pipeline_runs_as_one_ray_job_then_skips_and_redoes_its_stages(
     curves = [json.loads((root / s / "summary.json").read_text())["loss_curve"] for s in names]
     assert curves[1][0] < curves[0][0] and sft2["before"] == pytest.approx(sum(curves[1]) / 4)
 
-    out = pipeline("--from", "sft2")
+    out = pipeline(config, head_env, "--from", "sft2")
     assert "stage sft: done (" in out and "skipped" in out
     assert summary.stat().st_mtime_ns == made
     assert len(list(root.glob("sft2.replaced-*"))) == 1
     # one rank on CPU, the same seed and input: the redone stage writes the same bytes
     assert policy_hash(root / "sft2" / "policy") == first
 
-    out = pipeline()
+    out = pipeline(config, head_env)
     assert "stage sft: done (" in out and "stage sft2: done (" in out
     assert "python -m orchestration.train" not in out

@@ -40,7 +40,7 @@ def test_rollout_imports_no_role_and_no_distributed_stack():
 
 
 def test_reward_service_imports_no_other_role_and_no_distributed_stack():
-    # DESIGN.md: reward_service may import rollout, torch and transformers; Ray only where it
+    # The layering: reward_service may import rollout, torch and transformers; Ray only where it
     # serves (reward_service.server), which this does not import.
     mods = imported_after(
         "import reward_service.scorer, reward_service.reward_model, reward_service.shaping, "
