@@ -99,6 +99,7 @@ class PolicyGenerator:
         self._engine_lock = threading.Lock()  # one user of the engine at a time
         self._handoff_lock = threading.Lock()  # guards the two below
         self._takes_updates = False  # a generation that continues across updates runs
+        self._generating = False  # a generation holds the engine
         self._served = threading.Condition()  # notified when the version served changes
         self._handoff: _Handoff | None = None  # a load waiting for that generation's next step
         self._environments: dict[str, tuple] = {}  # episodes: environment and format per spec
@@ -121,11 +122,12 @@ class PolicyGenerator:
         with self._engine_lock:
             with self._handoff_lock:
                 self._takes_updates = takes_updates
+                self._generating = True
             try:
                 yield
             finally:
                 with self._handoff_lock:
-                    self._takes_updates = False
+                    self._takes_updates = self._generating = False
                     late, self._handoff = self._handoff, None
                 if late is not None:  # asked for after the generation's last step
                     late.run()
@@ -399,6 +401,11 @@ class PolicyGenerator:
         import os
 
         return os.getpid()
+
+    @ray.method(concurrency_group=QUERIES)
+    def generating(self) -> bool:
+        """Whether a generation holds the engine now (one asked for meanwhile waits)."""
+        return self._generating
 
     @ray.method(concurrency_group=QUERIES)
     def weight_version(self) -> int:

@@ -23,6 +23,7 @@ from rollout import schema as S
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 120  # the tiny model has 128 positions
+ROWS = 32  # prompts per generation: 120 steps of 32 samples per replica outlast an update
 
 
 class WeightsHolder:
@@ -59,6 +60,16 @@ def prompts(rows: int) -> pa.Table:
     )
 
 
+def under_way(gens, timeout: float = 60.0) -> None:
+    """Until every replica is generating (a task's start takes its time on a busy machine)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while not all(ray.get([g.generating.remote() for g in gens], timeout=timeout)):
+        assert time.monotonic() < deadline, "the generations did not start"
+        time.sleep(0.005)
+
+
 def test_a_weight_update_reaches_generations_under_way_on_every_replica(ray_driver, tiny_model):
     from orchestration.generators import Faults, GeneratorPool
     from orchestration.sync import WeightSync
@@ -79,16 +90,18 @@ def test_a_weight_update_reaches_generations_under_way_on_every_replica(ray_driv
     continuing = Sampling(
         n=2, max_new_tokens=NEW_TOKENS, ignore_eos=True, continue_across_updates=True
     )
-    submitted = pool.submit(prompts(6), continuing)
-    time.sleep(0.3)  # both replicas are generating (120 tokens take about a second here)
+    began = time.perf_counter()
+    submitted = pool.submit(prompts(ROWS), continuing)
+    under_way(gens)
     start = time.perf_counter()
     pool.update()
     update_s = time.perf_counter() - start
     ready, _ = ray.wait(submitted.versions, num_returns=2, timeout=0)
     assert len(ready) < 2, "the update waited for the generations"
     table = ray.get(pool.collect(submitted, continuing), timeout=300)
-    assert table.num_rows == 12 and table.column(S.PROMPT_ID).to_pylist() == [
-        i for i in range(6) for _ in range(2)
+    generation_s = time.perf_counter() - began
+    assert table.num_rows == 2 * ROWS and table.column(S.PROMPT_ID).to_pylist() == [
+        i for i in range(ROWS) for _ in range(2)
     ]
     assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {0}
     versions = table.column(S.TOKEN_VERSIONS).to_pylist()
@@ -109,8 +122,8 @@ def test_a_weight_update_reaches_generations_under_way_on_every_replica(ray_driv
     # partial_rollouts: finish: the update waits until the generations submitted before it
     # have finished, with the weights they started with.
     finishing = Sampling(n=2, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    submitted = pool.submit(prompts(6), finishing)
-    time.sleep(0.3)
+    submitted = pool.submit(prompts(ROWS), finishing)
+    under_way(gens)
     pool.update()
     ready, _ = ray.wait(submitted.versions, num_returns=2, timeout=0)
     assert len(ready) == 2
@@ -118,7 +131,10 @@ def test_a_weight_update_reaches_generations_under_way_on_every_replica(ray_driv
     assert set(table.column(S.WEIGHT_VERSION).to_pylist()) == {2}
     assert S.TOKEN_VERSIONS not in table.column_names
     assert ray.get([g.weight_version.remote() for g in gens], timeout=60) == [3, 3]
-    print(f"\npartial rollouts: the update took {update_s:.3f} s during the generations")
+    print(
+        f"\npartial rollouts: the update took {update_s:.3f} s of the generations' "
+        f"{generation_s:.2f} s"
+    )
 
 
 def test_two_replicas_dynamic_sampling_and_evaluation_run_k_ahead(head_env, tmp_path):
