@@ -43,6 +43,32 @@ def train(args: list[str], env: dict[str, str], timeout: float = 600):
     )
 
 
+def train_together(
+    runs: list[list[str]], env: dict[str, str], timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
+    """:func:`train` for each of ``runs``, side by side: two short runs on two cores take about
+    70% of the time one after the other does (their start-ups wait on each other's less than on
+    themselves: 41 s against 56 s for two 3-iteration demo runs here)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as logs:
+        started = []
+        for k, args in enumerate(runs):
+            command = [sys.executable, "-m", "orchestration.train", *args]
+            command += ["logging.progress_bar=false"]
+            out, err = Path(logs, f"{k}.out"), Path(logs, f"{k}.err")
+            with out.open("w") as o, err.open("w") as e:  # files: a long run fills a pipe
+                proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=o, stderr=e)
+            started.append((command, proc, out, err))
+        done = []
+        for command, proc, out, err in started:
+            code = proc.wait(timeout=timeout)
+            done.append(
+                subprocess.CompletedProcess(command, code, out.read_text(), err.read_text())
+            )
+        return done
+
+
 def finished(out: subprocess.CompletedProcess, root: Path) -> tuple[dict, list[dict]]:
     """The summary and history of the one run under ``root``, which must have succeeded."""
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
