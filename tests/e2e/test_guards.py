@@ -1,5 +1,5 @@
-"""Runs that go wrong, through the real entry point on the session's shared Ray head: each gets
-one clear message, its own exit code and a checkpoint, and the console stays readable.
+"""Runs that go wrong, side by side through the real entry point on the session's shared Ray head:
+each gets one clear message, its own exit code and a checkpoint, and the console stays readable.
 
 1. Reward functions that misbehave (a string return, an exception on every sample, a hang):
    every sample is unscorable and counted per function, each function is reported once with
@@ -12,12 +12,13 @@ one clear message, its own exit code and a checkpoint, and the console stays rea
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import train as run_train
+from tests.e2e.helpers import train_together
 from tests.helpers import history
 
 pytestmark = pytest.mark.slow
@@ -31,29 +32,33 @@ SMALL = [
 ]
 
 
-@pytest.fixture
-def head(head_env, tmp_path):
-    """The session's Ray head for the runs to join: (their environment, a directory for them)."""
-    return head_env, tmp_path
-
-
-def train(head, name: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
-    env, root = head
-    where = [f"logging.root={root / 'runs'}", f"logging.name={name}"]
-    return run_train([*SMALL, *where, *args], env), root / "runs" / name
-
-
-def test_misbehaving_reward_functions_are_counted_reported_once_and_stop_the_run(head):
-    functions = [M + "high", M + "always_raises", M + "always_hangs"]
-    rewards = "[" + ", ".join(f"{{name: '{f}'}}" for f in functions) + "]"
-    out, run_dir = train(
-        head,
-        "unscorable",
-        f"reward.functions={rewards}",
+FUNCTIONS = [M + "high", M + "always_raises", M + "always_hangs"]
+RUNS = {
+    "unscorable": [
+        "reward.functions=[" + ", ".join(f"{{name: '{f}'}}" for f in FUNCTIONS) + "]",
         "reward.no_eos_penalty=null",  # else a response that never stops scores 0, not null
         "reward.function_timeout_s=1",
         "reward.max_unscorable_in_a_row=2",
-    )
+    ],
+    # No real run gets within 1e-12 (fp32 kernels differ by about 1e-7): every iteration is
+    # "off-policy", which is what a broken sync looks like to the guard.
+    "mismatch": ["generator.max_logprob_mismatch=1e-12", "generator.max_mismatch_in_a_row=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(shared_head, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Both runs, side by side on the session's Ray head: name -> (process, run directory)."""
+    root = tmp_path_factory.mktemp("guards")
+    (root / "home").mkdir()
+    env = os.environ | {"HOME": str(root / "home"), "RAY_ADDRESS": shared_head["RAY_ADDRESS"]}
+    where = {name: [f"logging.root={root / 'runs'}", f"logging.name={name}"] for name in RUNS}
+    done = train_together([[*SMALL, *where[name], *args] for name, args in RUNS.items()], env)
+    return {name: (out, root / "runs" / name) for name, out in zip(RUNS, done, strict=True)}
+
+
+def test_misbehaving_reward_functions_are_counted_reported_once_and_stop_the_run(runs):
+    out, run_dir = runs["unscorable"]
     console = out.stdout + out.stderr
     assert out.returncode == 5, console[-4000:]
     # The stop names every function with its first error, and says what was kept.
@@ -79,7 +84,7 @@ def test_misbehaving_reward_functions_are_counted_reported_once_and_stop_the_run
     checkpoint = run_dir / "checkpoints" / "iter_000001"
     assert f"(checkpoint: {checkpoint})" in error and (checkpoint / "COMMITTED").is_file()
     # One message per function per run, no traceback per sample or per iteration.
-    for f in functions:
+    for f in FUNCTIONS:
         assert console.count(f"warning: reward function '{f}' failed") == 1, f
     assert "Traceback" not in console
     assert console.count("no sample could be scored (1 of 2 in a row") == 1
@@ -87,7 +92,7 @@ def test_misbehaving_reward_functions_are_counted_reported_once_and_stop_the_run
     records = history(run_dir)
     assert [r["reward/unscorable_fraction"] for r in records] == [1.0, 1.0]
     for r in records:
-        assert all(r[f"reward/errors/{f}"] == 16 for f in functions)
+        assert all(r[f"reward/errors/{f}"] == 16 for f in FUNCTIONS)
     # The quiet console: vLLM's per-sync note and start-up advice went to the logs only.
     assert "RotaryEmbedding" not in console and "LD_PRELOAD" not in console
     generator_log = (run_dir / "logs" / "generator-0.log").read_text()
@@ -95,15 +100,8 @@ def test_misbehaving_reward_functions_are_counted_reported_once_and_stop_the_run
     assert "LD_PRELOAD" in generator_log
 
 
-def test_generators_off_the_policy_warn_then_stop_the_run(head):
-    # No real run gets within 1e-12 (fp32 kernels differ by about 1e-7): every iteration is
-    # "off-policy", which is what a broken sync looks like to the guard.
-    out, run_dir = train(
-        head,
-        "mismatch",
-        "generator.max_logprob_mismatch=1e-12",
-        "generator.max_mismatch_in_a_row=2",
-    )
+def test_generators_off_the_policy_warn_then_stop_the_run(runs):
+    out, run_dir = runs["mismatch"]
     console = out.stdout + out.stderr
     assert out.returncode == 4, console[-4000:]
     (warning,) = [line for line in console.splitlines() if line.startswith("warning: iteration")]
