@@ -15,7 +15,7 @@ from actors.generator import actor_class as generator_actor_class
 from actors.learner_actor import LearnerActor
 from actors.reference import ReferenceModel
 from learner.weight_sync import SyncPlan
-from orchestration import calls, specs
+from orchestration import calls, reward_stage, specs
 from orchestration.config import RunConfig
 from orchestration.resources import PlacementPlan, Slot, check_fit, plan_placement
 from reward_service.reward_model import RewardModelScorer
@@ -203,6 +203,7 @@ def start_actors(
     paths); others load from their configured path."""
     timeout = cfg.cluster.call_timeout_s
     plan, groups = reserve(cfg)
+    warm = reward_stage.warm_worker.remote()
     generators = start_generators(cfg, model_path, plan, groups)
     scorers = start_scorers(cfg, model_path, reward_model_paths or {}, plan, groups)
     reference = None
@@ -215,7 +216,7 @@ def start_actors(
     learners = start_learners(cfg, model_path, pad_token_id, plan, groups)
     calls.wait([g.weight_version.remote() for g in generators], "start generators", timeout)
     ready = [a.__ray_ready__.remote() for a in [*scorers, *([reference] if reference else [])]]
-    calls.wait(ready, "start reward and reference actors", timeout)
+    calls.wait([*ready, warm], "start reward and reference actors", timeout)
     actors = Actors(
         generators=generators,
         scorers=scorers,
