@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +24,29 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sampled(shared_head, tmp_path_factory):
+def filtered(tmp_path_factory):
+    """The offline filter, started in the background (its Ray is its own, embedded): (process,
+    its stdout file, the kept file)."""
+    root = tmp_path_factory.mktemp("filtered")
+    tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths
+    (root / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"HOME": str(root / "home"), "TMPDIR": tmp}
+    kept, stdout = root / "kept.jsonl", root / "stdout.txt"
+    command = [sys.executable, "-m", "orchestration.filter_prompts", "--config", "demo"]
+    command += ["--samples", "4", "--out", str(kept), f"logging.root={root / 'runs'}"]
+    with stdout.open("w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    yield proc, stdout, kept
+    proc.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sampled(shared_head, filtered, tmp_path_factory):
     """A short GRPO run with dynamic sampling, on a user's dataset: Parquet with its own field
-    names and one row without a prompt. (summary, history, stdout)"""
+    names and one row without a prompt; the offline filter runs beside it. (summary, history,
+    stdout)"""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -77,30 +99,14 @@ def test_a_malformed_row_of_a_users_dataset_is_reported_by_number_and_the_rest_t
     }
 
 
-def test_offline_filter_keeps_only_prompts_whose_rewards_vary(private_env, tmp_path):
+def test_offline_filter_keeps_only_prompts_whose_rewards_vary(sampled, filtered):
     """With no cluster address the command starts a Ray of its own, dashboard included (the
-    embedded Ray every entry point falls back to: this is the test of that path)."""
-    kept = tmp_path / "kept.jsonl"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "orchestration.filter_prompts",
-            "--config",
-            "demo",
-            "--samples",
-            "4",
-            "--out",
-            str(kept),
-            f"logging.root={tmp_path / 'runs'}",
-        ],
-        cwd=REPO,
-        env=private_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    embedded Ray every entry point falls back to: this is the test of that path). (``sampled``:
+    the run it went beside.)"""
+    proc, stdout, kept = filtered
+    code = proc.wait(timeout=600)
+    console = stdout.read_text()
+    assert code == 0, console[-6000:]
     stats = [json.loads(line) for line in Path(f"{kept}.stats.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in kept.read_text().splitlines()]
     assert len(stats) == 25  # every prompt of the demo task, once
@@ -108,7 +114,7 @@ def test_offline_filter_keeps_only_prompts_whose_rewards_vary(private_env, tmp_p
     assert all((s["reward_std"] > 0) == s["kept"] for s in stats)
     assert len(rows) == sum(s["kept"] for s in stats)
     assert {"prompt", "label"} <= set(rows[0])
-    assert f"kept {len(rows)} of 25 prompts" in out.stdout
-    assert "ray: embedded; dashboard: http://127.0.0.1:" in out.stdout
+    assert f"kept {len(rows)} of 25 prompts" in console
+    assert "ray: embedded; dashboard: http://127.0.0.1:" in console
     # The kept file is a dataset a run can use as it is.
     assert not np.isnan([s["reward_mean"] for s in stats]).any()
