@@ -297,10 +297,10 @@ def _convert_hint(path: str, config) -> str:
 
 
 def _load_tokenizer(field: str, path: str, trust_remote_code: bool):
-    from rollout.tokenizer import load_tokenizer
+    from transformers import AutoTokenizer
 
     try:
-        return load_tokenizer(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0]
         raise InputError(f"{field} {path!r}: cannot load its tokenizer ({first_line})") from None

@@ -117,14 +117,16 @@ def start_run_dir(cfg: RunConfig, source: str, policy: str):
     """``(run_dir, resume_from, model_path, tokenizer)``: the run directory made (or found to
     resume) with its ``config.yaml``, the model built or found (``policy``: as located) and its
     tokenizer loaded."""
-    from rollout.tokenizer import load_tokenizer
+    from transformers import AutoTokenizer
 
     run_dir = make_run_dir(cfg, source)
     resume_from = resume_point(cfg, run_dir)
     config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     (run_dir / "config.yaml").write_text(config_text)
     model_path = prepare_model(cfg, run_dir, policy)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, trust_remote_code=cfg.model.trust_remote_code
+    )
     return run_dir, resume_from, model_path, tokenizer
 
 

@@ -346,7 +346,7 @@ def iteration_files(folder: Path) -> list[tuple[int, Path]]:
 def load_tokenizer(run_dir: Path, config: dict) -> tuple[Any | None, list[str]]:
     """The run's tokenizer from ``policy/``, else ``base_model/``, else config's ``model.path``
     (local files only); returns (tokenizer or None, the places tried)."""
-    from rollout.tokenizer import load_tokenizer
+    from transformers import AutoTokenizer  # slow import: only for runs with rollouts
 
     model_path = str((config.get("model") or {}).get("path") or "")
     tried = [str(run_dir / "policy"), str(run_dir / "base_model"), model_path]
@@ -359,7 +359,9 @@ def load_tokenizer(run_dir: Path, config: dict) -> tuple[Any | None, list[str]]:
         if place.startswith("builtin:") or (not local.is_dir() and local.is_absolute()):
             continue
         try:
-            return load_tokenizer(place, local_files_only=True), tried
+            return AutoTokenizer.from_pretrained(
+                place, trust_remote_code=False, local_files_only=True
+            ), tried
         except (OSError, ValueError):  # not a tokenizer here, or not in the local hub cache
             continue
     return None, tried

@@ -23,7 +23,6 @@ import pyarrow as pa
 from reward_service.contained import ContainedFunction, Problem
 from reward_service.remote import RemoteRewardClient, RemoteSpec
 from rollout import schema as S
-from rollout.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -59,13 +58,17 @@ class RuleScorer:
         trust_remote_code: bool = False,
         timeout_s: float = 10.0,
     ):
+        from transformers import AutoTokenizer
+
         if not rules:
             raise ValueError("the rule scorer needs at least one reward function")
         self.rules = list(rules)
         self.functions: dict[str, ContainedFunction] = {
             r.key: ContainedFunction(r.name, r.params, timeout_s) for r in rules
         }
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path, trust_remote_code=trust_remote_code
+        )
         self.label_column = label_column
         self._problems: dict[str, Problem] = {key: Problem() for key in self.functions}
 
@@ -117,12 +120,16 @@ class RemoteScorer:
         label_column: str = "label",
         trust_remote_code: bool = False,
     ):
+        from transformers import AutoTokenizer
+
         if token and spec.token_env:  # handed over by the driver's process
             os.environ[spec.token_env] = token
         self.name = spec.name
         self.client = RemoteRewardClient(spec)
         self._failed_samples = self._samples = 0
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path, trust_remote_code=trust_remote_code
+        )
         self.label_column = label_column
 
     def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:

@@ -1,6 +1,5 @@
 """The Arrow rollout contract: the one data format every Raylign role reads and writes, and
-the statistics of a prompt's group of samples (``groups``), and the tokenizer behind its token
-ids as the driver and the reward actors load it (``tokenizer``).
+the statistics of a prompt's group of samples (``groups``).
 
 Imports pyarrow, numpy and torch only, and no Raylign role.
 """
