@@ -27,6 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def joining(shared_head: dict[str, str], root: Path) -> dict[str, str]:
+    """The environment of runs that join the session's shared head from a module's fixture (the
+    function-scoped ``head_env`` cannot serve one): a HOME of their own under ``root``."""
+    (root / "home").mkdir(exist_ok=True)
+    return os.environ | {"HOME": str(root / "home"), "RAY_ADDRESS": shared_head["RAY_ADDRESS"]}
+
+
 def history(run_dir: Path) -> list[dict]:
     """A run's ``metrics.jsonl``, one dict per line."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -31,10 +31,15 @@ SAME = ["rollout/weight_version", "data/epoch", "reward/score_mean", "rollout/sa
 CLOSE = ["actor/pg_loss", "actor/kl_ref", "actor/entropy", "actor/grad_norm", "actor/clipfrac"]
 
 
+def train_command(args: list[str]) -> list[str]:
+    """``python -m orchestration.train *args`` as the tests run it (no progress bar)."""
+    return [sys.executable, "-m", "orchestration.train", *args, "logging.progress_bar=false"]
+
+
 def train(args: list[str], env: dict[str, str], timeout: float = 600):
     """``python -m orchestration.train`` in a process of its own, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "orchestration.train", *args, "logging.progress_bar=false"],
+        train_command(args),
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -54,8 +59,7 @@ def train_together(
     with tempfile.TemporaryDirectory() as logs:
         started = []
         for k, args in enumerate(runs):
-            command = [sys.executable, "-m", "orchestration.train", *args]
-            command += ["logging.progress_bar=false"]
+            command = train_command(args)
             out, err = Path(logs, f"{k}.out"), Path(logs, f"{k}.err")
             with out.open("w") as o, err.open("w") as e:  # files: a long run fills a pipe
                 proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=o, stderr=e)

@@ -12,14 +12,13 @@ each gets one clear message, its own exit code and a checkpoint, and the console
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.helpers import train_together
-from tests.helpers import history
+from tests.helpers import history, joining
 
 pytestmark = pytest.mark.slow
 M = "tests.reward_service.misbehaving:"
@@ -50,8 +49,7 @@ RUNS = {
 def runs(shared_head, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """Both runs, side by side on the session's Ray head: name -> (process, run directory)."""
     root = tmp_path_factory.mktemp("guards")
-    (root / "home").mkdir()
-    env = os.environ | {"HOME": str(root / "home"), "RAY_ADDRESS": shared_head["RAY_ADDRESS"]}
+    env = joining(shared_head, root)
     where = {name: [f"logging.root={root / 'runs'}", f"logging.name={name}"] for name in RUNS}
     done = train_together([[*SMALL, *where[name], *args] for name, args in RUNS.items()], env)
     return {name: (out, root / "runs" / name) for name, out in zip(RUNS, done, strict=True)}

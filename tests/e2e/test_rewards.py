@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.helpers import check_run_health, finished, train
-from tests.helpers import REPO
+from tests.helpers import REPO, joining
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +53,7 @@ def sampled(shared_head, filtered, tmp_path_factory):
     from orchestration.data import addition_examples
 
     root = tmp_path_factory.mktemp("sampled")
-    (root / "home").mkdir()
-    env = os.environ | {"HOME": str(root / "home"), "RAY_ADDRESS": shared_head["RAY_ADDRESS"]}
+    env = joining(shared_head, root)
     rows = [{"question": p, "answer": a} for p, a in addition_examples(4)]
     rows.insert(3, {"question": None, "answer": "1"})
     pq.write_table(pa.Table.from_pylist(rows), root / "addition.parquet")
